@@ -1,0 +1,239 @@
+"""Reader for a dataset root in the Kaggle "vesuvius-challenge-ink-detection" layout.
+
+    ROOT/train/<id>/surface_volume/00.tif .. 64.tif, mask.png, inklabels.png, ir.png
+    ROOT/test/<id>/surface_volume/..., mask.png
+    ROOT/sample_submission.csv
+
+Opening a fragment reads only file headers. Slices are read at full 16-bit precision, and a band of
+rows is read without decoding the whole slice when the TIFF allows it (uncompressed: memory map;
+stripped or tiled: only the strips or tiles that hold the band). Every problem is a `FragmentError`
+whose one-line message names the file.
+"""
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+from PIL import Image
+
+SPLITS = ("train", "test")
+SLICE_RE = re.compile(r"^(\d+)\.tiff?$")
+# The largest real fragment has 141 Mpx: above PIL's decompression-bomb guard, but a genuine image.
+Image.MAX_IMAGE_PIXELS = 1 << 31
+
+
+class FragmentError(ValueError):
+    """Bad input: the message is one line and names the file."""
+
+
+def list_fragments(root, split):
+    """Sorted fragment ids of one split; an error if the split folder holds none."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise FragmentError(f"{split_dir}: split folder not found")
+    ids = sorted(p.name for p in split_dir.iterdir() if (p / "surface_volume").is_dir())
+    if not ids:
+        raise FragmentError(f"{split_dir}: no fragments (no <id>/surface_volume folders)")
+    return ids
+
+
+def read_png_binary(path):
+    """A PNG mask or label as uint8 0/1 (nonzero means 1)."""
+    return (_read_png_first_channel(path) != 0).astype(np.uint8)
+
+
+def read_png_gray(path):
+    """A greyscale PNG (the infrared photo) as uint8; 16-bit photos are rescaled to 0..255."""
+    pixels = _read_png_first_channel(path)
+    if pixels.dtype != np.uint8:
+        pixels = (pixels.astype(np.uint32) * 255 // max(int(pixels.max()), 1)).astype(np.uint8)
+    return pixels
+
+
+def _read_png_first_channel(path):
+    """Decode a PNG; a multi-channel PNG gives its first channel."""
+    image = _open_png(path)
+    try:
+        pixels = np.asarray(image)
+    except (OSError, ValueError) as err:
+        raise FragmentError(f"{path}: unreadable or truncated PNG ({err})") from None
+    return pixels[..., 0] if pixels.ndim == 3 else pixels
+
+
+def png_shape(path):
+    """(height, width) of a PNG from its header alone."""
+    image = _open_png(path)
+    return image.height, image.width
+
+
+def _open_png(path):
+    if not Path(path).is_file():
+        raise FragmentError(f"{path}: file not found")
+    try:
+        return Image.open(path)
+    except (OSError, ValueError) as err:
+        raise FragmentError(f"{path}: unreadable PNG ({err})") from None
+
+
+class Fragment:
+    """One fragment folder, opened lazily: construction lists the slices and reads their headers."""
+
+    def __init__(self, path, split=None):
+        self.path = Path(path)
+        self.fragment_id = self.path.name
+        self.split = split or self.path.parent.name
+        volume_dir = self.path / "surface_volume"
+        if not volume_dir.is_dir():
+            raise FragmentError(f"{volume_dir}: surface_volume folder not found")
+        self.slice_paths = _numbered_slices(volume_dir)
+        self.shape, self.dtype = _slice_header(self.slice_paths[0])
+
+    @classmethod
+    def open(cls, root, split, fragment_id):
+        return cls(Path(root) / split / fragment_id, split)
+
+    @property
+    def num_slices(self):
+        return len(self.slice_paths)
+
+    @property
+    def mask_path(self):
+        return self.path / "mask.png"
+
+    @property
+    def labels_path(self):
+        return self.path / "inklabels.png"
+
+    @property
+    def ir_path(self):
+        return self.path / "ir.png"
+
+    @property
+    def has_labels(self):
+        return self.labels_path.is_file()
+
+    @property
+    def has_ir(self):
+        return self.ir_path.is_file()
+
+    def read_slice(self, z):
+        """Slice `z` as a full (H, W) uint16 array."""
+        return self.read_band(z, 0, self.shape[0])
+
+    def read_band(self, z, y0, y1):
+        """Rows [y0, y1) of slice `z`, decoding only the strips or tiles that hold them."""
+        path = self.slice_paths[z]
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                if page.is_contiguous and page.compression == 1:
+                    return np.array(tifffile.memmap(path, mode="r")[y0:y1])
+            with tifffile.imread(path, aszarr=True) as store:
+                return np.asarray(zarr.open(store, mode="r")[y0:y1])
+        except (OSError, ValueError, tifffile.TiffFileError) as err:
+            raise FragmentError(f"{path}: unreadable or truncated TIFF ({err})") from None
+
+    def read_mask(self):
+        return read_png_binary(self.mask_path)
+
+    def read_labels(self):
+        return read_png_binary(self.labels_path)
+
+    def read_ir(self):
+        return read_png_gray(self.ir_path)
+
+    def source_files(self):
+        """Every file this fragment is made of (slices, mask, labels, IR when present)."""
+        extras = [p for p in (self.mask_path, self.labels_path, self.ir_path) if p.is_file()]
+        return list(self.slice_paths) + extras
+
+    def validate(self, need_labels=None):
+        """Check the fragment fully against its headers; raise FragmentError on the first problem.
+
+        Reads every slice header and the mask; slice pixel data are checked for truncation by
+        comparing the byte ranges the header promises with the file size (cheap for 18 GB volumes).
+        """
+        for path in self.slice_paths:
+            shape, dtype = _slice_header(path)
+            if shape != self.shape:
+                raise FragmentError(f"{path}: slice shape {shape} differs from {self.slice_paths[0].name} {self.shape}")
+            if dtype != self.dtype:
+                raise FragmentError(f"{path}: slice dtype {dtype} differs from {self.slice_paths[0].name} {self.dtype}")
+        if need_labels is None:
+            need_labels = self.split == "train"
+        pngs = [self.mask_path] + ([self.labels_path] if need_labels else [])
+        pngs += [self.ir_path] if self.has_ir else []
+        for path in pngs:
+            shape = png_shape(path)
+            if shape != self.shape:
+                raise FragmentError(f"{path}: shape {shape} differs from the slices {self.shape}")
+        mask = self.read_mask()
+        if not mask.any():
+            raise FragmentError(f"{self.mask_path}: mask is empty (no papyrus pixels)")
+        if need_labels:
+            self.read_labels()
+        if self.has_ir:
+            self.read_ir()
+        return self
+
+
+def open_split(root, split, ids=None):
+    """Open and validate the fragments of one split (all of them, or those in `ids` that exist here)."""
+    available = list_fragments(root, split)
+    chosen = available if ids is None else [i for i in available if i in ids]
+    return [Fragment.open(root, split, i).validate() for i in chosen]
+
+
+def _numbered_slices(volume_dir):
+    numbered = {}
+    for p in volume_dir.iterdir():
+        match = SLICE_RE.match(p.name)
+        if match:
+            numbered[int(match.group(1))] = p
+    if not numbered:
+        raise FragmentError(f"{volume_dir}: no slices (expected 00.tif, 01.tif, ...)")
+    expected = list(range(len(numbered)))
+    if sorted(numbered) != expected:
+        missing = sorted(set(range(max(numbered) + 1)) - set(numbered))
+        raise FragmentError(f"{volume_dir}: slice numbers are not contiguous from 00 (missing {missing[:5]})")
+    return [numbered[z] for z in expected]
+
+
+def _slice_header(path):
+    """(shape, dtype) from a TIFF header, checking that the pixel data the header promises is in the file."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            shape, dtype = tuple(page.shape), np.dtype(page.dtype)
+            end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as err:
+        raise FragmentError(f"{path}: unreadable TIFF ({err})") from None
+    if len(shape) != 2:
+        raise FragmentError(f"{path}: expected a single-channel 2-D slice, got shape {shape}")
+    if end > os.path.getsize(path):
+        raise FragmentError(f"{path}: truncated TIFF (pixel data ends at byte {end}, file has {os.path.getsize(path)})")
+    return shape, dtype
+
+
+def main(argv=None):
+    """`python -m lib.fragments ROOT`: validate every fragment of a dataset root and print one line each."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Validate a dataset root in the Kaggle layout.")
+    parser.add_argument("root")
+    args = parser.parse_args(argv)
+    try:
+        for split in SPLITS:
+            for fragment in open_split(args.root, split):
+                h, w = fragment.shape
+                ink = f", ink {fragment.read_labels().mean():.1%} of pixels" if fragment.has_labels else ""
+                print(f"{split}/{fragment.fragment_id}: {fragment.num_slices} slices of {h} x {w} {fragment.dtype}{ink}: ok")
+    except FragmentError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Synthetic fragments in the Kaggle layout, so the pipeline runs and can be scored without real data.
+
+    python -m lib.synth OUT [--size 1024] [--seed 0]
+
+writes OUT/train/{1,2,3}, OUT/test/{a,b} (65 uint16 TIFF slices, mask.png; inklabels.png and ir.png
+for train), OUT/sample_submission.csv, and the test labels apart in OUT/_truth/<id>_inklabels.png.
+
+The physics, in brief: a papyrus sheet fills the slices below a surface whose depth wanders smoothly
+around slice 32; its top layer has horizontal fibres, the layer below vertical ones; density varies
+slowly across the sheet; the scanner adds noise; dense specks (minerals) sit at random depths. Ink is
+letter strokes adding a faint, patchy density excess in the first slices at the surface: far below
+the noise and the density variation in any one slice, visible only to something that looks at
+shape and depth together. ir.png shows the ink plainly, like the real infrared photo; the labels are
+drawn from it with a hand's errors (a little wide, shifted a pixel or two, faint letters missed).
+Fragments are generated slice by slice from 2-D fields, so memory is a few (H, W) float arrays.
+"""
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+from tqdm import tqdm
+
+TRAIN_IDS = ("1", "2", "3")
+TEST_IDS = ("a", "b")
+NUM_SLICES = 65
+SURFACE_SLICE = 32
+SAMPLE_SUBMISSION = "Id,Predicted\na,1 1 5 1\nb,10 20\n"  # the Kaggle file, verbatim
+
+PAPYRUS_LEVEL = 20000.0  # uint16 grey value of dense papyrus
+AIR_LEVEL = 1500.0  # the air above the sheet is not quite black in CT
+NOISE_STD = 0.06  # sensor noise, relative to PAPYRUS_LEVEL, per voxel
+FIBRE_STD = 0.06  # fibre texture amplitude
+DENSITY_STD = 0.12  # slow density variation across the sheet
+DEPTH_STD = 1.6  # slices: how far the surface wanders around SURFACE_SLICE
+INK_EXCESS = 0.06  # peak ink density excess at full strength
+INK_HEIGHT = 0.5  # ink sits this many slices above the papyrus surface ...
+INK_SPREAD = 1.2  # ... spread over about this many slices
+FAINT_LETTER = 0.45  # letters fainter than this are missed by the labeller
+
+
+def smooth_noise(rng, shape, scale_y, scale_x=None):
+    """Zero-mean, unit-std noise whose features are about scale_y x scale_x pixels."""
+    scale_x = scale_y if scale_x is None else scale_x
+    h, w = shape
+    small = rng.standard_normal((max(2, round(h / scale_y)) + 2, max(2, round(w / scale_x)) + 2)).astype(np.float32)
+    big = cv2.resize(small, (w + 2 * round(scale_x), h + 2 * round(scale_y)), interpolation=cv2.INTER_CUBIC)
+    field = big[round(scale_y): round(scale_y) + h, round(scale_x): round(scale_x) + w]
+    return (field - field.mean()) / (field.std() + 1e-6)
+
+
+def fragment_mask(rng, shape):
+    """An irregular papyrus outline with a few holes: the largest blob of a noisy ellipse."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ellipse = ((yy - h / 2) / (0.47 * h)) ** 2 + ((xx - w / 2) / (0.47 * w)) ** 2
+    blob = (1 - ellipse) + 0.25 * smooth_noise(rng, shape, h / 5) > 0.2
+    holes = smooth_noise(rng, shape, min(h, w) / 25) > 2.3
+    mask = (blob & ~holes).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return (labels == largest).astype(np.uint8)
+
+
+def letter_strengths(rng, shape):
+    """Rows of letters; each pixel holds the strength (0..1) of the letter drawn there."""
+    h, w = shape
+    canvas = np.zeros(shape, np.uint8)
+    font = cv2.FONT_HERSHEY_DUPLEX
+    letter_height = max(8, h // 12)
+    scale = letter_height / cv2.getTextSize("H", font, 1.0, 1)[0][1]
+    thickness = max(2, letter_height // 6)
+    y = int(letter_height * 1.4)
+    while y < h - letter_height * 0.2:
+        x = int(rng.uniform(0.02, 0.08) * w)
+        while x < w:
+            letter = chr(ord("A") + int(rng.integers(26)))
+            strength = rng.uniform(0.3, 1.0)
+            cv2.putText(canvas, letter, (x, y + int(rng.integers(-2, 3))), font, scale, int(strength * 255), thickness, cv2.LINE_AA)
+            step = cv2.getTextSize(letter, font, scale, thickness)[0][0]
+            x += int(step * rng.uniform(1.05, 1.3)) + (step if rng.random() < 0.15 else 0)  # word gaps
+        y += int(letter_height * rng.uniform(1.6, 1.9))
+    return canvas.astype(np.float32) / 255
+
+
+def hand_labels(rng, strengths, mask):
+    """What a labeller draws on the IR photo: strokes a little wide, a pixel or two off, faint letters missed."""
+    seen = (strengths >= FAINT_LETTER).astype(np.uint8)
+    seen = cv2.dilate(seen, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    dy, dx = (int(v) for v in rng.integers(-2, 3, size=2))
+    return np.roll(seen, (dy, dx), axis=(0, 1)) * mask
+
+
+class FragmentFields:
+    """The 2-D fields one fragment's slices are computed from."""
+
+    def __init__(self, rng, shape):
+        h, w = shape
+        self.shape = shape
+        self.mask = fragment_mask(rng, shape)
+        self.depth = SURFACE_SLICE + DEPTH_STD * smooth_noise(rng, shape, min(h, w) / 3)
+        self.density = 1 + DENSITY_STD * smooth_noise(rng, shape, min(h, w) / 6)
+        self.fibres_top = FIBRE_STD * smooth_noise(rng, shape, 1.5, 40)  # horizontal streaks
+        self.fibres_below = FIBRE_STD * smooth_noise(rng, shape, 40, 1.5)  # vertical streaks
+        self.strengths = letter_strengths(rng, shape)
+        patches = np.clip(0.6 + 0.4 * smooth_noise(rng, shape, h / 40), 0.1, 1.0)
+        ink = cv2.GaussianBlur(self.strengths, (0, 0), 0.8) * patches
+        self.ink = INK_EXCESS * ink
+        specks = (rng.random(shape) < 3e-4).astype(np.float32)
+        self.specks = cv2.dilate(specks, np.ones((3, 3), np.uint8)) * rng.uniform(0.3, 0.8)
+        self.speck_depth = SURFACE_SLICE + rng.uniform(-12, 4, size=shape).astype(np.float32)
+        self.labels = hand_labels(rng, self.strengths, self.mask)
+        self.ir = self._infrared(rng, ink)
+
+    def _infrared(self, rng, ink):
+        """Reflectance photo: bright textured papyrus, dark ink, black background."""
+        papyrus = 150 + 200 * (self.density - 1) + 150 * self.fibres_top + 4 * rng.standard_normal(self.shape)
+        return (np.clip(papyrus - 110 * ink, 0, 255) * self.mask).astype(np.uint8)
+
+    def slice(self, rng, z):
+        """Slice z as uint16: papyrus below the surface, ink just above it, noise everywhere, 0 outside the mask."""
+        height = z - self.depth  # > 0 above the surface (air), < 0 inside the sheet
+        papyrus = 1 / (1 + np.exp(height / 0.7))
+        top_layer = 1 / (1 + np.exp(-(height + 5)))
+        texture = top_layer * self.fibres_top + (1 - top_layer) * self.fibres_below
+        ink = self.ink * np.exp(-(((height - INK_HEIGHT) / INK_SPREAD) ** 2))
+        specks = self.specks * np.exp(-(((z - self.speck_depth) / 1.5) ** 2))
+        relative = papyrus * (self.density + texture) + ink + specks
+        relative += NOISE_STD * rng.standard_normal(self.shape, dtype=np.float32)
+        volume = AIR_LEVEL + (PAPYRUS_LEVEL - AIR_LEVEL) * relative
+        return (np.clip(volume, 1, 65535) * self.mask).astype(np.uint16)
+
+
+def fragment_shape(rng, size):
+    """Sizes vary per fragment around `size`, as real fragments do."""
+    return int(size * rng.uniform(0.85, 1.2)), int(size * rng.uniform(0.7, 1.05))
+
+
+def write_fragment(folder, fields, rng, num_slices, with_labels, progress=True):
+    volume_dir = Path(folder) / "surface_volume"
+    volume_dir.mkdir(parents=True)
+    digits = max(2, len(str(num_slices - 1)))
+    for z in tqdm(range(num_slices), desc=f"synth {Path(folder).name}", unit="slice", disable=not progress, leave=False):
+        tifffile.imwrite(volume_dir / f"{z:0{digits}d}.tif", fields.slice(rng, z))
+    cv2.imwrite(str(Path(folder) / "mask.png"), fields.mask * 255)
+    if with_labels:
+        cv2.imwrite(str(Path(folder) / "inklabels.png"), fields.labels * 255)
+        cv2.imwrite(str(Path(folder) / "ir.png"), fields.ir)
+
+
+def generate(out, size=1024, seed=0, num_slices=NUM_SLICES, progress=True):
+    """Write a whole synthetic dataset to `out` (created atomically: built beside it, then renamed)."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; not overwriting")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted run, never a finished dataset
+    (partial / "_truth").mkdir(parents=True)
+    for index, fragment_id in enumerate(TRAIN_IDS + TEST_IDS):
+        rng = np.random.default_rng([seed, index])
+        fields = FragmentFields(rng, fragment_shape(rng, size))
+        split = "train" if fragment_id in TRAIN_IDS else "test"
+        write_fragment(partial / split / fragment_id, fields, rng, num_slices, split == "train", progress)
+        if split == "test":
+            cv2.imwrite(str(partial / "_truth" / f"{fragment_id}_inklabels.png"), fields.labels * 255)
+    (partial / "sample_submission.csv").write_text(SAMPLE_SUBMISSION)
+    recipe = {"size": size, "seed": seed, "num_slices": num_slices}
+    (partial / "_truth" / "synth.json").write_text(json.dumps(recipe) + "\n")
+    os.replace(partial, out)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="dataset root to create")
+    parser.add_argument("--size", type=int, default=1024, help="typical fragment side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-slices", type=int, default=NUM_SLICES)
+    args = parser.parse_args(argv)
+    recipe_path = Path(args.out) / "_truth" / "synth.json"
+    if recipe_path.is_file():
+        print(f"{args.out}: synthetic dataset already there ({recipe_path.read_text().strip()}); leaving it as it is")
+        return
+    try:
+        generate(args.out, args.size, args.seed, args.num_slices)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}")
+    print(f"wrote synthetic dataset to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
