@@ -9,7 +9,7 @@ SIZE ?= 1024
 SEED ?= 0
 STORES ?= data/prepared
 
-.PHONY: setup demo synth validate test bench clean-data
+.PHONY: setup demo synth validate prepare test bench bench-prepare clean-data
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,19 @@ synth: setup
 validate: setup
 	$(PY) -m lib.fragments $(DATA)
 
-demo: synth validate
+# With no DATA, prepare the synthetic dataset (generated first if missing).
+prepare: setup $(if $(filter $(SYNTH),$(DATA)),synth)
+	$(PY) prepare.py --data $(DATA) --out $(STORES)
+
+demo: synth validate prepare
 
 test: setup
 	$(PY) -m pytest -q tests
+
+bench: bench-prepare
+
+bench-prepare: setup
+	$(PY) bench/bench_prepare.py
 
 clean-data:
 	rm -rf $(SYNTH) $(SYNTH).partial

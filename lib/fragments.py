@@ -129,10 +129,11 @@ class Fragment:
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
                 if page.is_contiguous and page.compression == 1:
-                    return np.array(tifffile.memmap(path, mode="r")[y0:y1])
+                    rows = tifffile.memmap(path, mode="r")[y0:y1]
+                    return np.array(rows, dtype=rows.dtype.newbyteorder("="))  # native order, as the zarr path gives
             with tifffile.imread(path, aszarr=True) as store:
                 return np.asarray(zarr.open(store, mode="r")[y0:y1])
-        except (OSError, ValueError, tifffile.TiffFileError) as err:
+        except (OSError, ValueError, RuntimeError, tifffile.TiffFileError) as err:  # RuntimeError: imagecodecs decode errors
             raise FragmentError(f"{path}: unreadable or truncated TIFF ({err})") from None
 
     def read_mask(self):

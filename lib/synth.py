@@ -37,9 +37,9 @@ NOISE_STD = 0.06  # sensor noise, relative to PAPYRUS_LEVEL, per voxel
 FIBRE_STD = 0.06  # fibre texture amplitude
 DENSITY_STD = 0.12  # slow density variation across the sheet
 DEPTH_STD = 1.6  # slices: how far the surface wanders around SURFACE_SLICE
-INK_EXCESS = 0.06  # peak ink density excess at full strength
+INK_EXCESS = 0.12  # peak ink density excess at full strength (about 2 noise sd, spread over 2-3 slices)
 INK_HEIGHT = 0.5  # ink sits this many slices above the papyrus surface ...
-INK_SPREAD = 1.2  # ... spread over about this many slices
+INK_SPREAD = 2.5  # ... spread over about this many slices (ink soaks into the rough surface)
 FAINT_LETTER = 0.45  # letters fainter than this are missed by the labeller
 
 
@@ -114,12 +114,13 @@ class FragmentFields:
         self.specks = cv2.dilate(specks, np.ones((3, 3), np.uint8)) * rng.uniform(0.3, 0.8)
         self.speck_depth = SURFACE_SLICE + rng.uniform(-12, 4, size=shape).astype(np.float32)
         self.labels = hand_labels(rng, self.strengths, self.mask)
-        self.ir = self._infrared(rng, ink)
+        self.ir = self._infrared(rng)
 
-    def _infrared(self, rng, ink):
-        """Reflectance photo: bright textured papyrus, dark ink, black background."""
-        papyrus = 150 + 200 * (self.density - 1) + 150 * self.fibres_top + 4 * rng.standard_normal(self.shape)
-        return (np.clip(papyrus - 110 * ink, 0, 255) * self.mask).astype(np.uint8)
+    def _infrared(self, rng):
+        """Reflectance photo: bright, mildly textured papyrus; every letter dark, faint ones less so; black background."""
+        papyrus = 170 + 80 * (self.density - 1) + 60 * self.fibres_top + 4 * rng.standard_normal(self.shape)
+        ink = cv2.GaussianBlur(self.strengths, (0, 0), 0.8)
+        return (np.clip(papyrus - 120 * ink, 0, 255) * self.mask).astype(np.uint8)
 
     def slice(self, rng, z):
         """Slice z as uint16: papyrus below the surface, ink just above it, noise everywhere, 0 outside the mask."""

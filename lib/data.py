@@ -1,0 +1,127 @@
+"""Training tiles from tile stores: 3-slice inputs from the 8 centre slices, normalised and augmented.
+
+The model sees 3 channels, as in the original solution: three consecutive slices drawn from the 8
+centre slices (28..35, around the nominal surface 32), moved up or down by a random depth shift so
+that it learns ink wherever the surface lies. All randomness comes from torch's generator, which the
+DataLoader seeds per worker from the main seed, so a run is deterministic given --seed.
+"""
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from lib.store import Store, mask_coverage
+
+CENTRE_SLICES = tuple(range(28, 36))  # the 8 centre slices; slice 32 is nominally the surface
+# Inference averages three triplets of the 8 centre slices: (1,2,3), (4,5,6), (6,7,8), 1-indexed.
+TRIPLETS = ((0, 1, 2), (3, 4, 5), (5, 6, 7))
+MIDDLE_TRIPLET = (2, 3, 4)  # slices 30..32: used when triplet averaging is off
+
+
+def triplet_slices(triplet):
+    """Absolute slice numbers of a triplet of indices into CENTRE_SLICES."""
+    return [CENTRE_SLICES[i] for i in triplet]
+
+
+def normalise(volume, intensity_range):
+    """uint16 -> float32 with the fragment's robust (1st, 99th percentile) range mapped to 0..1."""
+    low, high = intensity_range
+    return ((volume.astype(np.float32) - low) / max(high - low, 1.0)).clip(-0.5, 1.5)
+
+
+def augmentation(scale=(0.9, 1.1), degrees=10):
+    """Geometric transforms applied to image and label together (torchvision v2 keeps them aligned)."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.RandomApply([v2.RandomAffine(degrees=degrees, scale=scale)], p=0.5),
+    ])
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Tiles of train stores with their labels, for training (augment=True) or validation.
+
+    Items are (image (3, T, T) float32, label (1, T, T) float32). Tiles less than `min_mask_fraction`
+    inside the mask are skipped. Stores are opened lazily in whichever process reads them.
+    """
+
+    def __init__(self, store_paths, tile_size, stride, augment=True, max_depth_shift=2, min_mask_fraction=0.25,
+                 skip_rows=None, only_rows=None):
+        """`skip_rows` / `only_rows`: {store_path: (y0, y1)}: drop tiles overlapping those rows (a held-out
+        band), or keep only tiles whose centre row lies in them (validating on that band)."""
+        skip_rows, only_rows = skip_rows or {}, only_rows or {}
+        self.stores = [Store(p) for p in store_paths]
+        self.tile_size = tile_size
+        self.augment = augment
+        self.max_depth_shift = max_depth_shift
+        self.geometric = augmentation() if augment else None
+        self.ranges = [s.intensity_range() for s in self.stores]
+        items = []
+        for index, (path, store) in enumerate(zip(store_paths, self.stores)):
+            positions = store.tiles(tile_size, stride)
+            keep = mask_coverage(store.read_map("mask"), positions, tile_size) >= min_mask_fraction
+            if path in skip_rows:
+                y0, y1 = skip_rows[path]
+                keep &= (positions[:, 0] + tile_size <= y0) | (positions[:, 0] >= y1)
+            if path in only_rows:
+                y0, y1 = only_rows[path]
+                centre = positions[:, 0] + tile_size // 2
+                keep &= (centre >= y0) & (centre < y1)
+            items += [(index, int(y), int(x)) for y, x in positions[keep]]
+            store.close()  # workers open their own handles
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def choose_slices(self, store):
+        """A random triplet start in the 8 centre slices plus a random depth shift (training), or the middle triplet."""
+        if not self.augment:
+            return triplet_slices(MIDDLE_TRIPLET)
+        start = int(torch.randint(0, len(CENTRE_SLICES) - 2, ()))
+        shift = int(torch.randint(-self.max_depth_shift, self.max_depth_shift + 1, ()))
+        first = min(max(CENTRE_SLICES[start] + shift, store.z_start), store.z_stop - 3)
+        return [first, first + 1, first + 2]
+
+    def __getitem__(self, i):
+        index, y, x = self.items[i]
+        store, size = self.stores[index], self.tile_size
+        image = normalise(store.read_tile(y, x, size, size, self.choose_slices(store)), self.ranges[index])
+        label = store.read_window("labels", y, x, size, size)
+        image, label = torch.from_numpy(image), torch.from_numpy(label[None].astype(np.float32))
+        if self.augment:
+            image, label = self.geometric(tv_tensors.Image(image), tv_tensors.Mask(label))
+            image, label = photometric(image.as_subclass(torch.Tensor)), label.as_subclass(torch.Tensor)
+            k = int(torch.randint(0, 4, ()))
+            image, label = torch.rot90(image, k, (1, 2)), torch.rot90(label, k, (1, 2))
+        return image.contiguous(), label.contiguous()
+
+
+def photometric(image, brightness=0.1, contrast=0.2, noise=0.03):
+    """Brightness, contrast and Gaussian noise on the image only."""
+    gain = 1 + contrast * (2 * torch.rand(()) - 1)
+    offset = brightness * (2 * torch.rand(()) - 1)
+    return (image - image.mean()) * gain + image.mean() + offset + noise * torch.randn_like(image)
+
+
+def equal_area_bands(mask, num_bands):
+    """Row ranges [(y0, y1), ...] that cut a fragment into bands holding equal mask area."""
+    rows = np.cumsum(mask.astype(bool).sum(axis=1))
+    cuts = [0] + [int(np.searchsorted(rows, rows[-1] * k / num_bands)) for k in range(1, num_bands)] + [len(rows)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def make_folds(train_ids, split=None, masks=None):
+    """Cross-validation folds: {fold_name: (fragment_id, (y0, y1) or None)}.
+
+    Fold k holds out train fragment k. `split` = (fragment_id, K) cuts that fragment into K bands of
+    equal mask area (needs `masks[fragment_id]`), each its own fold named "<id>.<band>" (1-indexed).
+    """
+    folds = {}
+    for fragment_id in train_ids:
+        if split and fragment_id == split[0]:
+            for band, rows in enumerate(equal_area_bands(masks[fragment_id], split[1]), start=1):
+                folds[f"{fragment_id}.{band}"] = (fragment_id, rows)
+        else:
+            folds[fragment_id] = (fragment_id, None)
+    return folds

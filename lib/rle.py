@@ -1,0 +1,56 @@
+"""Kaggle run-length encoding of binary masks.
+
+A mask becomes "start length start length ...": starts are 1-indexed pixel numbers
+in `order` ("C": row-major, the competition's order; "F": column-major).
+"""
+import numpy as np
+
+
+def rle_encode(mask: np.ndarray, order: str = "C") -> str:
+    """Encode a binary HxW mask (nonzero = 1); an empty mask gives ""."""
+    flat = (np.asarray(mask) != 0).ravel(order=order)
+    # zero padding on both ends makes every run have a rising and a falling edge,
+    # including runs that touch the first or last pixel
+    padded = np.concatenate([[False], flat, [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1]) + 1  # 1-indexed pixel numbers
+    starts, ends = edges[0::2], edges[1::2]
+    runs = np.column_stack([starts, ends - starts]).ravel()
+    return " ".join(map(str, runs.tolist()))
+
+
+def parse_runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split an RLE string into (starts, lengths), validated like the Kaggle metric."""
+    try:
+        values = np.array(rle.split(), dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"RLE must contain only integers, got {rle[:80]!r}") from None
+    if values.size % 2:
+        raise ValueError(f"RLE needs start/length pairs, got {values.size} numbers")
+    starts, lengths = values[0::2], values[1::2]
+    if values.size == 0:
+        return starts, lengths
+    ends = starts + lengths  # 1-indexed, exclusive
+    if starts.min() < 1:
+        raise ValueError(f"RLE starts must be positive, got {starts.min()}")
+    if lengths.min() < 1:
+        raise ValueError(f"RLE lengths must be positive, got {lengths.min()}")
+    if np.any(np.diff(starts) <= 0):
+        raise ValueError("RLE starts must be sorted in increasing order")
+    if np.any(starts[1:] < ends[:-1]):
+        raise ValueError("RLE runs overlap")
+    if ends[-1] - 1 > n_pixels:
+        raise ValueError(f"RLE run ends at pixel {ends[-1] - 1}, past the image's {n_pixels} pixels")
+    return starts, lengths
+
+
+def rle_decode(rle: str, shape: tuple[int, int], order: str = "C") -> np.ndarray:
+    """Decode an RLE string into a uint8 mask of `shape`; "" gives all zeros."""
+    n_pixels = int(np.prod(shape))
+    starts, lengths = parse_runs(rle, n_pixels)
+    # +1 where a run starts, -1 just past where it ends; the running sum is the mask.
+    # Runs are sorted and disjoint, so no index repeats within starts or within ends.
+    steps = np.zeros(n_pixels + 1, dtype=np.int8)
+    steps[starts - 1] += 1
+    steps[starts + lengths - 1] -= 1
+    flat = np.cumsum(steps[:-1], dtype=np.int8)
+    return flat.astype(np.uint8).reshape(shape, order=order)
