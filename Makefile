@@ -5,11 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SYNTH := data/synth
 DATA ?= $(SYNTH)
-SIZE ?= 1024
+SIZE ?= 640
 SEED ?= 0
 STORES ?= data/prepared
+RUN ?= runs/demo
+PRESET ?= demo
+TRAIN_ARGS ?=
 
-.PHONY: setup demo synth validate prepare test bench bench-prepare clean-data
+.PHONY: setup demo synth validate prepare train ensemble submit score test bench bench-prepare bench-train bench-submit clean-data
 
 setup: $(VENV)/.installed
 
@@ -28,15 +31,31 @@ validate: setup
 prepare: setup $(if $(filter $(SYNTH),$(DATA)),synth)
 	$(PY) prepare.py --data $(DATA) --out $(STORES)
 
-demo: synth validate prepare
+# Resumes an interrupted run; a finished run is kept (train.py refuses to overwrite it without --force).
+train: setup
+	$(PY) train.py --stores $(STORES) --run $(RUN) --preset $(PRESET) $(if $(wildcard $(RUN)/tune),--resume) $(TRAIN_ARGS)
+
+ensemble: setup
+	$(PY) ensemble.py --run $(RUN) --stores $(STORES)
+
+submit: setup
+	$(PY) submit.py --run $(RUN) --stores $(STORES) $(if $(filter $(SYNTH),$(DATA)),--truth $(SYNTH)/_truth) --sample $(DATA)/sample_submission.csv
+
+demo: synth validate prepare train ensemble submit
 
 test: setup
 	$(PY) -m pytest -q tests
 
-bench: bench-prepare
+bench: bench-prepare bench-train bench-submit
 
 bench-prepare: setup
 	$(PY) bench/bench_prepare.py
+
+bench-train: setup
+	$(PY) bench/bench_train.py
+
+bench-submit: setup
+	$(PY) bench/bench_submit.py
 
 clean-data:
 	rm -rf $(SYNTH) $(SYNTH).partial

@@ -17,6 +17,7 @@ CPUs and GPUs allow; --address joins an existing Ray cluster.
 """
 import argparse
 import csv
+import math
 import os
 import shutil
 import sys
@@ -38,10 +39,10 @@ from lib.store import Store
 PRESETS = {
     # The original solution's recipe, for GPUs.
     "full": dict(backbones="resnet34,efficientnet-b3,mit_b2", tile_size=224, stride=56, epochs=15, batch_size=16,
-                 lr=1e-4, workers=4, infer_batch=32),
-    # Fits `make train` on a 2-core CPU in minutes: tiny encoder, small tiles, few epochs.
-    "demo": dict(backbones="tu-mobilenetv3_small_050", tile_size=64, stride=32, epochs=6, batch_size=32,
-                 lr=2e-3, workers=0, infer_batch=16),
+                 lr=1e-4, workers=4, infer_batch=32, max_tiles=0, decoder_channels="256,128,64,32,16"),
+    # Fits `make train` on a 2-core CPU in minutes: tiny encoder and decoder, small tiles, short epochs.
+    "demo": dict(backbones="tu-mobilenetv3_small_050", tile_size=64, stride=32, epochs=20, batch_size=16,
+                 lr=3e-3, workers=0, infer_batch=16, max_tiles=512, decoder_channels="64,32,16,16,8"),
 }
 SUMMARY_FIELDS = ["backbone", "fold", "fragment", "rows", "oof_f05", "threshold", "best_val_f05", "epochs", "minutes"]
 
@@ -61,13 +62,15 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float)
     parser.add_argument("--workers", type=int, help="DataLoader workers per trial (each trial asks 1 + workers CPUs)")
     parser.add_argument("--infer-batch", type=int, help="tiles per inference batch")
-    parser.add_argument("--max-tiles", type=int, default=0, help="cap on training tiles per epoch (0: all)")
+    parser.add_argument("--max-tiles", type=int, help="training tiles per epoch, drawn at random (0: each tile once)")
+    parser.add_argument("--decoder-channels", help="U-Net decoder widths, e.g. 256,128,64,32,16")
     parser.add_argument("--weights", default=None, help="encoder weights: none, imagenet, or a local file")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="OOF without rot90 test-time augmentation")
     parser.add_argument("--no-triplets", dest="triplets", action="store_false", help="OOF from the middle triplet only")
     for name, value in LOSS_DEFAULTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=value, help=f"loss: {name}")
     parser.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default: 1 if the cluster has GPUs, else 0)")
+    parser.add_argument("--max-concurrent", type=int, default=0, help="most trials at once (0: as many as fit)")
     parser.add_argument("--address", help="join an existing Ray cluster: auto or ray://HOST:PORT")
     parser.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
     parser.add_argument("--no-dashboard", dest="dashboard", action="store_false")
@@ -98,14 +101,15 @@ def train_fold(config):
     train_set = TileDataset(train_paths, tile_size, stride, augment=True,
                             skip_rows={held_out: rows} if rows else None)
     val_set = TileDataset([held_out], tile_size, tile_size, augment=False, only_rows={held_out: rows} if rows else None)
+    per_epoch = config["max_tiles"] or len(train_set)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=config["batch_size"], drop_last=len(train_set) > config["batch_size"],
-        sampler=torch.utils.data.RandomSampler(train_set, num_samples=min(len(train_set), config["max_tiles"] or len(train_set))),
+        train_set, batch_size=config["batch_size"], drop_last=per_epoch > config["batch_size"],
+        sampler=torch.utils.data.RandomSampler(train_set, replacement=per_epoch > len(train_set), num_samples=per_epoch),
         num_workers=config["workers"], persistent_workers=config["workers"] > 0, pin_memory=device == "cuda",
         multiprocessing_context="forkserver" if config["workers"] > 0 else None)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=config["batch_size"])
 
-    model = build_model(config["backbone"], in_channels=3, weights=config["weights"]).to(device)
+    model = build_model(config["backbone"], 3, config["weights"], config["decoder_channels"]).to(device)
     loss_fn = build_loss(**{k: config[k] for k in LOSS_DEFAULTS})
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
     steps = config["epochs"] * len(loader)
@@ -190,7 +194,7 @@ def finish_fold(model, store, config, fold, state, device):
     rows = fold["rows"] or (0, store.shape[0])
     save_probability_map(run / "oof" / backbone / f"{fold_name}.h5", prob, fragment_id=fold["fragment"],
                          rows=rows, backbone=backbone, fold=fold_name, tta=config["tta"], triplets=config["triplets"])
-    export = {"config": model_config(backbone, 3), "state_dict": model.state_dict(), "fold": fold_name,
+    export = {"config": model_config(backbone, 3, config["decoder_channels"]), "state_dict": model.state_dict(), "fold": fold_name,
               "tile_size": config["tile_size"], "stride": config["stride"], "val_f05": state["best_f05"],
               "oof_f05": oof_f05, "threshold": threshold}
     model_path = run / "models" / backbone / f"fold-{fold_name}.pt"
@@ -205,13 +209,21 @@ def finish_fold(model, store, config, fold, state, device):
 # --------------------------------------------------------------------------------------------- driver
 
 
-def trial_resources(args, cluster):
-    """CPUs and GPU share per trial; never a GPU the cluster does not have (the trial would wait forever)."""
+def trial_resources(args, cluster, num_trials):
+    """CPUs and GPU share per trial; never a GPU the cluster does not have (the trial would wait forever).
+
+    A trial asks for 1 + loader-worker CPUs. On a CPU-only cluster with fewer CPUs than the trials would
+    take, the CPUs are shared evenly instead, so that all trials run at once and no core idles while the
+    last one finishes alone.
+    """
     gpus = cluster.get("GPU", 0)
     gpu_share = args.gpus_per_trial if args.gpus_per_trial is not None else (1 if gpus >= 1 else 0)
     if gpu_share > gpus:
         raise SystemExit(f"error: --gpus-per-trial {gpu_share} but the Ray cluster has {gpus:g} GPUs")
-    return {"cpu": 1 + args.workers, "gpu": gpu_share}
+    cpus = 1 + args.workers
+    if gpu_share == 0 and not args.max_concurrent and num_trials * cpus > cluster.get("CPU", 1):
+        cpus = min(cpus, max(0.25, math.floor(cluster.get("CPU", 1) / num_trials * 100) / 100))
+    return {"cpu": cpus, "gpu": gpu_share}
 
 
 def check_run_folder(run, resume, force):
@@ -257,27 +269,29 @@ def start_ray(args):
 
 
 def run_trials(args, train_ids, folds, run):
-    ray = start_ray(args)
-    resources = trial_resources(args, ray.cluster_resources())
-    trainable = tune.with_resources(train_fold, resources)
-    experiment = (run / "tune").resolve()
     backbones = args.backbones.split(",")
     fold_names = args.folds.split(",") if args.folds else list(folds)
     unknown = set(fold_names) - set(folds)
     if unknown:
         raise SystemExit(f"error: --folds {','.join(sorted(unknown))}: not a fold of {', '.join(folds)}")
+    ray = start_ray(args)
+    resources = trial_resources(args, ray.cluster_resources(), len(backbones) * len(fold_names))
+    print(f"each trial gets {resources['cpu']:g} CPUs and {resources['gpu']:g} GPUs")
+    trainable = tune.with_resources(train_fold, resources)
+    experiment = (run / "tune").resolve()
     config = dict(
         backbone=tune.grid_search(backbones), fold=tune.grid_search(fold_names), folds=folds, train_ids=train_ids,
         stores=str(Path(args.stores).resolve()), run=str(run.resolve()), seed=args.seed, weights=args.weights,
         tile_size=args.tile_size, stride=args.stride, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         workers=args.workers, infer_batch=args.infer_batch, max_tiles=args.max_tiles, tta=args.tta,
-        triplets=args.triplets, **{k: getattr(args, k) for k in LOSS_DEFAULTS})
+        triplets=args.triplets, decoder_channels=[int(c) for c in args.decoder_channels.split(",")],
+        **{k: getattr(args, k) for k in LOSS_DEFAULTS})
     if args.resume and tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable, param_space=config,
-            tune_config=tune.TuneConfig(metric="best_val_f05", mode="max"),
+            tune_config=tune.TuneConfig(metric="best_val_f05", mode="max", max_concurrent_trials=args.max_concurrent or None),
             run_config=tune.RunConfig(
                 name=experiment.name, storage_path=str(experiment.parent), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=2),

@@ -2,6 +2,7 @@
 import numpy as np
 
 DEFAULT_THRESHOLDS = np.arange(0.05, 0.96, 0.05)
+DEFAULT_PERCENTS = np.arange(1, 41)  # percentile mode: the top 1 .. 40 % of in-mask pixels
 N_BINS = 1000  # probabilities are histogrammed on a 1/N_BINS grid
 CHUNK = 1 << 22  # pixels per step of the sweep, so a full fragment needs little extra memory
 
@@ -46,15 +47,22 @@ def probability_histograms(prob, target, mask=None) -> tuple[np.ndarray, np.ndar
     return ink, blank, int(np.count_nonzero(truth))
 
 
-def fbeta_curve(prob, target, mask=None, thresholds=None, beta: float = 0.5) -> np.ndarray:
-    """F-beta of `prob >= t` for every threshold t (snapped to the 1/N_BINS grid)."""
+def threshold_counts(prob, target, mask=None, thresholds=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(true positives, predicted pixels) of `prob >= t` inside `mask` for every threshold t (snapped to the
+    1/N_BINS grid), and the count of all inked pixels: n_ink - tp are the false negatives."""
     thresholds = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(thresholds)
     ink, blank, n_ink = probability_histograms(prob, target, mask)
     # reversed cumulative sums: entry k counts the pixels whose bin is >= k
     tp_at = np.cumsum(ink[::-1])[::-1]
     fp_at = np.cumsum(blank[::-1])[::-1]
     k = np.clip(np.rint(thresholds * N_BINS).astype(np.int64), 0, N_BINS)
-    return fbeta_from_counts(tp_at[k], fp_at[k], n_ink - tp_at[k], beta)
+    return tp_at[k], tp_at[k] + fp_at[k], n_ink
+
+
+def fbeta_curve(prob, target, mask=None, thresholds=None, beta: float = 0.5) -> np.ndarray:
+    """F-beta of `prob >= t` for every threshold t (snapped to the 1/N_BINS grid)."""
+    tp, predicted, n_ink = threshold_counts(prob, target, mask, thresholds)
+    return fbeta_from_counts(tp, predicted - tp, n_ink - tp, beta)
 
 
 def best_threshold(prob, target, mask=None, thresholds=None, beta: float = 0.5) -> tuple[float, float]:
@@ -63,3 +71,54 @@ def best_threshold(prob, target, mask=None, thresholds=None, beta: float = 0.5) 
     scores = fbeta_curve(prob, target, mask, thresholds, beta)
     best = int(np.argmax(scores))
     return float(scores[best]), float(thresholds[best])
+
+
+# Threshold modes: "absolute" marks ink where prob >= value; "percentile" marks the top `value` % of a fragment's
+# in-mask pixels (the 2nd-place team's rule: it holds when a model's probability scale drifts between fragments).
+THRESHOLD_MODES = ("absolute", "percentile")
+
+
+def top_count(n: int, percent: float) -> int:
+    """How many of n pixels are the top `percent` %: at least one, at most n."""
+    return min(n, max(1, int(round(n * percent / 100))))
+
+
+def percentile_cutoff(values, percent: float) -> float:
+    """The value v such that `values >= v` holds for the top `percent` % of `values` (ties at v all count)."""
+    values = np.ravel(values)
+    if values.size == 0:
+        return np.inf
+    k = values.size - top_count(values.size, percent)
+    return np.partition(values, k)[k]
+
+
+def percentile_counts(prob, target, mask=None, percents=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Like threshold_counts, for percentile mode: (true positives, predicted pixels) of
+    `prob >= percentile_cutoff(prob[mask], p)` inside `mask` for every percent p, and the count of all inked pixels."""
+    percents = DEFAULT_PERCENTS if percents is None else np.asarray(percents)
+    values, truth = np.ravel(prob), np.ravel(np.asarray(target) != 0)
+    n_ink = int(np.count_nonzero(truth))
+    if mask is not None:
+        inside = np.ravel(np.asarray(mask) != 0)
+        values, truth = values[inside], truth[inside]
+    if values.size == 0:
+        return np.zeros(len(percents), np.int64), np.zeros(len(percents), np.int64), n_ink
+    # one sort answers every percent: the cutoffs are order statistics, the counts are ranks
+    ordered, ink_values = np.sort(values), np.sort(values[truth])
+    cutoffs = ordered[[values.size - top_count(values.size, p) for p in percents]]
+    predicted = values.size - np.searchsorted(ordered, cutoffs, side="left")
+    tp = ink_values.size - np.searchsorted(ink_values, cutoffs, side="left")
+    return tp.astype(np.int64), predicted.astype(np.int64), n_ink
+
+
+def binarise(prob, mask, mode: str, value: float) -> np.ndarray:
+    """uint8 0/1 ink prediction inside `mask`: prob >= value ("absolute") or the top value % of the in-mask
+    pixels ("percentile"). Its counts match percentile_counts, and threshold_counts at thresholds on its grid."""
+    inside = np.asarray(mask) != 0
+    if mode == "absolute":
+        cutoff = np.float64(value)  # compare in float64, as the histogram bins do (a float32 0.45 is below 0.45)
+    elif mode == "percentile":
+        cutoff = percentile_cutoff(prob[inside], value)
+    else:
+        raise ValueError(f"unknown threshold mode {mode!r}; expected one of {THRESHOLD_MODES}")
+    return ((prob >= cutoff) & inside).astype(np.uint8)

@@ -28,13 +28,17 @@ BACKBONES = {
 WHOLE_MODEL_PREFIXES = ("encoder.", "decoder.", "segmentation_head.")
 
 
-def unet(backbone: str, in_channels: int, encoder_weights) -> smp.Unet:
+DEFAULT_DECODER = (256, 128, 64, 32, 16)  # smp's; a slimmer decoder trains 2x faster on a CPU
+
+
+def unet(backbone: str, in_channels: int, encoder_weights, decoder_channels=DEFAULT_DECODER) -> smp.Unet:
     return smp.Unet(
         encoder_name=backbone,
         encoder_weights=encoder_weights,
         in_channels=in_channels,
         classes=1,
         activation=None,
+        decoder_channels=tuple(decoder_channels),
     )
 
 
@@ -59,37 +63,39 @@ def widen_first_conv(encoder: torch.nn.Module, in_channels: int) -> None:
         patch_first_conv(encoder, new_in_channels=in_channels, pretrained=True)
 
 
-def load_local(backbone: str, in_channels: int, path: Path) -> smp.Unet:
+def load_local(backbone: str, in_channels: int, path: Path, decoder_channels=DEFAULT_DECODER) -> smp.Unet:
     state = read_state_dict(path)
     if all(key.startswith(WHOLE_MODEL_PREFIXES) for key in state):
-        model = unet(backbone, in_channels, None)
+        model = unet(backbone, in_channels, None, decoder_channels)
         model.load_state_dict(state)
         return model
     stem = stem_in_channels(state)
     if stem not in (3, in_channels):
         raise ValueError(f"{path}: encoder has {stem} input channels, cannot adapt it to {in_channels}")
-    model = unet(backbone, stem, None)
+    model = unet(backbone, stem, None, decoder_channels)
     model.encoder.load_state_dict(state)
     if stem != in_channels:
         widen_first_conv(model.encoder, in_channels)
     return model
 
 
-def build_model(backbone: str, in_channels: int = 3, weights: str | Path | None = None) -> smp.Unet:
+def build_model(backbone: str, in_channels: int = 3, weights: str | Path | None = None,
+                decoder_channels=DEFAULT_DECODER) -> smp.Unet:
     """U-Net returning logits (N,1,H,W). weights: None, "imagenet" or a local state-dict file."""
-    if weights is None:
-        return unet(backbone, in_channels, None)
+    if weights is None or weights == "none":
+        return unet(backbone, in_channels, None, decoder_channels)
     if weights == "imagenet":
         # timm ("tu-") encoders name their pretrained tag in the encoder name and take True here
-        return unet(backbone, in_channels, True if backbone.startswith("tu-") else "imagenet")
-    return load_local(backbone, in_channels, Path(weights))
+        return unet(backbone, in_channels, True if backbone.startswith("tu-") else "imagenet", decoder_channels)
+    return load_local(backbone, in_channels, Path(weights), decoder_channels)
 
 
-def model_config(backbone: str, in_channels: int) -> dict:
+def model_config(backbone: str, in_channels: int, decoder_channels=DEFAULT_DECODER) -> dict:
     """Everything needed to rebuild the architecture; the weights travel in the state dict."""
-    return {"backbone": backbone, "in_channels": int(in_channels)}
+    return {"backbone": backbone, "in_channels": int(in_channels), "decoder_channels": [int(c) for c in decoder_channels]}
 
 
 def build_from_config(cfg: dict) -> smp.Unet:
     """Random-initialised U-Net matching `cfg`, ready for load_state_dict."""
-    return build_model(cfg["backbone"], int(cfg["in_channels"]), weights=None)
+    return build_model(cfg["backbone"], int(cfg["in_channels"]), weights=None,
+                       decoder_channels=cfg.get("decoder_channels", DEFAULT_DECODER))

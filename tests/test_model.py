@@ -75,11 +75,13 @@ def test_encoder_with_wrong_channel_count_is_rejected(tmp_path):
         build_model("resnet18", in_channels=5, weights=path)
 
 
-def test_config_rebuilds_exported_model():
+@pytest.mark.parametrize("decoder_channels", [(256, 128, 64, 32, 16), (64, 32, 16, 16, 8)])
+def test_config_rebuilds_exported_model(decoder_channels):
     torch.manual_seed(3)
-    source = build_model("tu-mobilenetv3_small_050", in_channels=6)
-    cfg = model_config("tu-mobilenetv3_small_050", 6)
-    assert all(isinstance(v, (str, int)) for v in cfg.values())
+    source = build_model("tu-mobilenetv3_small_050", in_channels=6, decoder_channels=decoder_channels)
+    cfg = model_config("tu-mobilenetv3_small_050", 6, decoder_channels)
+    assert cfg["decoder_channels"] == list(decoder_channels)
+    assert all(isinstance(v, (str, int)) or all(isinstance(c, int) for c in v) for v in cfg.values())
     rebuilt = build_from_config(cfg)
     rebuilt.load_state_dict(source.state_dict())
     x = torch.randn(1, 6, 64, 64)

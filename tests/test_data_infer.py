@@ -1,0 +1,127 @@
+"""lib/data.py and lib/infer.py on a real store whose volume spells out its labels."""
+import numpy as np
+import pytest
+import tifffile
+import torch
+import cv2
+
+from lib.data import CENTRE_SLICES, TileDataset, equal_area_bands, make_folds
+from lib.fragments import Fragment
+from lib.infer import blend_weights, predict_fragment
+from lib.store import Store, write_store
+
+HEIGHT, WIDTH = 200, 168
+
+
+@pytest.fixture(scope="module")
+def label_store(tmp_path_factory):
+    """A train fragment whose every slice is bright exactly where the labels say ink (plus the slice number)."""
+    root = tmp_path_factory.mktemp("labelled")
+    folder = root / "train" / "1"
+    (folder / "surface_volume").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels = np.zeros((HEIGHT, WIDTH), np.uint8)
+    for _ in range(25):
+        y, x = rng.integers(0, HEIGHT - 20), rng.integers(0, WIDTH - 20)
+        labels[y: y + rng.integers(6, 20), x: x + rng.integers(6, 20)] = 1
+    mask = np.ones((HEIGHT, WIDTH), np.uint8)
+    mask[:10] = 0  # a strip of no papyrus
+    for z in range(40):
+        tifffile.imwrite(folder / "surface_volume" / f"{z:02d}.tif", ((1000 + 20000 * labels + z) * mask).astype(np.uint16))
+    cv2.imwrite(str(folder / "mask.png"), mask * 255)
+    cv2.imwrite(str(folder / "inklabels.png"), labels * 255)
+    path = root / "1.h5"
+    write_store(Fragment(folder), path, z_range=(20, 40), tile_size=64, stride=32, progress=False)
+    return path, labels * mask, mask
+
+
+def test_augmented_tiles_stay_aligned_with_labels(label_store):
+    path, _, _ = label_store
+    torch.manual_seed(0)
+    dataset = TileDataset([path], tile_size=64, stride=32, augment=True)
+    assert len(dataset) > 10
+    agree = total = 0
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        assert image.shape == (3, 64, 64) and label.shape == (1, 64, 64)
+        assert image.dtype == torch.float32 and set(label.unique().tolist()) <= {0.0, 1.0}
+        bright = image.mean(0) > 0.5  # ink voxels normalise to about 1, the rest to about 0
+        agree += (bright == (label[0] > 0)).sum().item()
+        total += label.numel()
+    # rotations, flips, affine and photometric changes all keep image and label on the same pixels;
+    # only interpolated edges of the affine warp may disagree
+    assert agree / total > 0.97
+
+
+def test_training_slices_come_from_the_centre_with_a_small_shift(label_store):
+    path, _, _ = label_store
+    dataset = TileDataset([path], tile_size=64, stride=32, augment=True, max_depth_shift=2)
+    store = dataset.stores[0]
+    torch.manual_seed(1)
+    firsts = {dataset.choose_slices(store)[0] for _ in range(300)}
+    assert min(firsts) >= CENTRE_SLICES[0] - 2 and max(firsts) + 2 <= CENTRE_SLICES[-1] + 2
+    assert len(firsts) >= 6  # the start really varies
+
+
+def test_skip_and_only_rows_select_tiles(label_store):
+    path, _, _ = label_store
+    full = TileDataset([path], 64, 32, augment=False)
+    skipped = TileDataset([path], 64, 32, augment=False, skip_rows={path: (80, 140)})
+    only = TileDataset([path], 64, 32, augment=False, only_rows={path: (80, 140)})
+    assert all(y + 64 <= 80 or y >= 140 for _, y, _ in skipped.items)
+    assert all(80 <= y + 32 < 140 for _, y, _ in only.items)
+    assert 0 < len(skipped.items) < len(full.items) and 0 < len(only.items) < len(full.items)
+
+
+def test_equal_area_bands_and_folds():
+    mask = np.zeros((100, 50), np.uint8)
+    mask[10:90, 5:45] = 1
+    bands = equal_area_bands(mask, 4)
+    assert bands[0][0] == 0 and bands[-1][1] == 100
+    areas = [mask[y0:y1].sum() for y0, y1 in bands]
+    assert max(areas) - min(areas) <= 40  # one row of mask at most
+    folds = make_folds(["1", "2", "3"], ("2", 2), {"2": mask})
+    assert list(folds) == ["1", "2.1", "2.2", "3"]
+    assert folds["1"] == ("1", None) and folds["2.2"][0] == "2"
+
+
+class PointwiseModel(torch.nn.Module):
+    """A 1x1 convolution: its output rotates with its input, so rot90 TTA must change nothing."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+
+    def forward(self, x):
+        return self.conv(x) * 4
+
+
+class ConstantModel(torch.nn.Module):
+    def forward(self, x):
+        return torch.full((x.shape[0], 1, *x.shape[2:]), float(np.log(0.7 / 0.3)))
+
+
+def test_tta_on_an_equivariant_model_changes_nothing(label_store):
+    path, labels, mask = label_store
+    store = Store(path)
+    plain = predict_fragment(PointwiseModel(), store, 64, 32, tta=False, triplets=True)
+    tta = predict_fragment(PointwiseModel(), store, 64, 32, batch_size=3, tta=True, triplets=True)
+    assert plain.shape == (HEIGHT, WIDTH) and plain.dtype == np.float32
+    np.testing.assert_allclose(tta, plain, atol=1e-5)
+    # the volume spells the labels, so even this toy model separates ink from papyrus
+    inside = mask > 0
+    assert abs(np.corrcoef(plain[inside], labels[inside])[0, 1]) > 0.9
+
+
+def test_blending_leaves_no_seams_and_masks_the_map(label_store):
+    path, _, mask = label_store
+    prob = predict_fragment(ConstantModel(), Store(path), 64, 24, tta=True, triplets=True)
+    np.testing.assert_allclose(prob[mask > 0], 0.7, atol=1e-5)  # every pixel, overlap or not
+    assert (prob[mask == 0] == 0).all()
+
+
+def test_blend_weights_are_positive_and_peak_in_the_centre():
+    weights = blend_weights(64)
+    assert weights.min() > 0 and weights[32, 32] == weights.max()
+    np.testing.assert_allclose(weights, weights.T)

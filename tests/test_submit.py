@@ -1,0 +1,189 @@
+"""submit.py on a tiny run: random-initialised tiny U-Nets saved in train.py's model format, ensemble.json
+written by ensemble.py from synthetic OOF maps, and real stores of a ~128 px synthetic dataset (64 px tiles,
+stride 32). The models are useless; the checks are the submission's format, order, masks and plumbing."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import ensemble
+import submit
+from lib.fragments import Fragment
+from lib.infer import (load_model_file, load_probability_map, predict_fragment, remove_small_components,
+                       save_probability_map)
+from lib.model import build_model, model_config
+from lib.rle import rle_decode
+from lib.store import Store, write_store
+from lib.synth import TEST_IDS, TRAIN_IDS, generate
+
+# member -> its fold models: two architectures, one with two folds, so averaging and weighting both happen
+MEMBERS = {"tu-mobilenetv3_small_050": ("1", "2"), "tu-mobilenetv3_small_075": ("3",)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on 2 cores shared with other work, two OpenMP threads spin against each other and
+    small batches run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """{root, stores, run}: a synthetic dataset, its stores, and a run folder with models and ensemble.json."""
+    work = tmp_path_factory.mktemp("submit")
+    root = generate(work / "synth", size=128, seed=2, progress=False)
+    stores = work / "prepared"
+    for split, ids in (("train", TRAIN_IDS), ("test", TEST_IDS)):
+        for fragment_id in ids:
+            write_store(Fragment.open(root, split, fragment_id), stores / split / f"{fragment_id}.h5",
+                        tile_size=64, stride=32, progress=False)
+    run = work / "run"
+    write_models(run)
+    write_oof_maps(run, stores)
+    ensemble.main(["--run", str(run), "--stores", str(stores)])
+    return {"root": root, "stores": stores, "run": run}
+
+
+def write_models(run):
+    for index, (backbone, folds) in enumerate(MEMBERS.items()):
+        for fold in folds:
+            torch.manual_seed(10 * index + int(fold))
+            model = build_model(backbone)
+            path = run / "models" / backbone / f"fold-{fold}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"config": model_config(backbone, 3), "state_dict": model.state_dict(), "fold": fold,
+                        "tile_size": 64, "stride": 32, "val_f05": 0.0, "oof_f05": 0.0, "threshold": 0.5}, path)
+
+
+def write_oof_maps(run, stores):
+    """Two equally informative members whose probability scale drifts per fragment: the fit mixes them and
+    picks percentile mode, so every test fragment gets a non-empty mask to encode."""
+    rng = np.random.default_rng(0)
+    for index, fragment_id in enumerate(TRAIN_IDS):
+        store = Store(stores / "train" / f"{fragment_id}.h5")
+        labels, mask = store.read_map("labels").astype(np.float32), store.read_map("mask")
+        for backbone in MEMBERS:
+            prob = (1.0, 0.3, 0.6)[index] * (0.4 * labels + 0.6 * rng.random(labels.shape)) * mask
+            save_probability_map(run / "oof" / backbone / f"{fragment_id}.h5", prob, fragment_id=fragment_id)
+
+
+def run_submit(tiny, *extra, run=None):
+    """submit.main in this process; returns the CSV rows after the header."""
+    run = run or tiny["run"]
+    out = run / f"submission{len(list(run.glob('submission*.csv')))}.csv"
+    submit.main(["--run", str(run), "--stores", str(tiny["stores"]), "--out", str(out), *extra])
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["Id", "Predicted"]
+    return rows[1:]
+
+
+def exit_message(argv):
+    with pytest.raises(SystemExit) as exit_:
+        submit.main(argv)
+    return str(exit_.value.code)
+
+
+def assert_valid_masks(tiny, rows):
+    for fragment_id, rle in rows:
+        store = Store(tiny["stores"] / "test" / f"{fragment_id}.h5")
+        pred, mask = rle_decode(rle, store.shape), store.read_map("mask")
+        assert pred.shape == store.shape
+        assert np.array_equal(pred * mask, pred)
+
+
+@pytest.fixture(scope="module")
+def default_rows(tiny, tmp_path_factory):
+    """The full-settings submission (TTA, triplets), rows ordered by a sample submission listing b before a."""
+    sample = tmp_path_factory.mktemp("sample") / "sample_submission.csv"
+    sample.write_text("Id,Predicted\nb,1 1\na,1 1\n")
+    return run_submit(tiny, "--sample", str(sample), "--save-probs", "--truth", str(tiny["root"] / "_truth"))
+
+
+def test_ensemble_json_feeds_submit(tiny):
+    result = json.loads((tiny["run"] / "ensemble.json").read_text())
+    assert result["threshold"]["mode"] == "percentile"
+    assert all(m["weight"] > 0 for m in result["members"])
+
+
+def test_default_submission(tiny, default_rows):
+    assert [row[0] for row in default_rows] == ["b", "a"]
+    assert all(row[1] for row in default_rows)  # percentile mode: never an empty mask
+    assert_valid_masks(tiny, default_rows)
+    for fragment_id in TEST_IDS:
+        assert (tiny["run"] / "previews" / f"{fragment_id}.png").is_file()
+        prob, _ = load_probability_map(tiny["run"] / "probs" / f"{fragment_id}.h5")
+        assert prob.shape == Store(tiny["stores"] / "test" / f"{fragment_id}.h5").shape
+
+
+def test_truth_scores_are_printed(tiny, capsys):
+    submit.main(["--run", str(tiny["run"]), "--stores", str(tiny["stores"]), "--out", str(tiny["run"] / "t.csv"),
+                 "--no-tta", "--no-triplets", "--truth", str(tiny["root"] / "_truth")])
+    printed = capsys.readouterr().out
+    assert printed.count("F0.5") == len(TEST_IDS) + 1 and "F0.5 over all test pixels" in printed
+
+
+def test_flags_weights_and_folds(tiny, default_rows):
+    """Without TTA and triplets the map is the weighted sum of each member's fold mean, computed here by hand."""
+    rows = run_submit(tiny, "--no-tta", "--no-triplets", "--save-probs", "--threads", "1")
+    assert [row[0] for row in rows] == sorted(TEST_IDS)
+    assert_valid_masks(tiny, rows)
+    assert rows != sorted(default_rows)
+    members = json.loads((tiny["run"] / "ensemble.json").read_text())["members"]
+    store = Store(tiny["stores"] / "test" / "a.h5")
+    expected = 0
+    for member in members:
+        folds = [predict_fragment(load_model_file(tiny["run"] / path)[0], store, 64, 32, tta=False, triplets=False)
+                 for path in member["models"]]
+        expected = expected + member["weight"] * np.mean(folds, axis=0)
+    prob, attrs = load_probability_map(tiny["run"] / "probs" / "a.h5")
+    assert (attrs["tta"], attrs["triplets"]) == (False, False)
+    np.testing.assert_allclose(prob, expected, atol=1e-3)  # the file holds float16
+
+
+def test_copied_run_folder_works(tiny, tmp_path):
+    """Only models/ and ensemble.json travel; the stores stay where they are."""
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tiny["run"] / "models", copy / "models")
+    shutil.copy(tiny["run"] / "ensemble.json", copy / "ensemble.json")
+    rows = run_submit(tiny, "--no-tta", "--no-triplets", run=copy)
+    assert rows == run_submit(tiny, "--no-tta", "--no-triplets")
+    assert (copy / "previews" / "a.png").is_file()
+
+
+def test_min_component_removes_small_blobs(tiny):
+    binary = np.zeros((20, 20), np.uint8)
+    binary[1:3, 1:3] = 1  # 4 pixels
+    binary[10:16, 10:16] = 1  # 36 pixels
+    binary[15, 16] = 1  # touches the big blob diagonally: part of it (8-connectivity)
+    kept = remove_small_components(binary, 5)
+    assert kept.sum() == 37 and kept[1:3, 1:3].sum() == 0
+    assert np.array_equal(remove_small_components(binary, 1), binary)
+    rows = run_submit(tiny, "--no-tta", "--no-triplets", "--min-component", str(10**9))
+    assert [rle for _, rle in rows] == ["", ""]
+
+
+def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
+    def assert_names(path, argv):
+        message = exit_message(argv)
+        assert message.startswith("error: ") and str(path) in message and "\n" not in message
+
+    stores = ["--stores", str(tiny["stores"])]
+    assert_names(tmp_path / "ensemble.json", ["--run", str(tmp_path), *stores])
+    sample = tmp_path / "sample.csv"
+    sample.write_text("Id,Predicted\na,1 1\nc,1 1\n")
+    assert_names(sample, ["--run", str(tiny["run"]), *stores, "--sample", str(sample)])
+    assert_names(tmp_path / "a_inklabels.png", ["--run", str(tiny["run"]), *stores, "--truth", str(tmp_path)])
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny["run"] / "models", broken / "models")
+    shutil.copy(tiny["run"] / "ensemble.json", broken / "ensemble.json")
+    (broken / "models" / "tu-mobilenetv3_small_050" / "fold-2.pt").unlink()
+    assert_names(broken / "models" / "tu-mobilenetv3_small_050" / "fold-2.pt", ["--run", str(broken), *stores])
+    assert_names(tmp_path / "test", ["--run", str(tiny["run"]), "--stores", str(tmp_path)])
+
