@@ -357,6 +357,10 @@ def main(argv=None):
     train_ids, folds = fold_table(args.stores, args.split)
     run.mkdir(parents=True, exist_ok=True)
     results, seconds = run_trials(args, train_ids, folds, run)
+    unfinished = [r for r in results if not r.error and not r.metrics.get("done")]
+    if unfinished:  # Ctrl-C: Tune saved the experiment and returned early
+        sys.exit(f"error: interrupted with {len(unfinished)} trial(s) unfinished; "
+                 f"continue with: python train.py --run {run} --resume (and the same options)")
     merge_band_maps(run, folds)
     print(write_summary(run, results, folds, seconds / 60))
     failed = [r for r in results if r.error]

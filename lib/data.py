@@ -107,7 +107,7 @@ def photometric(image, brightness=0.1, contrast=0.2, noise=0.03):
 def equal_area_bands(mask, num_bands):
     """Row ranges [(y0, y1), ...] that cut a fragment into bands holding equal mask area."""
     rows = np.cumsum(mask.astype(bool).sum(axis=1))
-    cuts = [0] + [int(np.searchsorted(rows, rows[-1] * k / num_bands)) for k in range(1, num_bands)] + [len(rows)]
+    cuts = [0] + [int(np.searchsorted(rows, rows[-1] * k / num_bands)) + 1 for k in range(1, num_bands)] + [len(rows)]
     return list(zip(cuts[:-1], cuts[1:]))
 
 

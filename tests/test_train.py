@@ -64,7 +64,7 @@ def test_two_trials_write_oof_maps_models_previews_and_summary(stores, tmp_path)
 def test_resume_after_interrupt_does_not_redo_finished_trials(stores, tmp_path):
     run = tmp_path / "run"
     # One trial at a time, so the first finishes while the second is still to come.
-    command = train_command(stores, run, "--folds", "1,3", "--num-cpus", "1", "--max-concurrent", "1", "--epochs", "3")
+    command = train_command(stores, run, "--folds", "1,3", "--num-cpus", "1", "--max-concurrent", "1", "--epochs", "8")
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     first_model = run / "models" / BACKBONE / "fold-1.pt"
@@ -77,13 +77,13 @@ def test_resume_after_interrupt_does_not_redo_finished_trials(stores, tmp_path):
     assert not (run / "summary.md").exists()
     first_mtime = first_model.stat().st_mtime_ns
 
-    refused = run_train(stores, run, "--folds", "1,3", "--num-cpus", "1", "--max-concurrent", "1", "--epochs", "3")
+    refused = run_train(stores, run, "--folds", "1,3", "--num-cpus", "1", "--max-concurrent", "1", "--epochs", "8")
     assert refused.returncode != 0 and "--resume" in refused.stderr
 
-    resumed = run_train(stores, run, "--folds", "1,3", "--num-cpus", "1", "--max-concurrent", "1", "--epochs", "3",
+    resumed = run_train(stores, run, "--folds", "1,3", "--num-cpus", "1", "--max-concurrent", "1", "--epochs", "8",
                         "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert first_model.stat().st_mtime_ns == first_mtime, "a finished trial was trained again"
     assert (run / "models" / BACKBONE / "fold-3.pt").exists()
     rows = list(csv.DictReader(open(run / "summary.csv")))
-    assert sorted(r["fold"] for r in rows) == ["1", "3"] and all(r["epochs"] == "3" for r in rows)
+    assert sorted(r["fold"] for r in rows) == ["1", "3"] and all(r["epochs"] == "8" for r in rows)
