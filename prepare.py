@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from lib.fragments import SPLITS, Fragment, FragmentError, list_fragments
-from lib.store import DEFAULT_Z_RANGE, Store, fingerprint, store_matches, write_store
+from lib.store import DEFAULT_Z_RANGE, fingerprint, store_matches, write_store
 
 
 def parse_z_range(text):
@@ -49,12 +49,7 @@ def prepare_fragment(fragment, out, z_range, tile_size, stride, force):
         return f"{name}: up to date, skipped ({path})"
     started = time.time()
     summary = write_store(fragment, path, z_range, tile_size, stride)
-    ink = ""
-    if fragment.has_labels:
-        store = Store(path)
-        mask = store.read_map("mask")
-        ink = f", ink {store.read_map('labels')[mask > 0].mean():.1%} of mask"
-        store.close()
+    ink = "" if summary["ink_fraction"] is None else f", ink {summary['ink_fraction']:.1%} of mask"
     h, w = summary["shape"]
     return (f"{name}: {h} x {w}, slices {z_range[0]}:{z_range[1]}, {summary['tiles']} tiles{ink}, "
             f"{summary['bytes'] / 2**20:.1f} MiB, {time.time() - started:.1f} s -> {path}")

@@ -68,6 +68,13 @@ def png_shape(path):
     return image.height, image.width
 
 
+def _verify_png(path):
+    try:
+        _open_png(path).verify()
+    except (OSError, ValueError, SyntaxError) as err:  # PIL reports bad chunks and CRCs as SyntaxError
+        raise FragmentError(f"{path}: unreadable or truncated PNG ({err})") from None
+
+
 def _open_png(path):
     if not Path(path).is_file():
         raise FragmentError(f"{path}: file not found")
@@ -88,7 +95,8 @@ class Fragment:
         if not volume_dir.is_dir():
             raise FragmentError(f"{volume_dir}: surface_volume folder not found")
         self.slice_paths = _numbered_slices(volume_dir)
-        self.shape, self.dtype = _slice_header(self.slice_paths[0])
+        self._raw_offsets = {}  # z -> byte offset of an uncompressed, contiguous slice's pixels (None: decode)
+        self.shape, self.dtype = self._header(0)
 
     @classmethod
     def open(cls, root, split, fragment_id):
@@ -122,19 +130,42 @@ class Fragment:
         """Slice `z` as a full (H, W) uint16 array."""
         return self.read_band(z, 0, self.shape[0])
 
-    def read_band(self, z, y0, y1):
-        """Rows [y0, y1) of slice `z`, decoding only the strips or tiles that hold them."""
+    def read_band(self, z, y0, y1, out=None):
+        """Rows [y0, y1) of slice `z` as native uint16 (into `out` when given), decoding only what holds them.
+
+        An uncompressed, contiguous slice (the Kaggle files) is read with one positioned read straight into
+        the result; other layouts go through tifffile + zarr, which decode only the strips or tiles needed.
+        """
         path = self.slice_paths[z]
+        native = self.dtype.newbyteorder("=")
+        if out is None:
+            out = np.empty((y1 - y0, self.shape[1]), native)
+        elif out.dtype != native:  # e.g. 8-bit slices into a uint16 band
+            out[...] = self.read_band(z, y0, y1)
+            return out
         try:
-            with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
-                if page.is_contiguous and page.compression == 1:
-                    rows = tifffile.memmap(path, mode="r")[y0:y1]
-                    return np.array(rows, dtype=rows.dtype.newbyteorder("="))  # native order, as the zarr path gives
-            with tifffile.imread(path, aszarr=True) as store:
-                return np.asarray(zarr.open(store, mode="r")[y0:y1])
+            if z not in self._raw_offsets:
+                self._header(z)
+            offset = self._raw_offsets[z]
+            if offset is None:
+                with tifffile.imread(path, aszarr=True) as store:
+                    out[...] = zarr.open(store, mode="r")[y0:y1]
+                return out
+            row_bytes = self.shape[1] * self.dtype.itemsize
+            with open(path, "rb", buffering=0) as file:
+                got = os.preadv(file.fileno(), [memoryview(out).cast("B")], offset + y0 * row_bytes)
+            if got != out.nbytes:
+                raise OSError(f"read {got} of {out.nbytes} bytes at rows {y0}:{y1}")
         except (OSError, ValueError, RuntimeError, tifffile.TiffFileError) as err:  # RuntimeError: imagecodecs decode errors
             raise FragmentError(f"{path}: unreadable or truncated TIFF ({err})") from None
+        if not self.dtype.isnative:  # the bytes are in the file's order: swap them in place
+            out.view(self.dtype).byteswap(inplace=True)
+        return out
+
+    def _header(self, z):
+        """(shape, dtype) of slice `z` from its header; remembers where its raw pixels start, if they can be read raw."""
+        shape, dtype, self._raw_offsets[z] = _slice_header(self.slice_paths[z])
+        return shape, dtype
 
     def read_mask(self):
         return read_png_binary(self.mask_path)
@@ -154,14 +185,17 @@ class Fragment:
         """Check the fragment fully against its headers; raise FragmentError on the first problem.
 
         Reads every slice header and the mask; slice pixel data are checked for truncation by
-        comparing the byte ranges the header promises with the file size (cheap for 18 GB volumes).
+        comparing the byte ranges the header promises with the file size (cheap for 18 GB volumes), and the
+        labels and IR PNGs by PIL's verify (every chunk present, CRCs right).
         """
-        for path in self.slice_paths:
-            shape, dtype = _slice_header(path)
+        for z, path in enumerate(self.slice_paths):
+            shape, dtype = self._header(z)
             if shape != self.shape:
                 raise FragmentError(f"{path}: slice shape {shape} differs from {self.slice_paths[0].name} {self.shape}")
             if dtype != self.dtype:
                 raise FragmentError(f"{path}: slice dtype {dtype} differs from {self.slice_paths[0].name} {self.dtype}")
+        if self.dtype.kind != "u" or self.dtype.itemsize > 2:
+            raise FragmentError(f"{self.slice_paths[0]}: slices must be 8- or 16-bit unsigned integers, got {self.dtype}")
         if need_labels is None:
             need_labels = self.split == "train"
         pngs = [self.mask_path] + ([self.labels_path] if need_labels else [])
@@ -170,13 +204,10 @@ class Fragment:
             shape = png_shape(path)
             if shape != self.shape:
                 raise FragmentError(f"{path}: shape {shape} differs from the slices {self.shape}")
-        mask = self.read_mask()
-        if not mask.any():
+        if not self.read_mask().any():
             raise FragmentError(f"{self.mask_path}: mask is empty (no papyrus pixels)")
-        if need_labels:
-            self.read_labels()
-        if self.has_ir:
-            self.read_ir()
+        for path in pngs[1:]:  # complete and intact to the last chunk (CRCs), without decoding the pixels again
+            _verify_png(path)
         return self
 
 
@@ -203,19 +234,22 @@ def _numbered_slices(volume_dir):
 
 
 def _slice_header(path):
-    """(shape, dtype) from a TIFF header, checking that the pixel data the header promises is in the file."""
+    """(shape, dtype, raw_offset) from a TIFF header, checking that the pixel data the header promises is in the
+    file. raw_offset is where the pixels start when they are stored uncompressed and contiguous, else None."""
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            shape, dtype = tuple(page.shape), np.dtype(page.dtype)
+            shape, dtype = tuple(page.shape), np.dtype(page.dtype).newbyteorder(tif.byteorder)
             end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+            raw = page.is_contiguous and page.compression == 1 and page.predictor == 1
+            raw_offset = page.dataoffsets[0] if raw else None
     except (OSError, ValueError, IndexError, tifffile.TiffFileError) as err:
         raise FragmentError(f"{path}: unreadable TIFF ({err})") from None
     if len(shape) != 2:
         raise FragmentError(f"{path}: expected a single-channel 2-D slice, got shape {shape}")
     if end > os.path.getsize(path):
         raise FragmentError(f"{path}: truncated TIFF (pixel data ends at byte {end}, file has {os.path.getsize(path)})")
-    return shape, dtype
+    return shape, dtype, raw_offset
 
 
 def main(argv=None):

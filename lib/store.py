@@ -1,7 +1,7 @@
 """HDF5 tile store of one fragment: the format, writing it in bounded memory, and reading tiles.
 
 A store `OUT/<split>/<id>.h5` holds
-    volume       (Z, H, W) uint16   the kept slices, lossless; chunk (Z, 64, 64), Blosc LZ4 + bitshuffle
+    volume       (Z, H, W) uint16   the kept slices, lossless; chunk (Z, 56, 56), Blosc LZ4 + bitshuffle
     mask         (H, W) uint8 0/1
     labels, ir   (H, W) uint8       train fragments only (ir when the fragment has one)
     tiles        (N, 2) int32       top-left (y, x) of every tile_size tile on the stride grid touching the mask
@@ -10,10 +10,15 @@ A store `OUT/<split>/<id>.h5` holds
 and attributes: fragment_id, split, source, z_start, z_stop, height, width, tile_size, stride,
 fingerprint (of the source files: names, sizes, mtimes) and format_version.
 
-Why this layout (numbers in bench/README.md): every training and inference read takes all kept slices of
-a window, so a chunk spans all of Z; 64 px chunks waste least decoding on unaligned 224 px tiles; Blosc LZ4 with
-bitshuffle keeps most of zstd's ratio (2.1 vs 2.2) at twice its tile read rate and 3x its write rate. The volume is written
-in row bands of whole chunks: writing slice by slice would recompress every chunk Z times.
+Why this layout (numbers in bench/README.md): every training and inference read takes a window of several
+kept slices, so a chunk spans all of Z; in-plane a chunk is one tile stride (56 px for 224 px tiles), so a tile on
+the grid decodes exactly its 4 x 4 chunks (see chunk_side); Blosc LZ4 with bitshuffle keeps almost all of zstd's
+size ratio at about 1.5x its tile read rate and write rate.
+
+Writing: the volume goes in row bands of whole chunks (slice by slice would recompress every chunk Z times).
+The chunks of a band are compressed here, on every core, and stored with write_direct_chunk: HDF5's own
+filter pipeline compresses one chunk at a time on one core. The bytes are the same c-blosc frames the
+declared Blosc filter writes and reads, so it is a plain HDF5 file (h5py + hdf5plugin read it).
 """
 import hashlib
 import os
@@ -22,18 +27,28 @@ from pathlib import Path
 
 import h5py
 import hdf5plugin  # registers the Blosc filter in every process that imports this module
+import imagecodecs
 import numpy as np
 from tqdm import tqdm
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: maps in Blosc LZ4 instead of gzip (version 1 stores are rebuilt)
 DEFAULT_Z_RANGE = (24, 40)  # 16 centre slices around 32: the 8 centre slices plus random depth shifts
-CHUNK_SIDE = 64
+CHUNK_SIDE = 64  # chunk height and width when the tile grid gives none (chunk_side)
 PERCENTILE_LEVELS = (0.5, 1, 5, 25, 50, 75, 95, 99, 99.5)
-BAND_BYTES = 128 * 2**20  # rows read per band: about this many bytes of volume at a time
+BAND_BYTES = 64 * 2**20  # rows read per band: about this many bytes of volume at a time (two bands in memory)
+# Blosc: LZ4, level 5, bitshuffle (2). Why: bench/README.md ("## prepare", codec table).
+VOLUME_CODEC = {"compressor": "lz4", "level": 5, "shuffle": 2}
+CHUNKS_PER_TASK = 16  # chunks one compression task copies into chunk order and compresses
 
 
 def volume_compression():
-    return hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.BITSHUFFLE)
+    """The HDF5 filter the volume is declared with (what any other HDF5 reader decodes it with)."""
+    return hdf5plugin.Blosc(cname=VOLUME_CODEC["compressor"], clevel=VOLUME_CODEC["level"], shuffle=VOLUME_CODEC["shuffle"])
+
+
+def encode_chunk(chunk):
+    """One volume chunk as the Blosc filter above stores it: a c-blosc 1 frame."""
+    return imagecodecs.blosc_encode(chunk, typesize=chunk.itemsize, numthreads=1, **VOLUME_CODEC)
 
 
 def fingerprint(paths):
@@ -56,11 +71,23 @@ def grid_starts(length, tile_size, stride):
 
 
 def mask_coverage(mask, positions, tile_size):
-    """Fraction of each tile (at (N, 2) top-left positions) that lies inside the mask."""
-    integral = np.pad(np.asarray(mask, bool).cumsum(0, dtype=np.int64).cumsum(1), ((1, 0), (1, 0)))
+    """Fraction of each tile (at (N, 2) top-left positions) that lies inside the mask.
+
+    Uses an integral image kept only on the rows where tiles start or end (a few hundred rows, not all H).
+    """
+    height, width = mask.shape
     y0, x0 = positions[:, 0], positions[:, 1]
-    y1, x1 = np.minimum(y0 + tile_size, mask.shape[0]), np.minimum(x0 + tile_size, mask.shape[1])
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    y1, x1 = np.minimum(y0 + tile_size, height), np.minimum(x0 + tile_size, width)
+    if len(positions) == 0:
+        return np.zeros(0)
+    rows = np.unique(np.concatenate([[0], y0, y1]))  # y1 > 0: at least two rows
+    mask = np.asarray(mask, bool)
+    band_sums = np.stack([mask[a:b].sum(0, dtype=np.int32) for a, b in zip(rows[:-1], rows[1:])])
+    integral = np.zeros((len(rows), width + 1), np.int64)  # integral[i, x]: mask pixels above rows[i], left of x
+    integral[1:, 1:] = band_sums.cumsum(0)
+    integral[:, 1:] = integral[:, 1:].cumsum(1)
+    i0, i1 = np.searchsorted(rows, y0), np.searchsorted(rows, y1)
+    inside = integral[i1, x1] - integral[i0, x1] - integral[i1, x0] + integral[i0, x0]
     return inside / tile_size**2
 
 
@@ -71,10 +98,16 @@ def tile_positions(mask, tile_size, stride):
     return grid[mask_coverage(mask, grid, tile_size) > 0].astype(np.int32)
 
 
-def band_rows(num_slices, width):
+def chunk_side(tile_size, stride):
+    """Chunk height and width: the tile stride when a tile is a whole number of strides, so that a tile on the
+    grid decodes exactly its own chunks (1.3-1.45x the tile reads of unaligned 64 px chunks); else CHUNK_SIDE."""
+    return stride if 32 <= stride <= 128 and tile_size % stride == 0 else CHUNK_SIDE
+
+
+def band_rows(num_slices, width, chunk_rows):
     """Rows per band: whole chunks, about BAND_BYTES of uint16 volume."""
     rows = BAND_BYTES // max(1, num_slices * width * 2)
-    return max(CHUNK_SIDE, rows // CHUNK_SIDE * CHUNK_SIDE)
+    return max(chunk_rows, rows // chunk_rows * chunk_rows)
 
 
 def percentiles_from_histogram(histogram):
@@ -89,7 +122,8 @@ def percentiles_from_histogram(histogram):
 def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=56, progress=True):
     """Write `fragment` (a lib.fragments.Fragment) to the store `path`, atomically; returns a summary dict.
 
-    Peak memory is one band of rows of the kept slices plus the fragment's 2-D maps.
+    Peak memory is two bands of rows of the kept slices (one being read, one being compressed) plus the
+    fragment's 2-D maps.
     """
     z_start, z_stop = z_range
     if not 0 <= z_start < z_stop <= fragment.num_slices:
@@ -100,15 +134,20 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
     height, width = fragment.shape
     num_kept = z_stop - z_start
     mask = fragment.read_mask()
+    side = chunk_side(tile_size, stride)
+    ink_fraction = None
     try:
         with h5py.File(tmp, "w") as h5:
             volume = h5.create_dataset(
                 "volume", shape=(num_kept, height, width), dtype="uint16",
-                chunks=(num_kept, min(CHUNK_SIDE, height), min(CHUNK_SIDE, width)), **volume_compression())
+                chunks=(num_kept, min(side, height), min(side, width)), **volume_compression())
             histograms = _copy_volume(fragment, volume, mask, z_start, z_stop, progress)
             _write_map(h5, "mask", mask)
             if fragment.has_labels:
-                _write_map(h5, "labels", fragment.read_labels())
+                labels = fragment.read_labels()
+                ink_fraction = float(labels[mask > 0].mean())
+                _write_map(h5, "labels", labels)
+                del labels
             if fragment.has_ir:
                 _write_map(h5, "ir", fragment.read_ir())
             tiles = tile_positions(mask, tile_size, stride)
@@ -124,40 +163,77 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"tiles": len(tiles), "bytes": path.stat().st_size, "slices": (z_start, z_stop), "shape": (height, width)}
+    return {"tiles": len(tiles), "bytes": path.stat().st_size, "slices": (z_start, z_stop), "shape": (height, width),
+            "ink_fraction": ink_fraction}
 
 
 def _copy_volume(fragment, volume, mask, z_start, z_stop, progress):
-    """Stream the kept slices into `volume` band by band; return per-slice in-mask uint16 histograms."""
+    """Stream the kept slices into `volume` band by band; return per-slice in-mask uint16 histograms.
+
+    A reader thread fills the next band while a pool of threads (one per core) compresses the chunks of this
+    band and counts its histograms; this thread stores the compressed chunks in order. The TIFF reads and the
+    compression release the GIL, so they run beside the counting on every core.
+    """
     num_kept, height, width = volume.shape
-    rows = band_rows(num_kept, width)
+    chunk_shape = volume.chunks
+    rows = band_rows(num_kept, width, chunk_shape[1])
+    group_width = CHUNKS_PER_TASK * chunk_shape[2]
+    bands = [(y0, min(height, y0 + rows)) for y0 in range(0, height, rows)]
     histograms = np.zeros((num_kept, 65536), np.int64)
+    # Two band buffers, reused: one being read while the other is compressed (peak memory two bands).
+    buffers = [np.empty((num_kept, min(rows, height), width), np.uint16) for _ in range(2)]
     bar = tqdm(total=num_kept * height * width * 2, unit="B", unit_scale=True, disable=not progress,
                desc=f"prepare {fragment.split}/{fragment.fragment_id}")
-    # One band buffer, reused (peak memory one band, whatever the fragment size); the histograms are counted
-    # in a thread while HDF5 compresses and writes the same band (both release the GIL).
-    buffer = np.empty(num_kept * min(rows, height) * width, np.uint16)
-    with bar, ThreadPoolExecutor(1) as pool:
-        for y0 in range(0, height, rows):
-            y1 = min(height, y0 + rows)
-            block = buffer[: num_kept * (y1 - y0) * width].reshape(num_kept, y1 - y0, width)  # contiguous
-            for i, z in enumerate(range(z_start, z_stop)):
-                block[i] = fragment.read_band(z, y0, y1)
-            counting = pool.submit(_count_band, histograms, block, mask[y0:y1].astype(bool))
-            volume[:, y0:y1, :] = block
-            counting.result()
+    with bar, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(len(os.sched_getaffinity(0))) as encoders:
+        reading = reader.submit(_read_band, fragment, z_start, bands[0], buffers[0])
+        for index, (y0, y1) in enumerate(bands):
+            block = reading.result()
+            if index + 1 < len(bands):
+                reading = reader.submit(_read_band, fragment, z_start, bands[index + 1], buffers[(index + 1) % 2])
+            inside = mask[y0:y1].astype(bool)
+            counts = [encoders.submit(_count_in_mask, block[i], inside) for i in range(num_kept)]
+            groups = [(cy, cx) for cy in range(0, y1 - y0, chunk_shape[1]) for cx in range(0, width, group_width)]
+            encoded = encoders.map(lambda group: _encode_chunks(block, *group, group_width, chunk_shape), groups)
+            for (cy, cx), chunks in zip(groups, encoded):
+                for i, data in enumerate(chunks):
+                    volume.id.write_direct_chunk((0, y0 + cy, cx + i * chunk_shape[2]), data)
+            for i, count in enumerate(counts):
+                histograms[i] += count.result()
             bar.update(block.nbytes)
     return histograms
 
 
-def _count_band(histograms, block, inside):
-    for z in range(len(block)):
-        histograms[z] += np.bincount(block[z][inside], minlength=65536)
+def _read_band(fragment, z_start, band, buffer):
+    y0, y1 = band
+    block = buffer[:, : y1 - y0]
+    for i in range(len(block)):
+        fragment.read_band(z_start + i, y0, y1, out=block[i])
+    return block
+
+
+def _encode_chunks(block, cy, cx, width, chunk_shape):
+    """Compressed chunks of `block` with corners (cy, cx), (cy, cx + chunk width), ... inside [cx, cx + width):
+    one copy into chunk-major order, zero-padded at the image edges (HDF5 stores edge chunks whole), then Blosc."""
+    num_kept, chunk_h, chunk_w = chunk_shape
+    window = block[:, cy: cy + chunk_h, cx: cx + width]
+    h, w = window.shape[1:]
+    count, full = -(-w // chunk_w), w // chunk_w
+    chunks = np.zeros((count, num_kept, chunk_h, chunk_w), block.dtype)
+    grid = chunks.transpose(1, 2, 0, 3)  # a (Z, chunk_h, count, chunk_w) view laid out like the window
+    grid[:, :h, :full] = window[:, :, : full * chunk_w].reshape(num_kept, h, full, chunk_w)
+    if full < count:
+        grid[:, :h, full, : w - full * chunk_w] = window[:, :, full * chunk_w:]
+    return [encode_chunk(chunk) for chunk in chunks]
+
+
+def _count_in_mask(image, inside):
+    """Histogram (65536 bins) of a uint16 image's values where the boolean `inside` is set."""
+    return np.bincount(image[inside], minlength=65536)
 
 
 def _write_map(h5, name, image):
     chunks = (min(512, image.shape[0]), min(512, image.shape[1]))
-    h5.create_dataset(name, data=image.astype(np.uint8), chunks=chunks, compression="gzip", compression_opts=4)
+    h5.create_dataset(name, data=image.astype(np.uint8), chunks=chunks, **hdf5plugin.Blosc(cname="lz4", clevel=5))
 
 
 def store_matches(path, sources_fingerprint, z_range, tile_size, stride):
@@ -180,6 +256,9 @@ class Store:
         self.path = Path(path)
         with h5py.File(self.path, "r") as h5:
             a = h5.attrs
+            if a.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"{self.path}: store format {a.get('format_version')}, this code reads "
+                                 f"{FORMAT_VERSION}: rebuild it with prepare.py --force")
             self.fragment_id = str(a["fragment_id"])
             self.split = str(a["split"])
             self.z_start, self.z_stop = int(a["z_start"]), int(a["z_stop"])
@@ -236,17 +315,17 @@ class Store:
         if not slices or min(slices) < self.z_start or max(slices) >= self.z_stop:
             raise ValueError(f"{self.path}: slices {slices} are outside the kept range {self.z_start}:{self.z_stop}")
         z_index = [z - self.z_start for z in slices]
+        z0, z1 = min(z_index), max(z_index) + 1
         out = np.zeros((len(slices), height, width), np.uint16)
         window = _clip_window(y, x, height, width, self.shape)
-        if window is not None:
-            (ys, xs), (oy, ox) = window
-            z0, z1 = min(z_index), max(z_index) + 1
-            volume = self.h5["volume"]
-            if z_index == list(range(z0, z1)):  # consecutive slices (the usual case): straight into `out`
-                volume.read_direct(out, np.s_[z0:z1, ys, xs], np.s_[:, oy, ox])
-            else:  # one contiguous z read (the chunk holds all of Z anyway), then pick the slices asked for
-                block = volume[z0:z1, ys, xs]
-                out[:, oy, ox] = block[[z - z0 for z in z_index]]
+        if window is None:
+            return out
+        (ys, xs), (oy, ox) = window
+        volume = self.h5["volume"]
+        if z_index == list(range(z0, z1)) and (oy, ox) == (slice(0, height), slice(0, width)):
+            volume.read_direct(out, np.s_[z0:z1, ys, xs])  # the usual case: consecutive slices, inside the image
+        else:  # one contiguous z read (the chunk holds all of Z anyway), then pick the slices asked for
+            out[:, oy, ox] = volume[z0:z1, ys, xs][[z - z0 for z in z_index]]
         return out
 
     def read_window(self, name, y, x, height, width):

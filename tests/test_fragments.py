@@ -166,6 +166,16 @@ def test_big_endian_tiff_reads_as_native_uint16(tmp_path):
         assert np.array_equal(band, pixels[3:17])
 
 
+def test_float_slices_are_refused(tmp_path):
+    (tmp_path / "f" / "surface_volume").mkdir(parents=True)
+    for z in (0, 1):
+        tifffile.imwrite(slice_path(tmp_path / "f", z), np.zeros((20, 30), np.float32))
+    Image.fromarray(np.full((20, 30), 255, np.uint8)).save(tmp_path / "f" / "mask.png")
+    with pytest.raises(FragmentError, match="8- or 16-bit unsigned integers, got float32") as err:
+        Fragment(tmp_path / "f", "test").validate()
+    assert_one_line_naming(str(err.value), slice_path(tmp_path / "f", 0))
+
+
 def test_other_slice_counts(synth_root, tmp_path):
     frag_dir = tmp_path / "train" / "short"
     (frag_dir / "surface_volume").mkdir(parents=True)

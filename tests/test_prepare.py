@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PREPARE = ROOT / "prepare.py"
 FRAGMENTS = {"1": "train", "2": "train", "3": "train", "a": "test", "b": "test"}
 
-# prepare.main with a slowed slice reader and 64-row bands, so a run lasts a few seconds and can be
+# prepare.main with a slowed slice reader and 56-row bands, so a run lasts a few seconds and can be
 # killed mid-write.
 SLOW_PREPARE = textwrap.dedent("""
     import os, sys, time
@@ -29,9 +29,9 @@ SLOW_PREPARE = textwrap.dedent("""
     import lib.store, lib.fragments, prepare
     lib.store.BAND_BYTES = 1
     read_band = lib.fragments.Fragment.read_band
-    def slow_read_band(self, z, y0, y1):
+    def slow_read_band(self, z, y0, y1, out=None):
         time.sleep(float(os.environ.get("READ_DELAY", 0.01)))
-        return read_band(self, z, y0, y1)
+        return read_band(self, z, y0, y1, out)
     lib.fragments.Fragment.read_band = slow_read_band
     prepare.main(sys.argv[1:])
 """).format(root=str(ROOT))
@@ -243,11 +243,11 @@ def test_failed_rebuild_keeps_existing_store(data_root, tmp_path, monkeypatch):
     # A failure while writing (after validation): the temporary file goes, the old store stays.
     read_band, calls = lib.fragments.Fragment.read_band, []
 
-    def failing_read_band(self, z, y0, y1):
+    def failing_read_band(self, z, y0, y1, out=None):
         calls.append(z)
-        if len(calls) == 40:  # third of four 64-row bands
+        if len(calls) == 40:  # third of five 56-row bands
             raise lib.fragments.FragmentError(f"{self.slice_paths[z]}: injected read failure")
-        return read_band(self, z, y0, y1)
+        return read_band(self, z, y0, y1, out)
 
     with monkeypatch.context() as patch:
         patch.setattr(lib.store, "BAND_BYTES", 1)

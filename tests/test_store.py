@@ -30,7 +30,7 @@ def data_root(synth_root):
 @pytest.fixture(scope="module")
 def stores(data_root, tmp_path_factory):
     """{(id, z_range): store path}: every fragment with the default range, two with all 65 slices
-    written in 64-row bands (BAND_BYTES=1), so band boundaries and histogram accumulation are exercised."""
+    written in 56-row bands (BAND_BYTES=1; chunks of one tile stride), so band boundaries and histogram accumulation are exercised."""
     out = tmp_path_factory.mktemp("stores")
     paths = {}
     for fid, split in FRAGMENTS.items():
@@ -131,7 +131,7 @@ def test_read_tile_full_range_store(data_root, stores):
     store = Store(stores["a", (0, 65)])
     volume = tiff_volume(data_root, "a", (0, 65))
     H, W = store.shape
-    for y, x in [(0, 0), (H - 150, W - 150), (60, -10), (130, 70)]:  # across 64-row band and chunk seams
+    for y, x in [(0, 0), (H - 150, W - 150), (60, -10), (130, 70)]:  # across 56-row band and chunk seams
         np.testing.assert_array_equal(store.read_tile(y, x, 224, 224, [0, 32, 64]),
                                       padded_window(volume[[0, 32, 64]], y, x, 224, 224))
 
@@ -322,11 +322,11 @@ def test_write_store_rejects_bad_range_and_cleans_up_on_failure(data_root, tmp_p
     good = target.read_bytes()
     calls = []
 
-    def failing_read_band(z, y0, y1):
+    def failing_read_band(z, y0, y1, out=None):
         calls.append(z)
         if len(calls) > 20:
             raise OSError("disk went away")
-        return Fragment.read_band(fragment, z, y0, y1)
+        return Fragment.read_band(fragment, z, y0, y1, out)
 
     monkeypatch.setattr(store_mod, "BAND_BYTES", 1)
     monkeypatch.setattr(fragment, "read_band", failing_read_band)
@@ -361,3 +361,52 @@ def test_tiny_fragment_smaller_than_chunk_and_tile(tmp_path):
     # Uniform 16-bit noise: neighbouring order statistics lie far apart, so check the value lies between them.
     lower, higher = np.percentile(inside, [5, 95], method="lower"), np.percentile(inside, [5, 95], method="higher")
     assert all(lo <= g <= hi for lo, g, hi in zip(lower, got, higher)), (lower, got, higher)
+
+
+def _fragment_from_volume(root, volume, mask):
+    folder = root / "test" / "f"
+    (folder / "surface_volume").mkdir(parents=True)
+    for z, pixels in enumerate(volume):
+        tifffile.imwrite(folder / "surface_volume" / f"{z:02d}.tif", pixels)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "mask.png")
+    return Fragment.open(root, "test", "f").validate()
+
+
+@pytest.mark.parametrize("band_bytes", [1, store_mod.BAND_BYTES])
+def test_partial_edge_chunks_round_trip(tmp_path, monkeypatch, band_bytes):
+    """150 x 201: the last chunk row and column are partial (chunks of 32); the chunks written directly (compressed here, not by
+    HDF5) read back the same through HDF5's own Blosc filter and through Store.read_tile."""
+    rng = np.random.default_rng(2)
+    volume = rng.integers(0, 65536, size=(5, 150, 201), dtype=np.uint16)
+    mask = np.zeros((150, 201), bool)
+    mask[20:140, 30:190] = True
+    fragment = _fragment_from_volume(tmp_path / "root", volume, mask)
+    monkeypatch.setattr(store_mod, "BAND_BYTES", band_bytes)
+    path = tmp_path / "f.h5"
+    write_store(fragment, path, z_range=(0, 5), tile_size=64, stride=32, progress=False)
+    with h5py.File(path, "r") as h5:
+        assert h5["volume"].chunks == (5, 32, 32)  # one tile stride
+        np.testing.assert_array_equal(h5["volume"][()], volume)  # HDF5 filter pipeline (hdf5plugin Blosc)
+    store = Store(path)
+    for y, x, h, w in [(0, 0, 150, 201), (100, 150, 64, 64), (130, 190, 40, 40), (-5, 60, 70, 80), (63, 63, 2, 2)]:
+        np.testing.assert_array_equal(store.read_tile(y, x, h, w, [1, 3]), padded_window(volume[[1, 3]], y, x, h, w))
+    lower, higher = np.percentile(volume[:, mask], [1, 99], method="lower"), np.percentile(volume[:, mask], [1, 99], method="higher")
+    assert all(lo <= g <= hi for lo, g, hi in zip(lower, store.intensity_range(1, 99), higher))
+
+
+def test_eight_bit_slices_are_stored_as_uint16(tmp_path):
+    volume = np.random.default_rng(3).integers(0, 256, size=(4, 70, 90), dtype=np.uint8)
+    fragment = _fragment_from_volume(tmp_path / "root", volume, np.ones((70, 90), bool))
+    write_store(fragment, tmp_path / "f.h5", z_range=(0, 4), progress=False)
+    tile = Store(tmp_path / "f.h5").read_tile(0, 0, 70, 90)
+    assert tile.dtype == np.uint16
+    np.testing.assert_array_equal(tile, volume)
+
+
+def test_old_format_stores_are_refused(stores, tmp_path):
+    old = tmp_path / "old.h5"
+    old.write_bytes(stores["b", (24, 40)].read_bytes())
+    with h5py.File(old, "r+") as h5:
+        h5.attrs["format_version"] = 1
+    with pytest.raises(ValueError, match=f"{old}: store format 1.*prepare.py --force"):
+        Store(old)
