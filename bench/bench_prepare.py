@@ -120,21 +120,29 @@ def child_raw(data, z0, z1):
     return {"seconds": time.perf_counter() - started, "bytes": nbytes, "rss_mb": maxrss_mb()}
 
 
+def time_copy_volume(copy_volume):
+    """Make lib.store._copy_volume a timed `copy_volume`; returns the list its seconds are appended to."""
+    import lib.store
+
+    spent = []
+
+    def timed_copy_volume(*args, **kwargs):
+        started = time.perf_counter()
+        result = copy_volume(*args, **kwargs)
+        spent.append(time.perf_counter() - started)
+        return result
+
+    lib.store._copy_volume = timed_copy_volume
+    return spent
+
+
 def child_prepare(data, out, z0, z1, serial=False):
     started = time.perf_counter()
     import lib.store
     import prepare
 
     imported = time.perf_counter()
-    copy_volume, spent = serial_copy_volume if serial else lib.store._copy_volume, []
-
-    def timed_copy_volume(*args, **kwargs):
-        t = time.perf_counter()
-        result = copy_volume(*args, **kwargs)
-        spent.append(time.perf_counter() - t)
-        return result
-
-    lib.store._copy_volume = timed_copy_volume
+    spent = time_copy_volume(serial_copy_volume if serial else lib.store._copy_volume)
     prepare.main(["--data", str(data), "--out", str(out), "--z-range", f"{z0}:{z1}", "--force"])
     done = time.perf_counter()
     return {"import_s": imported - started, "main_s": done - imported, "copy_s": sum(spent), "rss_mb": maxrss_mb()}
@@ -201,15 +209,7 @@ def child_codec(data, out, name, count):
     if side is not None:
         lib.store.chunk_side = lambda tile_size, stride: side
     fragment = Fragment.open(data, "train", list_fragments(data, "train")[0]).validate()
-    copy_volume, spent = lib.store._copy_volume, []
-
-    def timed_copy_volume(*args, **kwargs):
-        t = time.perf_counter()
-        result = copy_volume(*args, **kwargs)
-        spent.append(time.perf_counter() - t)
-        return result
-
-    lib.store._copy_volume = timed_copy_volume
+    spent = time_copy_volume(lib.store._copy_volume)
     lib.store.write_store(fragment, out, progress=False)
     with lib.store.h5py.File(out, "r") as h5:
         volume_bytes = h5["volume"].id.get_storage_size()
