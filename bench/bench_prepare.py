@@ -61,13 +61,13 @@ Why:
   2048 x 2048 x 16, copy alone, best of 4): an uncompressed store copies at 390 MB/s with exact histograms and
   710 MB/s with none (LZ4 + bitshuffle: 430 and 700: writing twice the bytes costs what compression saves);
   LZ4 without shuffle 490 / 870; histograms from every 2nd row and column +20 %. So the target needs more
-  cores (compression and counting run on all of them) or a slower disk, not another format; no bigger machine
-  was available to this session to measure that.
+  cores (compression and counting run on all of them; the Cores table shows what the second core adds) or a
+  slower disk, not another format; no bigger machine was available to this session to measure that.
 - The copy is parallel: a reader thread fills the next band while a pool of one thread per core reorders
   and compresses chunk groups (c-blosc via imagecodecs, GIL released) and counts the histograms; the main
   thread stores the compressed chunks with write_direct_chunk. The plain way (serial copy column: HDF5's filter
-  pipeline compresses one chunk at a time on one core) is slower in every row (copy / serial copy column;
-  single runs on this VM vary by 20-30 %), and the gap grows with the number of cores. The stored bytes are the
+  pipeline compresses one chunk at a time on one core) is up to about 2x slower here (copy / serial copy
+  column; single runs on this VM vary by 20-30 %), and the gap grows with the number of cores. The stored bytes are the
   frames the declared Blosc filter writes, so h5py and hdf5plugin read the file as usual (tests check it).
 - Raw reads got faster too: Fragment.read_band keeps each slice's header facts (where the uncompressed pixels
   start) and reads a band with one os.preadv straight into the band buffer, instead of parsing the TIFF header
@@ -136,7 +136,9 @@ def time_copy_volume(copy_volume):
     return spent
 
 
-def child_prepare(data, out, z0, z1, serial=False):
+def child_prepare(data, out, z0, z1, serial, cores):
+    if cores:  # pin to the first `cores` CPUs: lib.store sizes its thread pool from the affinity
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     started = time.perf_counter()
     import lib.store
     import prepare
@@ -363,8 +365,10 @@ def measure_throughput(data, out, shape, z0, z1):
     mb = (z1 - z0) * shape[0] * shape[1] * 2 / 1e6
     row = {"shape": shape, "z": (z0, z1), "mb": mb}
     for cache in ("warm", "cold"):
-        for kind, args in (("raw", ("raw", data, z0, z1)), ("serial", ("prepare", data, out, z0, z1, 1)),
-                           ("prep", ("prepare", data, out, z0, z1, 0))):  # last: the tile reads use this store
+        kinds = [("raw", ("raw", data, z0, z1)), ("serial", ("prepare", data, out, z0, z1, 1, 0))]
+        kinds += [("one_core", ("prepare", data, out, z0, z1, 0, 1))] if cache == "warm" else []
+        kinds += [("prep", ("prepare", data, out, z0, z1, 0, 0))]  # last: the tile reads use this store
+        for kind, args in kinds:
             if cache == "cold":
                 evict(data)
             row[kind, cache] = run_child(*args)
@@ -445,6 +449,18 @@ def report(rows, tiles, codecs, steps, header, elapsed, args):
     spread = ", ".join(f"slices {z[0]}:{z[1]} {max(v) / min(v) - 1:+.0%}" for z, v in by_range.items())
     lines += ["", f"Peak RSS, largest over smallest across fragment sizes (target within 20 %): {spread}.", ""]
     lines += [
+        "Cores: the volume copy (warm cache) with the prepare process pinned to one core (one compression thread) "
+        "and on both.",
+        "",
+        "| fragment | slices | copy MB/s, 1 core | copy MB/s, 2 cores | 2 cores / 1 core |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        one, two = (r["mb"] / r[kind, "warm"]["copy_s"] for kind in ("one_core", "prep"))
+        lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['z'][0]}:{r['z'][1]} | {one:.0f} | {two:.0f} "
+                     f"| {two / one:.2f}x |")
+    lines.append("")
+    lines += [
         f"Random tile reads: {args.tiles} reads of 16 x {TILE} x {TILE} at positions drawn from the store's tile index "
         "(224/56 grid), fresh process pinned to one core, store file in the page cache. *store*: Store.read_tile; "
         "*numpy*: the same windows sliced and copied from the whole volume loaded into memory. Tiles per wall-clock "
@@ -484,7 +500,8 @@ if __name__ == "__main__":
             result = child_raw(Path(rest[0]), int(rest[1]), int(rest[2]))
         elif mode == "prepare":
             sys.stdout = sys.stderr  # prepare's summary line must not mix with the JSON report
-            result = child_prepare(Path(rest[0]), Path(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])))
+            result = child_prepare(Path(rest[0]), Path(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])),
+                                   int(rest[5]))
             sys.stdout = sys.__stdout__
         elif mode == "generate":
             result = child_generate(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))
