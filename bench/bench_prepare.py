@@ -19,12 +19,8 @@ Every measurement runs in its own subprocess (`--child ...` modes of this script
 """
 import argparse
 import datetime
-import json
 import os
-import platform
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +28,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_readme import README, write_section  # noqa: E402  (bench/ is on sys.path when this runs as a script)
+# bench/ is on sys.path when this runs as a script
+from bench_common import child_main, is_child, machine, maxrss_mb, run_child  # noqa: E402
+from bench_readme import README, write_section  # noqa: E402
+
 NUM_SLICES = 65
 Z_RANGES = ((24, 40), (0, 65))
 TILE = 224
@@ -95,15 +94,6 @@ Why:
 """
 
 # ---------------------------------------------------------------- children (one measurement each, fresh process)
-
-
-def maxrss_mb():
-    """Peak RSS of this process in MB (2^20). VmHWM, not ru_maxrss: on Linux ru_maxrss also counts the parent's
-    memory at the fork before exec, so a child of a big parent would report the parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child_raw(data, z0, z1):
@@ -254,20 +244,6 @@ def child_steps(data):
     return result
 
 
-def run_child(*args, env=None):
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, cwd=ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"child {args} failed:\n{result.stderr}")
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    report["wall_s"] = time.perf_counter() - started
-    return report
-
-
-# ---------------------------------------------------------------- parent
-
-
 def child_generate(root, height, width, seed):
     """One train fragment of exactly height x width (65 slices, mask, labels, IR) under root/train/frag."""
     import numpy as np
@@ -276,8 +252,11 @@ def child_generate(root, height, width, seed):
 
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    write_fragment(root / "train" / "frag", FragmentFields(rng, (height, width)), rng, NUM_SLICES, True, progress=False)
+    write_fragment(Path(root) / "train" / "frag", FragmentFields(rng, (height, width)), rng, NUM_SLICES, True, progress=False)
     return {"seconds": time.perf_counter() - started}
+
+
+# ---------------------------------------------------------------- parent
 
 
 def make_dataset(work, shape, seed):
@@ -287,7 +266,7 @@ def make_dataset(work, shape, seed):
     if done.is_file():
         return root, 0.0
     shutil.rmtree(root, ignore_errors=True)
-    seconds = run_child("generate", root, shape[0], shape[1], seed)["seconds"]
+    seconds = run_child(__file__, "generate", root, shape[0], shape[1], seed)["seconds"]
     done.touch()
     return root, seconds
 
@@ -302,16 +281,6 @@ def evict(data):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
-
-
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))) / 2**20
-    load = os.getloadavg()
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, " \
-           f"load average at start {load[0]:.1f}"
 
 
 def main():
@@ -337,15 +306,15 @@ def main():
                 rows.append(measure_throughput(data, out, shape, z0, z1))
                 if (z0, z1) == (24, 40):
                     os.sync()  # the store was just written: no writeback of it while the tiles are timed
-                    t = run_child("tiles", out / "train" / "frag.h5", args.tiles, 0)
+                    t = run_child(__file__, "tiles", out / "train" / "frag.h5", args.tiles, 0)
                     tiles.append((shape, t))
                     print(f"  tiles/s on one core: store {t['store'][0]:.0f}, numpy {t['numpy'][0]:.0f} "
                           f"(cpu {t['cpus']})", flush=True)
             if index == 0:
                 for name in CODECS:
-                    codecs[name] = run_child("codec", data, work / "codec.h5", name, args.tiles // 2)
+                    codecs[name] = run_child(__file__, "codec", data, work / "codec.h5", name, args.tiles // 2)
                     print(f"  codec {name}: {codecs[name]}", flush=True)
-                steps = {k: v for k, v in run_child("steps", data).items() if k != "wall_s"}
+                steps = run_child(__file__, "steps", data)
                 print(f"  one core, MB/s: {steps}", flush=True)
                 steps_shape = shape
     finally:
@@ -365,13 +334,13 @@ def measure_throughput(data, out, shape, z0, z1):
     mb = (z1 - z0) * shape[0] * shape[1] * 2 / 1e6
     row = {"shape": shape, "z": (z0, z1), "mb": mb}
     for cache in ("warm", "cold"):
-        kinds = [("raw", ("raw", data, z0, z1)), ("serial", ("prepare", data, out, z0, z1, 1, 0))]
-        kinds += [("one_core", ("prepare", data, out, z0, z1, 0, 1))] if cache == "warm" else []
-        kinds += [("prep", ("prepare", data, out, z0, z1, 0, 0))]  # last: the tile reads use this store
+        kinds = [("raw", ("raw", data, z0, z1)), ("serial", ("prepare", data, out, z0, z1, True, 0))]
+        kinds += [("one_core", ("prepare", data, out, z0, z1, False, 1))] if cache == "warm" else []
+        kinds += [("prep", ("prepare", data, out, z0, z1, False, 0))]  # last: the tile reads use this store
         for kind, args in kinds:
             if cache == "cold":
                 evict(data)
-            row[kind, cache] = run_child(*args)
+            row[kind, cache] = run_child(__file__, *args)
         print(f"  slices {z0}:{z1} ({mb:.0f} MB), {cache} cache: raw read {mb / row['raw', cache]['seconds']:.0f} MB/s, "
               f"prepare {mb / row['prep', cache]['main_s']:.0f} MB/s (volume copy {mb / row['prep', cache]['copy_s']:.0f}"
               f" MB/s, serial copy {mb / row['serial', cache]['copy_s']:.0f} MB/s), "
@@ -494,23 +463,8 @@ def report(rows, tiles, codecs, steps, header, elapsed, args):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        mode, rest = sys.argv[2], sys.argv[3:]
-        if mode == "raw":
-            result = child_raw(Path(rest[0]), int(rest[1]), int(rest[2]))
-        elif mode == "prepare":
-            sys.stdout = sys.stderr  # prepare's summary line must not mix with the JSON report
-            result = child_prepare(Path(rest[0]), Path(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])),
-                                   int(rest[5]))
-            sys.stdout = sys.__stdout__
-        elif mode == "generate":
-            result = child_generate(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))
-        elif mode == "codec":
-            result = child_codec(Path(rest[0]), Path(rest[1]), rest[2], int(rest[3]))
-        elif mode == "steps":
-            result = child_steps(Path(rest[0]))
-        else:
-            result = child_tiles(Path(rest[0]), int(rest[1]), int(rest[2]))
-        print(json.dumps(result))
+    if is_child():
+        child_main({"raw": child_raw, "prepare": child_prepare, "generate": child_generate, "codec": child_codec,
+                    "steps": child_steps, "tiles": child_tiles})
     else:
         main()

@@ -19,13 +19,12 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_prepare import machine, maxrss_mb  # bench/ is on sys.path when this file runs as a script
+from bench_common import child_main, is_child, machine, maxrss_mb, run_child  # bench/ is on sys.path as a script
 from bench_readme import README, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,21 +167,13 @@ def child_generate(root, size, seed):
     return {}
 
 
-def run_child(*args):
-    result = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True,
-                            cwd=ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"child {args} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 # ---------------------------------------------------------------- parent
 
 
 def make_fragment(work, size, seed):
     """Folder whose stores/test/frag.h5 is a size x size synthetic fragment."""
     folder = work / f"frag{size}"
-    run_child("generate", folder, size, seed)
+    run_child(__file__, "generate", folder, size, seed)
     return folder
 
 
@@ -222,8 +213,8 @@ def main():
         model_path = next(make_run(folder, args.backbone).glob("models/*/*.pt"))
         speeds = []
         for threads, batch_sizes in SPEED_CONFIGS:
-            speeds.append(run_child("speed", folder / "stores" / "test" / "frag.h5", model_path, threads,
-                                    ",".join(map(str, batch_sizes)), args.naive_cap))
+            speeds.append(run_child(__file__, "speed", folder / "stores" / "test" / "frag.h5", model_path, threads,
+                                    batch_sizes, args.naive_cap))
             s = speeds[-1]
             print(f"{threads} thread(s): batched {', '.join(f'{v[0]:.4f}' for v in s['batched'].values())} Mpx/s, "
                   f"naive {s['naive'][0]:.4f} Mpx/s", flush=True)
@@ -233,7 +224,7 @@ def main():
             print(f"{size} x {size} fragment ready after {time.time() - started:.0f} s", flush=True)
             run = make_run(folder, args.backbone)
             for tta in (False, True) if index == 0 else (False,):
-                rss.append({"size": size, "tta": tta, **run_child("rss", run, folder / "stores", int(tta))})
+                rss.append({"size": size, "tta": tta, **run_child(__file__, "rss", run, folder / "stores", tta)})
                 print(f"{size} x {size}, TTA+triplets {tta}: peak RSS {rss[-1]['rss_mb']:.0f} MiB", flush=True)
     finally:
         if args.work is None:
@@ -292,16 +283,7 @@ def report(speeds, rss, args, elapsed, header):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        mode, rest = sys.argv[2], sys.argv[3:]
-        if mode == "speed":
-            result = child_speed(rest[0], rest[1], int(rest[2]), [int(b) for b in rest[3].split(",")], float(rest[4]))
-        elif mode == "rss":
-            sys.stdout = sys.stderr  # submit's progress lines must not mix with the JSON report
-            result = child_rss(rest[0], rest[1], bool(int(rest[2])))
-            sys.stdout = sys.__stdout__
-        else:
-            result = child_generate(rest[0], int(rest[1]), int(rest[2]))
-        print(json.dumps(result))
+    if is_child():
+        child_main({"speed": child_speed, "rss": child_rss, "generate": child_generate})
     else:
         main()

@@ -241,8 +241,7 @@ def _slice_header(path):
             page = tif.pages[0]
             shape, dtype = tuple(page.shape), np.dtype(page.dtype).newbyteorder(tif.byteorder)
             end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
-            raw = page.is_contiguous and page.compression == 1 and page.predictor == 1
-            raw_offset = page.dataoffsets[0] if raw else None
+            raw_offset = page.dataoffsets[0] if page.is_contiguous and page.compression == 1 else None
     except (OSError, ValueError, IndexError, tifffile.TiffFileError) as err:
         raise FragmentError(f"{path}: unreadable TIFF ({err})") from None
     if len(shape) != 2:

@@ -72,6 +72,7 @@ def test_volume_equals_tiff_pixels(data_root, stores, key):
     expected = tiff_volume(data_root, fid, z_range)
     with h5py.File(stores[key], "r") as h5:
         assert h5["volume"].dtype == np.uint16
+        assert h5["volume"].chunks == (z_range[1] - z_range[0], 56, 56)  # one stride of the 224 / 56 tile grid
         np.testing.assert_array_equal(h5["volume"][()], expected)
         assert (h5.attrs["z_start"], h5.attrs["z_stop"]) == z_range
         assert (h5.attrs["height"], h5.attrs["width"]) == expected.shape[1:]
