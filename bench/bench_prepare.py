@@ -51,7 +51,7 @@ NOTES = """\
 Why:
 
 - prepare / raw >= 0.7 is out of reach on this machine whatever the store does with the bytes. The raw read is
-  one positioned read per slice and band, which runs at memory-copy speed here: 2-7 GB/s from the page cache,
+  one positioned read per slice and band, which runs at memory-copy speed here: 1.5-7 GB/s from the page cache,
   and 1-2 GB/s "cold" because the VM's virtual disk is itself cached by the host. prepare must in addition
   reorder every voxel into chunks, compress it, count it into the per-slice histograms and write it, and the
   per-step list above shows that one core does each of the two big steps at well under 1 GB/s. Two cores
@@ -81,8 +81,8 @@ Why:
   compressed chunks of one band, and the 2-D maps, whatever the fragment size.
 - Tile reads: a chunk is one tile stride wide (lib.store.chunk_side: 56 px for 224 / 56 tiles), so a tile on the
   grid decodes exactly its 4 x 4 chunks and nothing else; unaligned 64 px chunks make it decode 16-25 chunks,
-  about 1.65x the bytes (codec table: the 64 px row reads markedly fewer tiles per second; its copy is faster,
-  fewer and longer rows to reorder, but a store is written once and read every epoch). Store.read_tile reads
+  about 1.65x the bytes (codec table: the 64 px row reads markedly fewer tiles per second; its copy speed
+  differs from the 56 px one by no more than run-to-run noise). Store.read_tile reads
   with one h5py read_direct straight into its output. Tried and dropped: an own chunk reader (chunk index from
   chunk_iter, os.pread, c-blosc decode into a reused buffer) read no faster than h5py in interleaved runs
   (346-513 vs 387-570 tiles/s), so the store keeps h5py's reader.
