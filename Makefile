@@ -1,5 +1,7 @@
 # inkseg: make demo (whole pipeline on synthetic data), make test (the test suite).
-# Every target that runs Python builds .venv first; that step is a no-op when requirements.txt is unchanged.
+# The steps chain by their files: the stores, RUN/summary.md, RUN/ensemble.json and RUN/submission.csv are real
+# targets, so `make submit` builds exactly what is missing or stale, in order, and a second call does nothing.
+# Every step builds .venv first; that is a no-op when requirements.txt is unchanged.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,9 +12,29 @@ SEED ?= 0
 STORES ?= data/prepared
 RUN ?= runs/demo
 PRESET ?= demo
+PREPARE_ARGS ?=
 TRAIN_ARGS ?=
+SUBMIT_ARGS ?=
 
-.PHONY: setup demo synth validate prepare train ensemble submit score test bench bench-prepare bench-train bench-submit clean-data
+SYNTH_DONE := $(SYNTH)/_truth/synth.json
+PREPARE_DONE := $(STORES)/.prepared
+PREPARED := $(STORES)/prepared.json
+SUMMARY := $(RUN)/summary.md
+ENSEMBLE := $(RUN)/ensemble.json
+SUBMISSION := $(RUN)/submission.csv
+# The dataset's files, so that prepare reruns when one changes (prepare.py itself skips unchanged stores).
+DATA_FILES := $(wildcard $(DATA)/*/*/surface_volume/*.tif $(DATA)/*/*/*.png $(DATA)/*/layers/* $(DATA)/*/*.png)
+IS_SYNTH := $(filter $(SYNTH),$(DATA))
+# Stores prepared from another dataset than DATA: prepare again.
+ifneq ($(shell grep -s -o '"data": "[^"]*"' $(PREPARED)),"data": "$(abspath $(DATA))")
+PREPARE_DONE_DEP := FORCE
+endif
+# A run with unfinished or failed trials (its summary.md says "Unfinished:") is not done: train resumes it.
+ifneq ($(shell grep -s -l '^Unfinished:' $(SUMMARY)),)
+SUMMARY_DEP := FORCE
+endif
+
+.PHONY: setup demo synth validate prepare train ensemble submit test bench bench-prepare bench-train bench-submit clean-data FORCE
 
 setup: $(VENV)/.installed
 
@@ -21,27 +43,50 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $@
 
-synth: setup
+synth: $(SYNTH_DONE)
+
+$(SYNTH_DONE): | $(VENV)/.installed
 	$(PY) -m lib.synth $(SYNTH) --size $(SIZE) --seed $(SEED)
 
-validate: setup
+validate: $(if $(IS_SYNTH),$(SYNTH_DONE)) | $(VENV)/.installed
 	$(PY) -m lib.fragments $(DATA)
 
-# With no DATA, prepare the synthetic dataset (generated first if missing).
-prepare: setup $(if $(filter $(SYNTH),$(DATA)),synth)
-	$(PY) prepare.py --data $(DATA) --out $(STORES)
+prepare: $(PREPARED)
 
-# Resumes an interrupted run; a finished run is kept (train.py refuses to overwrite it without --force).
-train: setup
-	$(PY) train.py --stores $(STORES) --run $(RUN) --preset $(PRESET) $(if $(wildcard $(RUN)/tune),--resume) $(TRAIN_ARGS)
+# prepare.py rewrites prepared.json only when a store changed, so the steps after it rerun only then.
+$(PREPARE_DONE): $(if $(IS_SYNTH),$(SYNTH_DONE)) $(DATA_FILES) $(PREPARE_DONE_DEP) | $(VENV)/.installed
+	$(PY) prepare.py --data $(DATA) --out $(STORES) $(PREPARE_ARGS)
+	touch $@
 
-ensemble: setup
-	$(PY) ensemble.py --run $(RUN) --stores $(STORES)
+$(PREPARED): $(PREPARE_DONE) ;
 
-submit: setup
-	$(PY) submit.py --run $(RUN) --stores $(STORES) $(if $(filter $(SYNTH),$(DATA)),--truth $(SYNTH)/_truth) --sample $(DATA)/sample_submission.csv
+# A finished run is kept as it is (retrain with train.py --force or another RUN=); an interrupted or failed one is
+# resumed with the options recorded in its run.json.
+train: $(SUMMARY)
+	@echo "make train: $(RUN) is trained; scores in $(SUMMARY)"
 
-demo: synth validate prepare train ensemble submit
+$(SUMMARY): $(SUMMARY_DEP) | $(PREPARED)
+	@if [ -f $(RUN)/run.json ]; then \
+		echo "make train: resuming the unfinished run in $(RUN) with the options in $(RUN)/run.json"; \
+		echo "$(PY) train.py --run $(RUN) --resume $(TRAIN_ARGS)"; \
+		$(PY) train.py --run $(RUN) --resume $(TRAIN_ARGS); \
+	else \
+		echo "$(PY) train.py --stores $(STORES) --run $(RUN) --preset $(PRESET) $(TRAIN_ARGS)"; \
+		$(PY) train.py --stores $(STORES) --run $(RUN) --preset $(PRESET) $(TRAIN_ARGS); \
+	fi
+
+ensemble: $(ENSEMBLE)
+
+$(ENSEMBLE): $(SUMMARY)
+	$(PY) ensemble.py --run $(RUN)
+
+submit: $(SUBMISSION)
+
+$(SUBMISSION): $(ENSEMBLE) $(PREPARED)
+	$(PY) submit.py --run $(RUN) --stores $(STORES) $(if $(IS_SYNTH),--truth $(SYNTH)/_truth) \
+		$(if $(wildcard $(DATA)/sample_submission.csv),--sample $(DATA)/sample_submission.csv) $(SUBMIT_ARGS)
+
+demo: validate submit
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -59,3 +104,5 @@ bench-submit: setup
 
 clean-data:
 	rm -rf $(SYNTH) $(SYNTH).partial
+
+FORCE:

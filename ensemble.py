@@ -1,8 +1,10 @@
 """Fit ensemble weights and the binarisation threshold on a run's out-of-fold maps.
 
-In:  --run runs/NAME from train.py: oof/<backbone>/<fragment>.h5 (each train fragment predicted by the fold
-     model that did not see it) and models/<backbone>/fold-*.pt; --stores data/prepared for the train
-     fragments' labels and masks (train/<fragment>.h5).
+In:  --run runs/NAME from train.py: run.json (which backbones and folds the run trained, and on which stores),
+     oof/<backbone>/<fragment>.h5 (each train fragment predicted by the fold model that did not see it) and
+     models/<backbone>/fold-*.pt; the train stores' labels and masks (train/<fragment>.h5) from the stores the
+     run was trained on (--stores overrides). A fold the record names whose model, result or OOF map is missing
+     is an error, unless --allow-missing, which fits on what is there and prints what is not.
 Out: runs/NAME/ensemble.json        members (backbone, weight, model files relative to the run folder, tile
                                     size, stride), threshold (mode, value) and the scores below
      runs/NAME/plots/threshold.png  F0.5 against the threshold, per member and for the ensemble
@@ -15,11 +17,10 @@ Fitting uses a deterministic subsample of in-mask pixels (--fit-pixels, --seed);
 resolution. The leave-one-fragment-out (LOFO) score refits on all fragments but one, applies the fit to that
 one, and pools the held-out pixels: what to expect on unseen fragments, free of the fit's own optimism.
 
-    python ensemble.py --run runs/demo [--stores data/prepared] [--fit-pixels 2000000] [--seed 0]
+    python ensemble.py --run runs/demo [--fit-pixels 2000000] [--seed 0] [--allow-missing]
 """
 import argparse
 import itertools
-import json
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,9 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg: no displ
 from lib.infer import load_probability_map
 from lib.metrics import (DEFAULT_PERCENTS, THRESHOLD_MODES, binarise, fbeta_counts, fbeta_from_counts,
                          percentile_counts, threshold_counts)
+from lib.lock import LockedError, exclusive
+from lib.runs import (RECORD_NAME, RunFileError, finished_trials, fragment_oof_path, planned_trials, read_record,
+                      recorded_stores, trial_file, write_json)
 from lib.store import Store
 
 # what each mode sweeps: absolute probabilities, percentile the share (%) of in-mask pixels called ink
@@ -43,7 +47,9 @@ PLOT_STYLES = {"fitted ensemble": dict(color="black", lw=2.2), "equal average": 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo", help="run folder written by train.py")
-    parser.add_argument("--stores", default="data/prepared", help="folder with train/<id>.h5 stores (labels, masks)")
+    parser.add_argument("--stores", help="folder with train/<id>.h5 stores (default: the run's, from run.json)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="fit on the folds that finished when some are missing (printed), instead of stopping")
     parser.add_argument("--fit-pixels", type=int, default=2_000_000,
                         help="in-mask pixels (all fragments together) sampled for fitting; reported scores use all")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pixel sample")
@@ -53,48 +59,54 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------- inputs
 
 
-def find_members(run):
-    """[{backbone, models, tile_size, stride}] for every oof/<backbone>/ folder, sorted by backbone."""
-    oof = run / "oof"
-    backbones = sorted(p.name for p in oof.iterdir() if p.is_dir()) if oof.is_dir() else []
-    if not backbones:
-        sys.exit(f"error: {oof}: no out-of-fold maps (oof/<backbone>/<fragment>.h5); run train.py first")
-    return [member_models(run, backbone) for backbone in backbones]
+def find_members(run, allow_missing):
+    """(members [{backbone, models, tile_size, stride}], fragment ids): every backbone of the run record with the
+    model files of its folds, and the fragments whose OOF maps every member has. What the record names but the
+    folder lacks stops the fit, or with `allow_missing` is left out and printed."""
+    record = read_record(run)
+    if record is None:
+        sys.exit(f"error: {run / RECORD_NAME}: not found: not a run folder of train.py (run train.py first)")
+    trials = planned_trials(record["options"], record["folds"])
+    results = finished_trials(run, trials)
+    ok, missing = set(), []
+    for backbone, fold in trials:
+        model, oof = trial_file(run, "models", backbone, fold.name, ".pt"), fragment_oof_path(run, backbone, fold.fragment_id)
+        problem = ("the trial did not finish (train.py --resume retries it)" if (backbone, fold.name) not in results
+                   else f"{model} not found" if not model.is_file() else f"{oof} not found" if not oof.is_file() else None)
+        if problem:
+            missing.append(f"{backbone} fold {fold.name}: {problem}")
+        else:
+            ok.add((backbone, fold.name))
+    if missing and not allow_missing:
+        sys.exit(f"error: {run}: {len(missing)} of the {len(trials)} trained folds in {RECORD_NAME} are missing, "
+                 f"first {missing[0]}; finish them, or fit without them with --allow-missing")
+    for line in missing:
+        print(f"missing, left out: {line}")
+    backbones = sorted({b for b, _ in trials})
+    # a fragment is fitted on when every member has all of its folds (a split fragment: all its bands)
+    ids = sorted(i for i in {f.fragment_id for _, f in trials}
+                 if all((b, f.name) in ok for b, f in trials if f.fragment_id == i))
+    if not ids:
+        sys.exit(f"error: {run}: no train fragment has OOF maps and models from every backbone; nothing to fit on")
+    members = [member_models(run, b, record["options"], [trial_file(run, "models", b, f.name, ".pt")
+                                                         for b2, f in trials if b2 == b and f.fragment_id in ids])
+               for b in backbones]
+    return members, ids
 
 
-def member_models(run, backbone):
-    """A member's fold model files and the tile size and stride they were trained and must predict with."""
-    folder = run / "models" / backbone
-    paths = sorted(folder.glob("fold-*.pt"))
-    if not paths:
-        sys.exit(f"error: {folder}: no fold models (fold-*.pt) for the OOF maps in {run / 'oof' / backbone}")
-    settings = set()
+def member_models(run, backbone, options, paths):
+    """A member's fold model files, each checked to have the tile size and stride the run trained with."""
+    expected = (options["tile_size"], options["stride"])
     for path in paths:
         try:  # mmap: only the small entries are read, not the weights
             export = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            settings.add((int(export["tile_size"]), int(export["stride"])))
+            found = (int(export["tile_size"]), int(export["stride"]))
         except Exception as err:  # a truncated or foreign file: name it
             sys.exit(f"error: {path}: not a train.py model file ({type(err).__name__}: {err})")
-    if len(settings) > 1:
-        sys.exit(f"error: {folder}: fold models disagree on (tile size, stride): {sorted(settings)}")
-    (tile_size, stride), = settings
-    return {"backbone": backbone, "models": [str(p.relative_to(run)) for p in paths],
-            "tile_size": tile_size, "stride": stride}
-
-
-def fragment_ids(run, members):
-    """Train fragments with OOF maps (band maps "<id>.<band>.h5" are parts of "<id>.h5"); every member must have all."""
-    found = {m["backbone"]: {p.stem for p in (run / "oof" / m["backbone"]).glob("*.h5") if "." not in p.stem}
-             for m in members}
-    ids = set().union(*found.values())
-    if not ids:
-        sys.exit(f"error: {run / 'oof'}: no OOF maps (<backbone>/<fragment>.h5)")
-    for backbone, present in found.items():
-        missing = sorted(ids - present)
-        if missing:
-            sys.exit(f"error: {run / 'oof' / backbone / (missing[0] + '.h5')}: not found, "
-                     f"though other members have an OOF map of fragment {missing[0]}")
-    return sorted(ids)
+        if found != expected:
+            sys.exit(f"error: {path}: tile size and stride {found} differ from the run's {expected} ({RECORD_NAME})")
+    return {"backbone": backbone, "models": sorted(str(p.relative_to(run)) for p in paths),
+            "tile_size": expected[0], "stride": expected[1]}
 
 
 def train_store(stores, fragment_id):
@@ -114,7 +126,7 @@ def load_fragment(run, stores, members, fragment_id):
     store.close()
     maps = np.empty((len(members), *store.shape), np.float32)
     for i, member in enumerate(members):
-        oof_path = run / "oof" / member["backbone"] / f"{fragment_id}.h5"
+        oof_path = fragment_oof_path(run, member["backbone"], fragment_id)
         prob, _ = load_probability_map(oof_path)
         if prob.shape != store.shape:
             sys.exit(f"error: {oof_path}: map is {prob.shape}, but the store {store.path} is {store.shape}")
@@ -290,12 +302,6 @@ def plot_thresholds(path, counts, fitted, fitted_f05):
     os.replace(tmp, path)
 
 
-def write_json(path, data):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def table(members, weights, scores):
     """Markdown table: F0.5 at the best threshold of each mode for every member, the average and the ensemble."""
     rows = [(m["backbone"], f"{w:.2f}", scores["members"][m["backbone"]]) for m, w in zip(members, weights)]
@@ -312,9 +318,17 @@ def main(argv=None):
     run = Path(args.run)
     if not run.is_dir():
         sys.exit(f"error: {run}: run folder not found")
-    members = find_members(run)
-    ids = fragment_ids(run, members)
-    samples = sample_pixels(run, args.stores, members, ids, args.fit_pixels, args.seed)
+    try:
+        with exclusive(run, "ensemble.py"):
+            fit_ensemble(run, recorded_stores(run, args.stores), args)
+    except (LockedError, RunFileError) as err:
+        sys.exit(f"error: {err}")
+
+
+def fit_ensemble(run, stores, args):
+    """Fit, score, and write ensemble.json and the threshold plot; print the table."""
+    members, ids = find_members(run, args.allow_missing)
+    samples = sample_pixels(run, stores, members, ids, args.fit_pixels, args.seed)
     fitted = fit(samples, len(members))
     lofo_fits = {}  # fragment -> the fit on all the other fragments (none with a single fragment)
     if len(ids) > 1:
@@ -326,7 +340,7 @@ def main(argv=None):
     scorers = {m["backbone"]: np.eye(num)[i] for i, m in enumerate(members)}
     # names with a space: no backbone name has one, so they cannot clash
     scorers |= {"equal average": np.full(num, 1 / num), "fitted ensemble": fitted["weights"]}
-    counts, held_out = score_full_resolution(run, args.stores, members, ids, scorers, lofo_fits)
+    counts, held_out = score_full_resolution(run, stores, members, ids, scorers, lofo_fits)
     fitted_f05 = fitted_score(counts["fitted ensemble"], fitted)
     scores = {
         "members": {m["backbone"]: best_of(counts[m["backbone"]]) for m in members},

@@ -2,7 +2,9 @@
 
 In:  --data ROOT in the Kaggle layout (train/<id>/surface_volume/00.tif.., mask.png, inklabels.png, ir.png;
      test/<id>/...); default: the synthetic dataset from `python -m lib.synth data/synth`.
-Out: --out/<split>/<id>.h5, one store per fragment (format: lib/store.py), and a one-line summary each.
+Out: --out/<split>/<id>.h5, one store per fragment (format: lib/store.py), and a one-line summary each;
+     --out/prepared.json, the manifest of the stores there (rewritten only when a store changed, so that the
+     Makefile reruns the steps after this one only then).
 
 Every fragment is validated before anything is written; a store whose sources and settings are
 unchanged is skipped (--force rebuilds it); a store is written to a temporary name and renamed when
@@ -11,6 +13,8 @@ complete, so an interrupted run never leaves one that looks finished.
     python prepare.py --data ROOT [--out data/prepared] [--ids 1,2,a] [--z-range 24:40] [--force]
 """
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +59,24 @@ def prepare_fragment(fragment, out, z_range, tile_size, stride, force):
             f"{summary['bytes'] / 2**20:.1f} MiB, {time.time() - started:.1f} s -> {path}")
 
 
+def write_manifest(args):
+    """OUT/prepared.json: the dataset and settings of the last run, and every store in OUT with its size and
+    mtime; written only when that differs from the file there."""
+    out = Path(args.out)
+    stores = {str(p.relative_to(out)): [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(out.glob("*/*.h5"))}
+    manifest = {"data": os.path.abspath(args.data), "z_range": list(args.z_range), "tile_size": args.tile_size,
+                "stride": args.stride, "stores": stores}
+    path = out / "prepared.json"
+    try:
+        if json.loads(path.read_text()) == manifest:
+            return
+    except (OSError, ValueError):
+        pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/synth", help="dataset root in the Kaggle layout")
@@ -77,6 +99,7 @@ def main(argv=None):
     except FragmentError as err:
         sys.exit(f"error: {err}")
     print("\n".join(lines))
+    write_manifest(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Predict the test fragments with a run's fitted ensemble and write the Kaggle submission.
 
 In:  --run runs/NAME holding ensemble.json (from ensemble.py) and the model files it names (relative to the
-     run folder: a copy of just models/ and ensemble.json works anywhere, offline);
-     --stores data/prepared with the test stores test/<id>.h5 (prepare.py).
+     run folder and inside it: a copy of just models/ and ensemble.json works anywhere, offline); both are
+     checked, every model file loaded, before any prediction;
+     --stores with the test stores test/<id>.h5 (prepare.py); default: the stores in the run's run.json.
 Out: --out (default runs/NAME/submission.csv): "Id,Predicted", one row per test fragment, its ink mask
      run-length encoded row-major (lib/rle.py); rows in the order of --sample when given, else sorted by id.
      runs/NAME/previews/<id>.png  probability | binary mask
@@ -18,7 +19,6 @@ or percentile: the top q % of the fragment's in-mask pixels), the mask, and opti
 """
 import argparse
 import csv
-import json
 import os
 import sys
 import time
@@ -28,16 +28,19 @@ import numpy as np
 import torch
 
 from lib.fragments import FragmentError, read_png_binary
-from lib.infer import load_model_file, predict_fragment, remove_small_components, save_preview, save_probability_map
-from lib.metrics import THRESHOLD_MODES, binarise, fbeta_counts
+from lib.infer import predict_fragment, remove_small_components, save_preview, save_probability_map
+from lib.lock import LockedError, exclusive
+from lib.metrics import binarise, fbeta_counts
 from lib.rle import rle_decode, rle_encode
+from lib.runs import RunFileError, load_members, read_ensemble, recorded_stores
 from lib.store import Store
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo", help="run folder with ensemble.json and models/")
-    parser.add_argument("--stores", default="data/prepared", help="folder with the test/<id>.h5 stores")
+    parser.add_argument("--stores", help="folder with the test/<id>.h5 stores (default: the run's, from run.json, "
+                        "else data/prepared)")
     parser.add_argument("--out", help="submission CSV (default: RUN/submission.csv)")
     parser.add_argument("--sample", help="sample_submission.csv: its Id order is kept and its ids must be the test ids")
     parser.add_argument("--batch-size", type=int, help="tiles per model call, x12 inputs with TTA and triplets "
@@ -57,25 +60,6 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------- inputs
-
-
-def read_ensemble(run):
-    """ensemble.json, checked: known threshold mode, every model file present."""
-    path = run / "ensemble.json"
-    if not path.is_file():
-        sys.exit(f"error: {path}: not found; run ensemble.py --run {run} first")
-    try:
-        ensemble = json.loads(path.read_text())
-        members, mode = ensemble["members"], ensemble["threshold"]["mode"]
-    except (ValueError, KeyError, TypeError) as err:
-        sys.exit(f"error: {path}: not an ensemble.py file ({type(err).__name__}: {err})")
-    if mode not in THRESHOLD_MODES:
-        sys.exit(f"error: {path}: unknown threshold mode {mode!r}")
-    for member in members:
-        for model in member["models"]:
-            if not (run / model).is_file():
-                sys.exit(f"error: {run / model}: model file named in {path} not found")
-    return ensemble
 
 
 def test_stores(stores):
@@ -123,14 +107,11 @@ def read_truth(truth_dir, fragment_id, shape):
 # ------------------------------------------------------------------------------------------- prediction
 
 
-def ensemble_probability(run, ensemble, store, args):
+def ensemble_probability(members, store, args):
     """(H, W) float32: the members' weighted sum of their fold models' mean, accumulated model by model."""
     total = np.zeros(store.shape, np.float32)
-    for member in ensemble["members"]:
-        if member["weight"] == 0:
-            continue  # the fit dropped it: no need to run it
-        for model_file in member["models"]:
-            model, _ = load_model_file(run / model_file, args.device)
+    for member in members:
+        for model, _ in member["models"]:
             prob = predict_fragment(model, store, member["tile_size"], member["stride"], args.batch_size,
                                     tta=args.tta, triplets=args.triplets, device=args.device, progress=True)
             total += np.float32(member["weight"] / len(member["models"])) * prob
@@ -163,16 +144,28 @@ def write_submission(path, rows):
 def main(argv=None):
     args = parse_args(argv)
     run = Path(args.run)
-    out = Path(args.out) if args.out else run / "submission.csv"
-    ensemble = read_ensemble(run)
+    if not run.is_dir():
+        sys.exit(f"error: {run}: run folder not found")
     if args.threads:
         torch.set_num_threads(args.threads)
-    stores = test_stores(args.stores)
+    try:
+        with exclusive(run, "submit.py"):
+            predict_test_set(run, args)
+    except (LockedError, RunFileError) as err:
+        sys.exit(f"error: {err}")
+
+
+def predict_test_set(run, args):
+    """Check every input, then predict each test fragment and write the submission, previews and scores."""
+    out = Path(args.out) if args.out else run / "submission.csv"
+    ensemble = read_ensemble(run)
+    stores = test_stores(recorded_stores(run, args.stores))
     ids = submission_ids(stores, args.sample)
     if args.truth:
         check_truth(args.truth, ids)
+    members = load_members(run, ensemble, args.device)  # every model file checked before any prediction
     mode, value = ensemble["threshold"]["mode"], ensemble["threshold"]["value"]
-    models = sum(len(m["models"]) for m in ensemble["members"] if m["weight"] > 0)
+    models = sum(len(m["models"]) for m in members)
     threshold = f"p >= {value:g}" if mode == "absolute" else f"top {value:g} % of each fragment's mask"
     print(f"{len(ids)} test fragments, {models} models, ink where {threshold}, device {args.device}, "
           f"TTA {args.tta}, triplets {args.triplets}, {args.batch_size} tiles per batch")
@@ -182,7 +175,7 @@ def main(argv=None):
         started = time.time()
         store = Store(stores[fragment_id])
         truth = read_truth(args.truth, fragment_id, store.shape) if args.truth else None
-        prob = ensemble_probability(run, ensemble, store, args)
+        prob = ensemble_probability(members, store, args)
         mask = store.read_map("mask")
         pred = binarise(prob, mask, mode, value)
         if args.min_component > 0:

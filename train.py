@@ -2,15 +2,23 @@
 
 In:  --stores data/prepared (the train/<id>.h5 stores from prepare.py).
 Out: --run runs/NAME with
-     oof/<backbone>/<fragment>.h5     held-out probability map of each train fragment (float16)
+     run.json                         the run record, written before any trial: resolved options, stores, fold
+                                      table, creator, package versions, git commit (lib/runs.py)
+     oof/<backbone>/<fragment>.h5     held-out probability map of each train fragment (float16); the maps of
+                                      a split fragment's bands are in oof/<backbone>/bands/<fold>.h5
      models/<backbone>/fold-<k>.pt     best weights + model config, torch.load(weights_only=True)
+     trials/<backbone>/fold-<k>.json  a finished trial's scores (what the summary is made of)
      previews/<backbone>/fold-<k>.png probability | prediction at the best threshold | label
-     summary.md, summary.csv          F0.5 per backbone x fold, mean per backbone, epochs, minutes
-     tune/                            the Ray Tune experiment: checkpoints, progress.csv, TensorBoard logs
+     summary.md, summary.csv          F0.5 per backbone x fold, mean per backbone, epochs, minutes, failed trials
+     checkpoints/                     an unfinished trial's last epoch (removed when the trial finishes)
+     tune/attempt-<n>/                each attempt's Ray Tune experiment: progress.csv, TensorBoard logs
 
 One trial per (backbone, fold); fold k holds out train fragment k (--split FRAG:K cuts fragment FRAG
 into K bands of equal mask area, each its own fold). Trials run in parallel as far as the cluster's
-CPUs and GPUs allow; --address joins an existing Ray cluster.
+CPUs and GPUs allow; --address joins an existing Ray cluster. One train.py at a time writes a run folder
+(a second one exits naming the first). --resume continues an interrupted run with the options recorded
+in run.json, from the trials' own checkpoints; no Ray Tune state is unpickled, so a run folder from
+elsewhere is as safe to resume as to read.
 
     python train.py --stores data/prepared --run runs/demo --preset demo
     python train.py --stores data/prepared --run runs/full --preset full --backbones resnet34,mit_b2
@@ -21,7 +29,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,11 +36,14 @@ import numpy as np
 import torch
 from ray import tune
 
-from lib.data import TileDataset, make_folds
+from lib.data import Fold, TileDataset, make_folds
 from lib.infer import load_probability_map, predict_fragment, save_preview, save_probability_map
+from lib.lock import LockedError, exclusive
 from lib.losses import LOSS_DEFAULTS, build_loss
 from lib.metrics import best_threshold
-from lib.model import build_model, model_config
+from lib.model import build_model, model_config, save_model_file
+from lib.runs import (RunFileError, finished_trials, fragment_oof_path, oof_path, planned_trials, read_record,
+                      trial_file, write_json, write_record)
 from lib.store import Store
 
 PRESETS = {
@@ -44,10 +54,12 @@ PRESETS = {
     "demo": dict(backbones="tu-mobilenetv3_small_050", tile_size=64, stride=32, epochs=20, batch_size=16,
                  lr=3e-3, workers=0, infer_batch=16, max_tiles=512, decoder_channels="64,32,16,16,8"),
 }
+# Options that say where and how to run, not what to train: a resumed run may change them.
+RUNTIME_OPTIONS = ("run", "resume", "force", "address", "num_cpus", "dashboard", "gpus_per_trial", "max_concurrent")
 SUMMARY_FIELDS = ["backbone", "fold", "fragment", "rows", "oof_f05", "threshold", "best_val_f05", "epochs", "minutes"]
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stores", default="data/prepared", help="folder with train/<id>.h5 stores")
     parser.add_argument("--run", default="runs/demo", help="run folder for everything this run writes")
@@ -71,36 +83,69 @@ def parse_args(argv=None):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=value, help=f"loss: {name}")
     parser.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default: 1 if the cluster has GPUs, else 0)")
     parser.add_argument("--max-concurrent", type=int, default=0, help="most trials at once (0: as many as fit)")
-    parser.add_argument("--address", help="join an existing Ray cluster: auto or ray://HOST:PORT")
+    parser.add_argument("--address", help="join an existing Ray cluster: auto or HOST:PORT (default: a local Ray of its own)")
     parser.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
     parser.add_argument("--no-dashboard", dest="dashboard", action="store_false")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    parser.add_argument("--force", action="store_true", help="replace a finished run in --run")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the unfinished run in --run with the options in its run.json")
+    parser.add_argument("--force", action="store_true", help="delete the run in --run and start over")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def parse_args(argv=None):
+    """(args with the preset's values filled in, the set of option names given on the command line)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    # The same command line against all-suppressed defaults: what is left was typed by the user.
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(parser.parse_args(argv)))
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    return args
+    return args, given
+
+
+def run_options(args):
+    """What the run trains, as recorded in run.json: every option but the runtime ones, stores made absolute."""
+    options = {k: v for k, v in vars(args).items() if k not in RUNTIME_OPTIONS}
+    options["stores"] = str(Path(args.stores).resolve())
+    return options
+
+
+def resume_options(args, given, record, record_path):
+    """The recorded options, with this command's runtime options; a conflicting option is an error."""
+    recorded = record["options"]
+    for key in sorted(given - set(RUNTIME_OPTIONS)):
+        value = run_options(args)[key]
+        if key in recorded and value != recorded[key]:
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"error: {flag} {value} conflicts with {recorded[key]} recorded in {record_path}; "
+                             f"resume without it, or start a new run")
+    return argparse.Namespace(**{**vars(args), **recorded})
 
 
 # ---------------------------------------------------------------------------------------------- trial
 
 
 def train_fold(config):
-    """One Ray Tune trial: train `backbone` on every fold but `fold`, report per epoch, then predict the fold."""
+    """One Ray Tune trial: train `backbone` on every fold but `fold`, report per epoch, then predict the fold.
+
+    The trial keeps its own checkpoint (RUN/checkpoints/...) after every epoch and starts from it when there is
+    one: a trial retried by Tune after an error, or in a resumed run, goes on from its last epoch."""
     torch.manual_seed(config["seed"])
     np.random.seed(config["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fold = config["folds"][config["fold"]]
-    fragment_id, rows = fold["fragment"], fold["rows"]
-    held_out = str(Path(config["stores"]) / "train" / f"{fragment_id}.h5")
-    train_paths = [str(Path(config["stores"]) / "train" / f"{i}.h5") for i in config["train_ids"]
-                   if i != fragment_id or rows is not None]
+    fold = Fold.from_dict(config["fold"])
+    stores = Path(config["stores"]) / "train"
+    held_out = str(stores / f"{fold.fragment_id}.h5")
+    train_paths = [str(stores / f"{i}.h5") for i in config["train_ids"] if i != fold.fragment_id or fold.rows]
     tile_size, stride = config["tile_size"], config["stride"]
     train_set = TileDataset(train_paths, tile_size, stride, augment=True,
-                            skip_rows={held_out: rows} if rows else None)
-    val_set = TileDataset([held_out], tile_size, tile_size, augment=False, only_rows={held_out: rows} if rows else None)
+                            skip_rows={held_out: fold.rows} if fold.rows else None)
+    val_set = TileDataset([held_out], tile_size, tile_size, augment=False,
+                          only_rows={held_out: fold.rows} if fold.rows else None)
     per_epoch = config["max_tiles"] or len(train_set)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=config["batch_size"], drop_last=per_epoch > config["batch_size"],
@@ -114,11 +159,14 @@ def train_fold(config):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
     steps = config["epochs"] * len(loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], total_steps=max(steps, 1), pct_start=0.15)
-    state = {"epoch": 0, "best_f05": -1.0, "best_threshold": 0.5, "best_model": None}
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / "state.pt", weights_only=True)
+    state = {"epoch": 0, "best_f05": -1.0, "best_threshold": 0.5, "best_model": None, "seconds": 0.0}
+    checkpoint = trial_path(config, "checkpoints", ".pt")
+    if checkpoint.exists():
+        try:
+            saved = torch.load(checkpoint, weights_only=True)  # tensors and plain data only
+        except Exception as err:  # truncated or foreign: name the file, say the way out
+            raise RuntimeError(f"{checkpoint}: unreadable trial checkpoint ({type(err).__name__}); "
+                               "delete it to train this fold from the start") from None
         model.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         scheduler.load_state_dict(saved.pop("scheduler"))
@@ -126,28 +174,40 @@ def train_fold(config):
         state = saved
 
     store = Store(held_out)
-    labels, mask = band_maps(store, rows)
+    labels, mask = band_maps(store, fold.rows)
     while state["epoch"] < config["epochs"]:
         started = time.time()
         train_loss, tiles = train_epoch(model, loader, loss_fn, optimizer, scheduler, device)
         train_seconds = time.time() - started
         val_loss = evaluate_loss(model, val_loader, loss_fn, device)
         prob = predict_fragment(model, store, tile_size, stride, config["infer_batch"], tta=False, triplets=False, device=device)
-        val_f05, threshold = best_threshold(band(prob, rows), labels, mask)
+        val_f05, threshold = best_threshold(band(prob, fold.rows), labels, mask)
         state["epoch"] += 1
+        state["seconds"] += time.time() - started
         if val_f05 > state["best_f05"]:
             state.update(best_f05=val_f05, best_threshold=threshold,
                          best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        metrics = dict(epoch=state["epoch"], train_loss=train_loss, val_loss=val_loss, val_f05=val_f05,
-                       threshold=threshold, tiles_per_s=tiles / train_seconds, epoch_s=time.time() - started,
-                       best_val_f05=state["best_f05"])
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, Path(folder) / "state.pt")
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        save_atomically(checkpoint, {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
+        tune.report(dict(epoch=state["epoch"], train_loss=train_loss, val_loss=val_loss, val_f05=val_f05,
+                         threshold=threshold, tiles_per_s=tiles / train_seconds, epoch_s=time.time() - started,
+                         best_val_f05=state["best_f05"]))
 
     model.load_state_dict(state["best_model"])
     tune.report(finish_fold(model, store, config, fold, state, device))
+    checkpoint.unlink(missing_ok=True)  # the model file and the trial's result replace it
+
+
+def trial_path(config, folder, suffix):
+    """Where this trial keeps a file of `folder` (lib.runs.trial_file)."""
+    return trial_file(config["run"], folder, config["backbone"], config["fold"]["name"], suffix)
+
+
+def save_atomically(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
 
 
 def train_epoch(model, loader, loss_fn, optimizer, scheduler, device):
@@ -185,25 +245,26 @@ def band_maps(store, rows):
 
 
 def finish_fold(model, store, config, fold, state, device):
-    """Predict the held-out fold with the submission's TTA settings; write OOF map, model and preview."""
-    run, backbone, fold_name = Path(config["run"]), config["backbone"], config["fold"]
+    """Predict the held-out fold with the submission's TTA settings; write OOF map, model, preview and result."""
+    run, backbone = Path(config["run"]), config["backbone"]
     prob = predict_fragment(model, store, config["tile_size"], config["stride"], config["infer_batch"],
                             tta=config["tta"], triplets=config["triplets"], device=device)
-    labels, mask = band_maps(store, fold["rows"])
-    oof_f05, threshold = best_threshold(band(prob, fold["rows"]), labels, mask)
-    rows = fold["rows"] or (0, store.shape[0])
-    save_probability_map(run / "oof" / backbone / f"{fold_name}.h5", prob, fragment_id=fold["fragment"],
-                         rows=rows, backbone=backbone, fold=fold_name, tta=config["tta"], triplets=config["triplets"])
-    export = {"config": model_config(backbone, 3, config["decoder_channels"]), "state_dict": model.state_dict(), "fold": fold_name,
-              "tile_size": config["tile_size"], "stride": config["stride"], "val_f05": state["best_f05"],
-              "oof_f05": oof_f05, "threshold": threshold}
-    model_path = run / "models" / backbone / f"fold-{fold_name}.pt"
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(export, model_path.with_suffix(".tmp"))
-    os.replace(model_path.with_suffix(".tmp"), model_path)
-    predicted = band(prob, fold["rows"]) >= threshold
-    save_preview(run / "previews" / backbone / f"fold-{fold_name}.png", [band(prob, fold["rows"]), predicted, labels])
-    return dict(epoch=state["epoch"], done=True, oof_f05=oof_f05, oof_threshold=threshold, best_val_f05=state["best_f05"])
+    labels, mask = band_maps(store, fold.rows)
+    oof_f05, threshold = best_threshold(band(prob, fold.rows), labels, mask)
+    rows = fold.rows or (0, store.shape[0])
+    save_probability_map(oof_path(run, backbone, fold), prob, fragment_id=fold.fragment_id, rows=rows,
+                         backbone=backbone, fold=fold.name, tta=config["tta"], triplets=config["triplets"])
+    save_model_file(trial_path(config, "models", ".pt"), model,
+                    config=model_config(backbone, 3, config["decoder_channels"]), fold=fold.name,
+                    fragment_id=fold.fragment_id, tile_size=config["tile_size"], stride=config["stride"],
+                    val_f05=state["best_f05"], oof_f05=oof_f05, threshold=threshold)
+    predicted = band(prob, fold.rows) >= threshold
+    save_preview(trial_path(config, "previews", ".png"), [band(prob, fold.rows), predicted, labels])
+    result = dict(backbone=backbone, fold=fold.name, epoch=state["epoch"], done=True, oof_f05=oof_f05,
+                  oof_threshold=threshold, best_val_f05=state["best_f05"],
+                  minutes=state["seconds"] / 60)
+    write_json(trial_path(config, "trials", ".json"), result)
+    return result
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -226,112 +287,108 @@ def trial_resources(args, cluster, num_trials):
     return {"cpu": cpus, "gpu": gpu_share}
 
 
-def check_run_folder(run, resume, force):
-    """Refuse to overwrite a finished run without --force, or an unfinished one without --resume or --force."""
-    if force and run.exists():
-        shutil.rmtree(run)
-    elif (run / "summary.md").exists() and not resume:
-        raise SystemExit(f"error: {run} already holds a finished run; pass --force to replace it or choose another --run")
-    elif (run / "tune").exists() and not resume:
-        raise SystemExit(f"error: {run} holds an unfinished run; pass --resume to continue it or --force to start over")
-    elif resume and not tune.Tuner.can_restore(str((run / "tune").resolve())) and not (run / "summary.md").exists():
-        raise SystemExit(f"error: {run} holds no run to resume")
-
-
 def fold_table(stores, split):
+    """(train ids, [Fold]) of the train stores in `stores`."""
     train_dir = Path(stores) / "train"
-    train_ids = sorted(p.stem for p in train_dir.glob("*.h5"))
+    train_ids = sorted(p.name[: -len(".h5")] for p in train_dir.glob("*.h5"))
     if not train_ids:
         raise SystemExit(f"error: {train_dir}: no train stores; run prepare.py first")
     masks = None
     if split:
-        fragment_id, count = split.split(":")
-        if fragment_id not in train_ids:
-            raise SystemExit(f"error: --split {split}: no train store {train_dir / (fragment_id + '.h5')}")
+        fragment_id, _, count = split.rpartition(":")
+        if fragment_id not in train_ids or not count.isdigit() or int(count) < 2:
+            raise SystemExit(f"error: --split {split}: expected FRAG:K with a train store FRAG.h5 in {train_dir} and K >= 2")
         split = (fragment_id, int(count))
         masks = {fragment_id: Store(train_dir / f"{fragment_id}.h5").read_map("mask")}
-    folds = make_folds(train_ids, split, masks)
-    return train_ids, {name: {"fragment": f, "rows": list(rows) if rows else None} for name, (f, rows) in folds.items()}
+    try:
+        return train_ids, make_folds(train_ids, split, masks)
+    except ValueError as err:
+        raise SystemExit(f"error: {train_dir}: {err}")
 
 
 def start_ray(args):
     import ray
 
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if args.address:
         context = ray.init(address=args.address)
-    else:
-        context = ray.init(num_cpus=args.num_cpus, include_dashboard=args.dashboard,
+    else:  # "local": always a Ray of its own, never a cluster someone left running on this machine
+        context = ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=args.dashboard,
                            object_store_memory=256 * 2**20)  # trials read HDF5 from disk; leave RAM to them
     if args.dashboard and context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}  (log in with the token that `ray get-auth-token` prints)")
     return ray
 
 
-def run_trials(args, train_ids, folds, run):
-    backbones = args.backbones.split(",")
-    fold_names = args.folds.split(",") if args.folds else list(folds)
-    unknown = set(fold_names) - set(folds)
-    if unknown:
-        raise SystemExit(f"error: --folds {','.join(sorted(unknown))}: not a fold of {', '.join(folds)}")
+def run_trials(args, options, train_ids, todo, run):
+    """Run the (backbone, Fold) trials in `todo` as one Tune experiment, RUN/tune/attempt-<n>; returns its results."""
     ray = start_ray(args)
-    resources = trial_resources(args, ray.cluster_resources(), len(backbones) * len(fold_names))
-    print(f"each trial gets {resources['cpu']:g} CPUs and {resources['gpu']:g} GPUs")
-    trainable = tune.with_resources(train_fold, resources)
-    experiment = (run / "tune").resolve()
-    config = dict(
-        backbone=tune.grid_search(backbones), fold=tune.grid_search(fold_names), folds=folds, train_ids=train_ids,
-        stores=str(Path(args.stores).resolve()), run=str(run.resolve()), seed=args.seed, weights=args.weights,
-        tile_size=args.tile_size, stride=args.stride, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        workers=args.workers, infer_batch=args.infer_batch, max_tiles=args.max_tiles, tta=args.tta,
-        triplets=args.triplets, decoder_channels=[int(c) for c in args.decoder_channels.split(",")],
-        **{k: getattr(args, k) for k in LOSS_DEFAULTS})
-    if args.resume and tune.Tuner.can_restore(str(experiment)):
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=config,
-            tune_config=tune.TuneConfig(metric="best_val_f05", mode="max", max_concurrent_trials=args.max_concurrent or None),
-            run_config=tune.RunConfig(
-                name=experiment.name, storage_path=str(experiment.parent), verbose=1,
-                failure_config=tune.FailureConfig(max_failures=2),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    started = time.time()
+    resources = trial_resources(args, ray.cluster_resources(), len(todo))
+    print(f"{len(todo)} trial(s) to run; each gets {resources['cpu']:g} CPUs and {resources['gpu']:g} GPUs")
+    attempts = run / "tune"
+    attempt = f"attempt-{len(list(attempts.glob('attempt-*'))) + 1}"
+    config = {**{k: v for k, v in options.items() if k not in ("backbones", "folds", "split")},
+              "trial": tune.grid_search([f"{b}/{f.name}" for b, f in todo]),  # the name Tune's tables show
+              "jobs": {f"{b}/{f.name}": {"backbone": b, "fold": f.as_dict()} for b, f in todo},
+              "train_ids": train_ids, "run": str(run.resolve()),
+              "decoder_channels": [int(c) for c in options["decoder_channels"].split(",")]}
+    tuner = tune.Tuner(
+        tune.with_resources(flatten_trial(train_fold), resources), param_space=config,
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None),
+        run_config=tune.RunConfig(name=attempt, storage_path=str(attempts.resolve()), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=2)))
     results = tuner.fit()
     ray.shutdown()
-    return results, time.time() - started
+    return results
 
 
-def merge_band_maps(run, folds):
-    """Assemble oof/<backbone>/<fragment>.h5 from the band folds' maps of a split fragment."""
-    for backbone_dir in sorted((run / "oof").glob("*")):
-        by_fragment = {}
-        for name, fold in folds.items():
-            if fold["rows"] is not None and (backbone_dir / f"{name}.h5").exists():
-                by_fragment.setdefault(fold["fragment"], []).append(name)
-        for fragment_id, names in by_fragment.items():
-            merged = None
-            for name in names:
-                prob, attrs = load_probability_map(backbone_dir / f"{name}.h5")
-                merged = np.zeros_like(prob) if merged is None else merged
-                y0, y1 = attrs["rows"]
-                merged[y0:y1] = prob[y0:y1]
-            save_probability_map(backbone_dir / f"{fragment_id}.h5", merged, fragment_id=fragment_id,
-                                 rows=(0, merged.shape[0]), backbone=backbone_dir.name, fold=",".join(names))
+def flatten_trial(trainable):
+    """Tune grid-searches the trial's name "<backbone>/<fold>"; the trial function reads its backbone and fold
+    at the top level of its config."""
+    def trial(config):
+        return trainable({**config, **config["jobs"][config["trial"]]})
+    trial.__name__ = trainable.__name__
+    return trial
 
 
-def write_summary(run, results, folds, minutes):
-    rows = []
+def report_failures(results):
+    """One line per failed trial: its backbone, fold and the last line of its error (which names the file)."""
+    lines = []
     for result in results:
-        if result.error or not result.metrics.get("done"):
+        if result.error:
+            message = [line for line in str(result.error).strip().splitlines() if line.strip()] or ["(no message)"]
+            lines.append(f"trial {result.config['trial']} failed: {message[-1].strip()}")
+    return lines
+
+
+def merge_band_maps(run, trials, results):
+    """Assemble oof/<backbone>/<fragment>.h5 of a split fragment once all its bands' maps are there."""
+    by_fragment = {}
+    for backbone, fold in trials:
+        if fold.rows is not None:
+            by_fragment.setdefault((backbone, fold.fragment_id), []).append(fold)
+    for (backbone, fragment_id), folds in by_fragment.items():
+        if not all((backbone, f.name) in results for f in folds):
             continue
-        m, c = result.metrics, result.config
-        fold = folds[c["fold"]]
-        rows.append(dict(backbone=c["backbone"], fold=c["fold"], fragment=fold["fragment"],
-                         rows="all" if fold["rows"] is None else f"{fold['rows'][0]}:{fold['rows'][1]}",
-                         oof_f05=round(m["oof_f05"], 4), threshold=round(m["oof_threshold"], 3),
-                         best_val_f05=round(m["best_val_f05"], 4), epochs=m["epoch"],
-                         minutes=round(m.get("time_total_s", 0) / 60, 2)))
+        merged = None
+        for fold in folds:
+            prob, attrs = load_probability_map(oof_path(run, backbone, fold))
+            merged = np.zeros_like(prob) if merged is None else merged
+            y0, y1 = attrs["rows"]
+            merged[y0:y1] = prob[y0:y1]
+        save_probability_map(fragment_oof_path(run, backbone, fragment_id), merged, fragment_id=fragment_id,
+                             rows=(0, merged.shape[0]), backbone=backbone, fold=",".join(f.name for f in folds))
+
+
+def write_summary(run, trials, results, failures, minutes):
+    """summary.csv and summary.md of the finished trials; summary.md lists the trials that did not finish."""
+    rows = []
+    for backbone, fold in trials:
+        m = results.get((backbone, fold.name))
+        if m:
+            rows.append(dict(backbone=backbone, fold=fold.name, fragment=fold.fragment_id,
+                             rows="all" if fold.rows is None else f"{fold.rows[0]}:{fold.rows[1]}",
+                             oof_f05=round(m["oof_f05"], 4), threshold=round(m["oof_threshold"], 3),
+                             best_val_f05=round(m["best_val_f05"], 4), epochs=m["epoch"], minutes=round(m["minutes"], 2)))
     rows.sort(key=lambda r: (r["backbone"], r["fold"]))
     with open(run / "summary.csv.tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
@@ -343,30 +400,98 @@ def write_summary(run, results, folds, minutes):
     for backbone in sorted({r["backbone"] for r in rows}):
         scores = [r["oof_f05"] for r in rows if r["backbone"] == backbone]
         lines.append(f"| {backbone} | {np.mean(scores):.4f} | {len(scores)} |")
-    lines += ["", f"Wall time: {minutes:.1f} minutes."]
+    lines += ["", f"Wall time of the last attempt: {minutes:.1f} minutes."]
+    missing = [f"{b} fold {f.name}" for b, f in trials if (b, f.name) not in results]
+    if missing:  # the Makefile looks for this line: such a run is not finished
+        lines += ["", f"Unfinished: {', '.join(missing)} (make train, or train.py --run {run} --resume, retries them)."]
+        lines += [f"- {line}" for line in failures]
     text = "\n".join(lines) + "\n"
     os.replace(run / "summary.csv.tmp", run / "summary.csv")
-    (run / "summary.md").write_text(f"# Run {run.name}\n\n{text}")
+    tmp = run / "summary.md.tmp"
+    tmp.write_text(f"# Run {run.name}\n\n{text}")
+    os.replace(tmp, run / "summary.md")
     return text
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    run = Path(args.run)
-    check_run_folder(run, args.resume, args.force)
-    train_ids, folds = fold_table(args.stores, args.split)
-    run.mkdir(parents=True, exist_ok=True)
-    results, seconds = run_trials(args, train_ids, folds, run)
-    unfinished = [r for r in results if not r.error and not r.metrics.get("done")]
-    if unfinished:  # Ctrl-C: Tune saved the experiment and returned early
-        sys.exit(f"error: interrupted with {len(unfinished)} trial(s) unfinished; "
-                 f"continue with: python train.py --run {run} --resume (and the same options)")
-    merge_band_maps(run, folds)
-    print(write_summary(run, results, folds, seconds / 60))
-    failed = [r for r in results if r.error]
-    if failed:
-        sys.exit(f"error: {len(failed)} trial(s) failed; see {run / 'tune'}; rerun with --resume to retry them")
+def clear_run(run):
+    """--force: empty the run folder, keeping the lock file this process holds."""
+    for path in run.iterdir():
+        if path.name != ".lock":
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def prepare_run(args, given, run):
+    """(options, train ids, [(backbone, Fold)]) of the run in `run`: a new one, recorded in run.json, or the
+    recorded one with --resume. Refuses to overwrite a run without --force."""
+    record_path = run / "run.json"
+    record = read_record(run)
+    if args.force:
+        clear_run(run)
+        record = None
+    elif record is None and any(p.name != ".lock" for p in run.iterdir()):
+        raise SystemExit(f"error: {run}: not empty and has no {record_path.name} (not a run of this train.py); "
+                         "pass --force to delete it and start over, or choose another --run")
+    elif record is not None and not args.resume:
+        trials = planned_trials(record["options"], record["folds"])
+        done = len(finished_trials(run, trials))
+        state = "a finished run" if done == len(trials) else f"an unfinished run ({done} of {len(trials)} trials done)"
+        hint = "--resume to continue it" if done < len(trials) else "--force to replace it"
+        raise SystemExit(f"error: {run} already holds {state}; pass {hint}, or choose another --run")
+    if args.resume and record is None:
+        raise SystemExit(f"error: {run} holds no run to resume (no {record_path.name})")
+    if record is not None:
+        options = vars(resume_options(args, given, record, record_path))
+        return run_options(argparse.Namespace(**options)), record["train_ids"], planned_trials(options, record["folds"])
+    options = run_options(args)
+    train_ids, folds = fold_table(options["stores"], args.split)
+    trials = planned_trials(options, folds)
+    write_record(run, options, train_ids, folds)
+    return options, train_ids, trials
+
+
+def train(args, given, run):
+    options, train_ids, trials = prepare_run(args, given, run)
+    runtime = argparse.Namespace(**{**options, **{k: getattr(args, k) for k in RUNTIME_OPTIONS}})
+    results = finished_trials(run, trials)
+    todo = [(b, f) for b, f in trials if (b, f.name) not in results]
+    if not todo and (run / "summary.md").exists() and "Unfinished:" not in (run / "summary.md").read_text():
+        print(f"{run}: finished run ({len(trials)} trials), nothing to do; see {run / 'summary.md'}")
+        return
+    if args.resume:
+        print(f"resuming {run}: {len(results)} of {len(trials)} trial(s) finished, {len(todo)} to go")
+    started, failures = time.time(), []
+    if todo:
+        tune_results = run_trials(runtime, options, train_ids, todo, run)
+        failures = report_failures(tune_results)
+        interrupted = [r for r in tune_results if not r.error and not r.metrics.get("done")]
+        if interrupted and not failures:  # Ctrl-C: Tune returned early
+            sys.exit(f"error: interrupted with {len(interrupted)} trial(s) unfinished; "
+                     f"continue with: python train.py --run {run} --resume")
+    results = finished_trials(run, trials)
+    for line in failures:
+        print(f"error: {line}", file=sys.stderr)
+    if results:
+        merge_band_maps(run, trials, results)
+        print(write_summary(run, trials, results, failures, (time.time() - started) / 60))
+    if len(results) < len(trials):
+        sys.exit(f"error: {len(trials) - len(results)} of {len(trials)} trial(s) did not finish (above); "
+                 f"fix the cause and rerun with: python train.py --run {run} --resume")
     print(f"wrote {run / 'summary.md'}, OOF maps in {run / 'oof'}, models in {run / 'models'}, previews in {run / 'previews'}")
+
+
+def main(argv=None):
+    args, given = parse_args(argv)
+    run = Path(args.run)
+    created = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive(run, "train.py"):
+            train(args, given, run)
+    except (LockedError, RunFileError) as err:
+        sys.exit(f"error: {err}")
+    finally:
+        if created and not any(run.iterdir()):
+            run.rmdir()  # refused before anything was written: leave no empty folder behind
 
 
 if __name__ == "__main__":

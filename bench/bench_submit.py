@@ -46,7 +46,7 @@ What the numbers say (this and earlier runs of 2026-11-27 on the same machine; o
   against each other: batched prediction ran at 0.0024 Mpx/s with 2 threads against 0.025 with 1 (10x slower), the
   naive loop at 0.0001 (70x slower). `submit.py --threads 1` (or OMP_NUM_THREADS=1) avoids this; on an idle
   machine the default (one thread per core) is faster.
-- **channels_last weights** (lib.infer.load_model_file, which submit.py uses): 1.5-1.9x for this model at
+- **channels_last weights** (lib.model.load_model_file, which submit.py uses): 1.5-1.9x for this model at
   1 thread (last column; 2-thread rows compare only when nothing else runs); measured apart (1 thread, batch 8,
   128 px): resnet18 1.2x, resnet34 1.6x, efficientnet-b3 1.2x, mit_b2 1.0x. The maps agree to 1e-6.
 - **Peak RSS**: ~775 MiB are torch, smp/timm and one model. It then grows by 13-15 bytes per fragment pixel (the
@@ -107,7 +107,8 @@ def child_speed(store_path, model_path, threads, batch_sizes, cap_s):
     import numpy as np
     import torch
 
-    from lib.infer import load_model_file, predict_fragment
+    from lib.infer import predict_fragment
+    from lib.model import load_model_file
     from lib.store import Store
 
     torch.set_num_threads(threads)
@@ -128,7 +129,7 @@ def child_speed(store_path, model_path, threads, batch_sizes, cap_s):
         report["max_abs_diff"] = max(float(np.abs(m - naive).max()) for m in maps.values())
         for m in maps.values():
             np.testing.assert_allclose(m, naive, atol=1e-4, err_msg="batched and naive maps differ")
-    # what channels_last weights (lib.infer.load_model_file) gain: the default layout, at the last batch size
+    # what channels_last weights (lib.model.load_model_file) gain: the default layout, at the last batch size
     model = model.to(memory_format=torch.contiguous_format)
     _, wall, cpu = timed(predict_fragment, model, store, TILE, STRIDE, batch_size=batch_sizes[-1])
     report["batched_contiguous"] = (megapixels / wall, megapixels / cpu)
@@ -141,7 +142,7 @@ def child_rss(run, stores, tta):
     import torch
 
     import submit
-    from lib.infer import load_model_file
+    from lib.model import load_model_file
 
     torch.set_num_threads(1)
     load_model_file(next(Path(run).glob("models/*/*.pt")))

@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 
 from lib.data import CENTRE_SLICES, MIDDLE_TRIPLET, TRIPLETS, normalise
-from lib.model import build_from_config
 
 
 def blend_weights(tile_size):
@@ -113,19 +112,6 @@ def save_preview(path, panels):
     tmp = path.with_name(path.stem + ".tmp.png")
     cv2.imwrite(str(tmp), image)
     os.replace(tmp, path)
-
-
-def load_model_file(path, device="cpu"):
-    """A fold model file of train.py -> (the model in eval mode on `device`, the file's other entries:
-    config, fold, tile_size, stride, scores).
-
-    The weights are made channels_last: convolutions then run channels_last on CPU too (oneDNN), 1.2-1.8x faster
-    for the conv encoders on a 2-core CPU (bench/README.md, "## submit"); on GPU predict_fragment feeds
-    channels_last inputs anyway."""
-    export = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_from_config(export["config"])
-    model.load_state_dict(export.pop("state_dict"))
-    return model.to(device, memory_format=torch.channels_last).eval(), export
 
 
 def remove_small_components(binary, min_pixels):

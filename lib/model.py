@@ -3,6 +3,7 @@
 Weights are random by default (nothing can be downloaded offline); "imagenet" asks smp
 to download them; a path loads a local state dict of the encoder or of the whole U-Net.
 """
+import os
 from pathlib import Path
 
 import torch
@@ -99,3 +100,24 @@ def build_from_config(cfg: dict) -> smp.Unet:
     """Random-initialised U-Net matching `cfg`, ready for load_state_dict."""
     return build_model(cfg["backbone"], int(cfg["in_channels"]), weights=None,
                        decoder_channels=cfg.get("decoder_channels", DEFAULT_DECODER))
+
+
+def save_model_file(path, model, **entries):
+    """Write a fold model file: its config, weights and `entries` (fold, tile_size, stride, scores), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({**entries, "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_model_file(path, device="cpu"):
+    """A fold model file of train.py -> (the model in eval mode on `device`, the file's other entries:
+    config, fold, tile_size, stride, scores).
+
+    The weights are made channels_last: convolutions then run channels_last on CPU too (oneDNN), which is faster
+    for the conv encoders (bench/README.md, "## submit"); on GPU predict_fragment feeds channels_last inputs anyway."""
+    export = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code
+    model = build_from_config(export["config"])
+    model.load_state_dict(export.pop("state_dict"))
+    return model.to(device, memory_format=torch.channels_last).eval(), export

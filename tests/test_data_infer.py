@@ -5,7 +5,7 @@ import tifffile
 import torch
 import cv2
 
-from lib.data import CENTRE_SLICES, TileDataset, equal_area_bands, make_folds
+from lib.data import CENTRE_SLICES, Fold, TileDataset, equal_area_bands, make_folds
 from lib.fragments import Fragment
 from lib.infer import blend_weights, predict_fragment
 from lib.store import Store, write_store
@@ -81,8 +81,13 @@ def test_equal_area_bands_and_folds():
     areas = [mask[y0:y1].sum() for y0, y1 in bands]
     assert max(areas) - min(areas) <= 40  # one row of mask at most
     folds = make_folds(["1", "2", "3"], ("2", 2), {"2": mask})
-    assert list(folds) == ["1", "2.1", "2.2", "3"]
-    assert folds["1"] == ("1", None) and folds["2.2"][0] == "2"
+    assert [f.name for f in folds] == ["1", "2.1", "2.2", "3"]
+    assert folds[0] == Fold("1", "1", None) and folds[2].fragment_id == "2" and folds[2].rows == bands[1]
+    assert all(Fold.from_dict(f.as_dict()) == f for f in folds)
+    dotted = make_folds(["1", "3.v2"])  # a dot in a fragment id is just a character
+    assert [(f.name, f.fragment_id) for f in dotted] == [("1", "1"), ("3.v2", "3.v2")]
+    with pytest.raises(ValueError, match="2.1"):
+        make_folds(["2", "2.1"], ("2", 2), {"2": mask})
 
 
 class PointwiseModel(torch.nn.Module):

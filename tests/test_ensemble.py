@@ -2,14 +2,18 @@
 stores of a small synthetic dataset, so the labels and masks are the ones train.py would score against.
 Also the percentile / absolute threshold counting in lib/metrics.py that the fit and submit.py share."""
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 import ensemble
+from helpers import record_run
 from lib.fragments import Fragment
 from lib.infer import save_probability_map
+from lib.lock import exclusive
 from lib.metrics import binarise, percentile_counts, percentile_cutoff, threshold_counts
 from lib.model import build_model, model_config
 from lib.store import Store, write_store
@@ -34,11 +38,12 @@ def model_state():
     return build_model(BACKBONE).state_dict()
 
 
-def make_run(run, stores, members, model_state, seed=0):
-    """A run folder as train.py leaves it: oof/<name>/<fragment>.h5 from members[name](labels, rng, index) and
-    models/<name>/fold-<fragment>.pt (the same random weights everywhere: only the format matters here)."""
+def make_run(run, stores, members, model_state, seed=0, train_ids=TRAIN_IDS):
+    """A run folder as train.py leaves it: run.json, trials/, oof/<name>/<fragment>.h5 from
+    members[name](labels, rng, index) and models/<name>/fold-<fragment>.pt (the same random weights everywhere:
+    only the format matters here)."""
     rng = np.random.default_rng(seed)
-    for index, fragment_id in enumerate(TRAIN_IDS):
+    for index, fragment_id in enumerate(train_ids):
         store = Store(stores / "train" / f"{fragment_id}.h5")
         labels, mask = store.read_map("labels").astype(np.float32), store.read_map("mask")
         for name, make_prob in members.items():
@@ -50,7 +55,7 @@ def make_run(run, stores, members, model_state, seed=0):
             torch.save({"config": model_config(BACKBONE, 3), "state_dict": model_state, "fold": fragment_id,
                         "tile_size": 64, "stride": 32, "val_f05": 0.0, "oof_f05": 0.0, "threshold": 0.5},
                        folder / f"fold-{fragment_id}.pt")
-    return run
+    return record_run(run, stores, list(members), train_ids)
 
 
 def noisy_labels(labels, rng, index):
@@ -151,9 +156,52 @@ def test_bad_inputs_give_one_line_errors(tmp_path, stores, model_state):
     assert_names(tmp_path / "nowhere" / "train" / "1.h5", ["--run", str(run), "--stores", str(tmp_path / "nowhere")])
     (run / "oof" / "a" / "2.h5").unlink()
     assert_names(run / "oof" / "a" / "2.h5", argv)
+    run = make_run(tmp_path / "run2", stores, {"a": noisy_labels, "b": pure_noise}, model_state)
     for path in (run / "models" / "b").glob("*.pt"):
         path.unlink()
-    assert_names(run / "models" / "b", argv)
+    assert_names(run / "models" / "b", ["--run", str(run)])
+    (run / "run.json").unlink()
+    assert_names(run / "run.json", ["--run", str(run)])
+    (run / "run.json").write_text('{"options": ')
+    assert_names(run / "run.json", ["--run", str(run)])
+
+
+def test_run_record_names_stores_folds_and_fragments(tmp_path, stores, model_state, capsys):
+    """Only --run: the stores come from run.json; a dot in a fragment id is not a band; a missing fold is an error
+    unless --allow-missing, which says what it left out."""
+    dotted = tmp_path / "prepared"
+    (dotted / "train").mkdir(parents=True)
+    for source, target in (("1", "1"), ("2", "2"), ("3", "3.v2")):
+        shutil.copy(stores / "train" / f"{source}.h5", dotted / "train" / f"{target}.h5")
+    run = make_run(tmp_path / "run", dotted, {"a": noisy_labels}, model_state, train_ids=("1", "2", "3.v2"))
+    result = run_ensemble_only_run(run)
+    assert result["fragments"] == ["1", "2", "3.v2"] and "over 3 fragments" in capsys.readouterr().out
+
+    (run / "models" / "a" / "fold-2.pt").unlink()
+    message = exit_message(["--run", str(run)])
+    assert str(run / "models" / "a" / "fold-2.pt") in message and "--allow-missing" in message and "\n" not in message
+    result = run_ensemble_only_run(run, "--allow-missing")
+    printed = capsys.readouterr().out
+    assert "missing, left out: a fold 2" in printed and "over 2 fragments" in printed
+    assert result["fragments"] == ["1", "3.v2"]
+    assert result["members"][0]["models"] == ["models/a/fold-1.pt", "models/a/fold-3.v2.pt"]
+
+    (run / "oof" / "a" / "1.h5").unlink()  # with fold 2 gone too, one fragment is left
+    assert str(run / "oof" / "a" / "1.h5") in exit_message(["--run", str(run)])
+    assert run_ensemble_only_run(run, "--allow-missing")["fragments"] == ["3.v2"]
+
+
+def run_ensemble_only_run(run, *extra):
+    ensemble.main(["--run", str(run), *extra])
+    return json.loads((run / "ensemble.json").read_text())
+
+
+def test_second_writer_is_refused(tmp_path, stores, model_state):
+    run = make_run(tmp_path / "run", stores, {"a": noisy_labels}, model_state)
+    with exclusive(run, "submit.py"):
+        message = exit_message(["--run", str(run)])
+    assert "already being written by submit.py" in message and f"pid {os.getpid()}" in message
+    assert not (run / "ensemble.json").exists()
 
 
 def test_weight_search_on_the_simplex():

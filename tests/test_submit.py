@@ -10,16 +10,20 @@ import pytest
 import torch
 
 import ensemble
+from helpers import record_run
 import submit
 from lib.fragments import Fragment
-from lib.infer import (load_model_file, load_probability_map, predict_fragment, remove_small_components,
+from lib.lock import exclusive
+from lib.model import load_model_file
+from lib.infer import (load_probability_map, predict_fragment, remove_small_components,
                        save_probability_map)
 from lib.model import build_model, model_config
 from lib.rle import rle_decode
 from lib.store import Store, write_store
 from lib.synth import TEST_IDS, TRAIN_IDS, generate
 
-# member -> its fold models: two architectures, one with two folds, so averaging and weighting both happen
+# member -> the fold models submit.py uses: two architectures, one with two folds, so averaging and weighting both
+# happen (the run has all three folds of each; the fixture trims ensemble.json to these, to keep the tests short)
 MEMBERS = {"tu-mobilenetv3_small_050": ("1", "2"), "tu-mobilenetv3_small_075": ("3",)}
 
 
@@ -46,13 +50,18 @@ def tiny(tmp_path_factory):
     run = work / "run"
     write_models(run)
     write_oof_maps(run, stores)
-    ensemble.main(["--run", str(run), "--stores", str(stores)])
+    record_run(run, stores, list(MEMBERS), TRAIN_IDS)
+    ensemble.main(["--run", str(run)])
+    fitted = json.loads((run / "ensemble.json").read_text())
+    for member in fitted["members"]:
+        member["models"] = [f"models/{member['backbone']}/fold-{k}.pt" for k in MEMBERS[member["backbone"]]]
+    (run / "ensemble.json").write_text(json.dumps(fitted))
     return {"root": root, "stores": stores, "run": run}
 
 
 def write_models(run):
-    for index, (backbone, folds) in enumerate(MEMBERS.items()):
-        for fold in folds:
+    for index, backbone in enumerate(MEMBERS):
+        for fold in TRAIN_IDS:
             torch.manual_seed(10 * index + int(fold))
             model = build_model(backbone)
             path = run / "models" / backbone / f"fold-{fold}.pt"
@@ -187,3 +196,73 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     assert_names(broken / "models" / "tu-mobilenetv3_small_050" / "fold-2.pt", ["--run", str(broken), *stores])
     assert_names(tmp_path / "test", ["--run", str(tiny["run"]), "--stores", str(tmp_path)])
 
+
+
+def edited_run(tiny, folder, edit):
+    """A copy of the run's models/ and ensemble.json with `edit(ensemble dict)` applied to ensemble.json."""
+    shutil.copytree(tiny["run"] / "models", folder / "models")
+    data = json.loads((tiny["run"] / "ensemble.json").read_text())
+    edit(data)
+    (folder / "ensemble.json").write_text(json.dumps(data))
+    return folder
+
+
+def set_all(key, value):
+    def edit(data):
+        for member in data["members"]:
+            member[key] = value
+    return edit
+
+
+BAD_ENSEMBLES = {  # case -> (edit of ensemble.json, what the one-line error must say)
+    "no members": (lambda d: d.update(members=[]), "members: empty"),
+    "all weights 0": (set_all("weight", 0), "sum to 0"),
+    "negative weight": (lambda d: d["members"][0].update(weight=-1), "members[0].weight: -1.0 is negative"),
+    "weight of a string": (lambda d: d["members"][0].update(weight="0.5"), "members[0].weight: expected number"),
+    "absolute threshold 7.5": (lambda d: d.update(threshold={"mode": "absolute", "value": 7.5}),
+                               "threshold.value: 7.5 is out of range for mode absolute"),
+    "percentile -20": (lambda d: d.update(threshold={"mode": "percentile", "value": -20}),
+                       "threshold.value: -20 is out of range for mode percentile"),
+    "unknown mode": (lambda d: d.update(threshold={"mode": "median", "value": 0.5}), "threshold.mode: 'median'"),
+    "no tile size": (lambda d: d["members"][1].pop("tile_size"), "members[1].tile_size: missing"),
+    "other tile size": (set_all("tile_size", 128), "tile_size 64 differs from its member's tile_size 128"),
+    "model outside the run": (lambda d: d["members"][0].update(models=["../outside/good.pt"]),
+                              "'../outside/good.pt' points outside the run folder"),
+    "not JSON": (None, "not readable JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENSEMBLES))
+def test_bad_ensemble_json_stops_before_any_prediction(tiny, tmp_path, case, capsys):
+    edit, expected = BAD_ENSEMBLES[case]
+    run = edited_run(tiny, tmp_path / "run", edit or (lambda d: None))
+    if edit is None:
+        (run / "ensemble.json").write_text('{"members": [')
+    shutil.copytree(tiny["run"] / "models" / "tu-mobilenetv3_small_075", tmp_path / "outside")
+    (tmp_path / "outside" / "fold-3.pt").rename(tmp_path / "outside" / "good.pt")
+    message = exit_message(["--run", str(run), "--stores", str(tiny["stores"])])
+    assert message.startswith("error: ") and expected in message and "\n" not in message, message
+    named = run / "models" if case == "other tile size" else run / "ensemble.json"
+    assert str(named) in message
+    assert not (run / "submission.csv").exists() and not (run / "previews").exists()
+    assert "predict" not in capsys.readouterr().err  # no progress bar: nothing was predicted
+
+
+def test_truncated_model_file_is_named_before_any_prediction(tiny, tmp_path):
+    run = edited_run(tiny, tmp_path / "run", lambda d: None)
+    model = run / "models" / "tu-mobilenetv3_small_075" / "fold-3.pt"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    message = exit_message(["--run", str(run), "--stores", str(tiny["stores"])])
+    assert message.startswith(f"error: {model}: unreadable model file") and "\n" not in message
+    assert not (run / "previews").exists()
+
+
+def test_stores_come_from_the_run_record_and_one_writer_at_a_time(tiny, tmp_path):
+    """The fixture's run.json names its stores: --run alone is enough. A second writer of the run is refused."""
+    rows = run_submit(tiny, "--no-tta", "--no-triplets")
+    out = tmp_path / "only-run.csv"
+    submit.main(["--run", str(tiny["run"]), "--out", str(out), "--no-tta", "--no-triplets"])
+    assert list(csv.reader(open(out)))[1:] == rows
+    with exclusive(tiny["run"], "ensemble.py"):
+        message = exit_message(["--run", str(tiny["run"]), "--out", str(tmp_path / "second.csv")])
+    assert "already being written by ensemble.py" in message and not (tmp_path / "second.csv").exists()

@@ -1,0 +1,249 @@
+"""A run folder's own files: the run record (run.json), the fitted ensemble (ensemble.json) and the fold models.
+
+    RUN/run.json        written by train.py before any trial starts: the resolved options, the stores, the fold
+                        table, who created it where, package versions and the git commit
+    RUN/ensemble.json   written by ensemble.py: members (backbone, weight, model files, tile size, stride), threshold
+    RUN/models/<backbone>/fold-<name>.pt   one model file per trained fold (lib.model.save_model_file)
+
+Everything read here is checked before use; a bad file is a `RunFileError` whose one-line message names the file
+and the field. Nothing here unpickles arbitrary objects: JSON, and torch files loaded with weights_only=True.
+"""
+import getpass
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from lib.data import Fold
+from lib.metrics import THRESHOLD_MODES
+from lib.model import load_model_file
+
+RECORD_NAME = "run.json"
+ENSEMBLE_NAME = "ensemble.json"
+PACKAGES = ("torch", "torchvision", "ray", "segmentation-models-pytorch", "timm", "numpy", "h5py", "hdf5plugin")
+# threshold value ranges per mode: a probability strictly inside (0, 1); a share of the mask in (0, 100] %
+THRESHOLD_RANGES = {"absolute": (0.0, 1.0, "0 < value < 1"), "percentile": (0.0, 100.0, "0 < value <= 100")}
+
+
+class RunFileError(ValueError):
+    """A run file is missing or wrong: the message is one line and names the file (and field)."""
+
+
+# ------------------------------------------------------------------------------------------- run.json
+
+
+def creator():
+    return {"user": getpass.getuser(), "uid": os.getuid(), "host": socket.gethostname()}
+
+
+def environment():
+    """Python and package versions, and the git commit of this code (None outside a git checkout)."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                                text=True, timeout=10, cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"versions": versions, "git_commit": commit}
+
+
+def write_record(run, options, train_ids, folds):
+    """Write RUN/run.json (atomically): options (JSON-able values), train ids and [Fold] of the run."""
+    record = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "creator": creator(), **environment(),
+              "options": options, "train_ids": list(train_ids), "folds": [f.as_dict() for f in folds]}
+    write_json(Path(run) / RECORD_NAME, record)
+    return record
+
+
+def read_record(run):
+    """RUN/run.json as a dict with "folds" as [Fold]; None when the run has no record."""
+    path = Path(run) / RECORD_NAME
+    if not path.exists():
+        return None
+    record = read_json(path)
+    try:
+        record["folds"] = [Fold.from_dict(f) for f in record["folds"]]
+        if not isinstance(record["options"], dict) or not isinstance(record["train_ids"], list):
+            raise TypeError("options must be an object and train_ids a list")
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunFileError(f"{path}: not a train.py run record ({type(err).__name__}: {err})") from None
+    return record
+
+
+def planned_trials(options, folds):
+    """[(backbone, Fold)] a run trains: its backbones x its chosen folds (--folds, default all)."""
+    names = options["folds"].split(",") if options["folds"] else [f.name for f in folds]
+    by_name = {f.name: f for f in folds}
+    unknown = sorted(set(names) - set(by_name))
+    if unknown:
+        raise RunFileError(f"--folds {','.join(unknown)}: not a fold of {', '.join(by_name)}")
+    return [(backbone, by_name[name]) for backbone in options["backbones"].split(",") for name in names]
+
+
+def trial_file(run, folder, backbone, fold_name, suffix):
+    """RUN/<folder>/<backbone>/fold-<fold name><suffix>: a trial's model (.pt), result (.json), preview (.png)."""
+    return Path(run) / folder / backbone / f"fold-{fold_name}{suffix}"
+
+
+def oof_path(run, backbone, fold):
+    """Where a fold's OOF map goes: the fragment's own map, or its band's part beside the merged map."""
+    folder = Path(run) / "oof" / backbone
+    return folder / f"{fold.fragment_id}.h5" if fold.rows is None else folder / "bands" / f"{fold.name}.h5"
+
+
+def fragment_oof_path(run, backbone, fragment_id):
+    return Path(run) / "oof" / backbone / f"{fragment_id}.h5"
+
+
+def finished_trials(run, trials):
+    """{(backbone, fold name): result} of the trials whose result file (trials/<backbone>/fold-<name>.json) is there."""
+    results = {}
+    for backbone, fold in trials:
+        path = trial_file(run, "trials", backbone, fold.name, ".json")
+        if path.is_file():
+            results[backbone, fold.name] = read_json(path)
+    return results
+
+
+def recorded_stores(run, stores=None):
+    """The stores folder: `stores` when given, else the one the run was trained on, else data/prepared."""
+    if stores:
+        return Path(stores)
+    record = read_record(run)
+    return Path(record["options"]["stores"]) if record else Path("data/prepared")
+
+
+# ------------------------------------------------------------------------------------------- ensemble.json
+
+
+def read_ensemble(run):
+    """RUN/ensemble.json, checked field by field; every member's model paths resolved inside the run folder."""
+    path = Path(run) / ENSEMBLE_NAME
+    if not path.is_file():
+        raise RunFileError(f"{path}: not found; run ensemble.py --run {run} first")
+    data = read_json(path)
+    field = _Fields(path)
+    members = field.get(data, "members", list)
+    if not members:
+        raise RunFileError(f"{path}: members: empty, no model to predict with")
+    for i, member in enumerate(members):
+        where = f"members[{i}]"
+        field.get(member, "backbone", str, where)
+        weight = field.number(member, "weight", where)
+        if weight < 0:
+            raise RunFileError(f"{path}: {where}.weight: {weight} is negative")
+        for key in ("tile_size", "stride"):
+            if field.get(member, key, int, where) <= 0:
+                raise RunFileError(f"{path}: {where}.{key}: {member[key]} is not positive")
+        models = field.get(member, "models", list, where)
+        if not models or not all(isinstance(m, str) for m in models):
+            raise RunFileError(f"{path}: {where}.models: must be a non-empty list of file names")
+        member["paths"] = [inside_run(run, m, f"{path}: {where}.models") for m in models]
+    total = sum(m["weight"] for m in members)
+    if not math.isclose(total, 1.0, abs_tol=1e-3):
+        raise RunFileError(f"{path}: members[].weight: the weights sum to {total:g}, not 1")
+    threshold = field.get(data, "threshold", dict)
+    mode = field.get(threshold, "mode", str, "threshold")
+    if mode not in THRESHOLD_MODES:
+        raise RunFileError(f"{path}: threshold.mode: {mode!r} is not one of {', '.join(THRESHOLD_MODES)}")
+    value = field.number(threshold, "value", "threshold")
+    low, high, rule = THRESHOLD_RANGES[mode]
+    if not (low < value < high or (mode == "percentile" and value == high)):
+        raise RunFileError(f"{path}: threshold.value: {value:g} is out of range for mode {mode} ({rule})")
+    return data
+
+
+def inside_run(run, name, where):
+    """`run / name`, refused unless it is a relative path that stays inside the run folder."""
+    path = Path(run) / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(Path(run).resolve()):
+        raise RunFileError(f"{where}: {name!r} points outside the run folder {run}")
+    return path
+
+
+def load_members(run, ensemble, device="cpu"):
+    """Load every model of every member with a weight > 0, checking each file against ensemble.json before any
+    prediction. Returns [{backbone, weight, tile_size, stride, models: [(model, path)]}]."""
+    loaded = []
+    for member in ensemble["members"]:
+        if member["weight"] == 0:
+            continue  # the fit dropped it: no need to run it
+        models = [(check_model_file(path, member, device), path) for path in member["paths"]]
+        loaded.append({**member, "models": models})
+    return loaded
+
+
+def check_model_file(path, member, device="cpu"):
+    """A fold model of `member`, loaded; a one-line RunFileError when it is missing, unreadable or does not fit."""
+    if not Path(path).is_file():
+        raise RunFileError(f"{path}: model file not found")
+    try:
+        model, export = load_model_file(path, device)
+    except KeyError as err:
+        raise RunFileError(f"{path}: not a train.py model file (no field {err})") from None
+    except Exception as err:  # truncated zip, foreign pickle, weights of another architecture: name the file
+        raise RunFileError(f"{path}: unreadable model file ({type(err).__name__}: {_first_line(err)})") from None
+    for key in ("tile_size", "stride"):
+        if export.get(key) != member[key]:
+            raise RunFileError(f"{path}: {key} {export.get(key)} differs from its member's {key} {member[key]} "
+                               f"in {ENSEMBLE_NAME}")
+    return model
+
+
+# ------------------------------------------------------------------------------------------- JSON files
+
+
+def read_json(path):
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RunFileError(f"{path}: not readable JSON ({_first_line(err)})") from None
+    if not isinstance(data, dict):
+        raise RunFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_json(path, data):
+    """Write `data` as indented JSON through a temp file and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class _Fields:
+    """Typed field access with one-line errors naming the file and the field."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def get(self, obj, key, kind, where=""):
+        name = f"{where}.{key}" if where else key
+        if not isinstance(obj, dict) or key not in obj:
+            raise RunFileError(f"{self.path}: {name}: missing")
+        value = obj[key]
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            expected = getattr(kind, "__name__", "number")
+            raise RunFileError(f"{self.path}: {name}: expected {expected}, got {type(value).__name__}")
+        return value
+
+    def number(self, obj, key, where=""):
+        value = self.get(obj, key, (int, float), where)
+        if isinstance(value, bool) or not math.isfinite(value):
+            raise RunFileError(f"{self.path}: {where}.{key}: {value!r} is not a finite number")
+        return float(value)
+
+
+def _first_line(err):
+    return (str(err).strip().splitlines() or [""])[0]
