@@ -203,7 +203,10 @@ def finish_fold(model, store, config, fold, state, device):
     os.replace(model_path.with_suffix(".tmp"), model_path)
     predicted = band(prob, fold["rows"]) >= threshold
     save_preview(run / "previews" / backbone / f"fold-{fold_name}.png", [band(prob, fold["rows"]), predicted, labels])
-    return dict(epoch=state["epoch"], done=True, oof_f05=oof_f05, oof_threshold=threshold, best_val_f05=state["best_f05"])
+    import ray  # the trial's node, so a multi-node run shows where each fold ran
+
+    return dict(epoch=state["epoch"], done=True, oof_f05=oof_f05, oof_threshold=threshold, best_val_f05=state["best_f05"],
+                node_id=ray.get_runtime_context().get_node_id())
 
 
 # --------------------------------------------------------------------------------------------- driver
