@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from ray import tune
 
@@ -262,7 +263,7 @@ def finish_fold(model, store, config, fold, state, device):
     save_preview(trial_path(config, "previews", ".png"), [band(prob, fold.rows), predicted, labels])
     result = dict(backbone=backbone, fold=fold.name, epoch=state["epoch"], done=True, oof_f05=oof_f05,
                   oof_threshold=threshold, best_val_f05=state["best_f05"],
-                  minutes=state["seconds"] / 60)
+                  minutes=state["seconds"] / 60, node_id=ray.get_runtime_context().get_node_id())
     write_json(trial_path(config, "trials", ".json"), result)
     return result
 
@@ -307,8 +308,6 @@ def fold_table(stores, split):
 
 
 def start_ray(args):
-    import ray
-
     if args.address:
         context = ray.init(address=args.address)
     else:  # "local": always a Ray of its own, never a cluster someone left running on this machine
@@ -316,12 +315,11 @@ def start_ray(args):
                            object_store_memory=256 * 2**20)  # trials read HDF5 from disk; leave RAM to them
     if args.dashboard and context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}  (log in with the token that `ray get-auth-token` prints)")
-    return ray
 
 
 def run_trials(args, options, train_ids, todo, run):
     """Run the (backbone, Fold) trials in `todo` as one Tune experiment, RUN/tune/attempt-<n>; returns its results."""
-    ray = start_ray(args)
+    start_ray(args)
     resources = trial_resources(args, ray.cluster_resources(), len(todo))
     print(f"{len(todo)} trial(s) to run; each gets {resources['cpu']:g} CPUs and {resources['gpu']:g} GPUs")
     attempts = run / "tune"
