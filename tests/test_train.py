@@ -1,6 +1,8 @@
 """train.py end to end with real Ray Tune trials on tiny tiles (each run is a subprocess, as a user runs it)."""
 import csv
+import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -55,10 +57,29 @@ def test_two_trials_write_oof_maps_models_previews_and_summary(stores, tmp_path)
     rows = list(csv.DictReader(open(run / "summary.csv")))
     assert [(r["backbone"], r["fold"]) for r in rows] == [(BACKBONE, "1"), (BACKBONE, "2")]
     assert "mean OOF F0.5" in (run / "summary.md").read_text()
-    assert list((run / "tune").glob("*/events.out.tfevents*")), "Tune's TensorBoard logs are kept under the run"
+    assert list((run / "tune").glob("attempt-1/*/events.out.tfevents*")), "Tune's TensorBoard logs are kept under the run"
+    record = json.loads((run / "run.json").read_text())
+    assert record["options"]["stores"] == str(stores.resolve()) and record["options"]["epochs"] == 1
+    assert [f["name"] for f in record["folds"]] == ["1", "2", "3"] and record["options"]["folds"] == "1,2"
+    assert record["creator"]["uid"] == os.getuid() and torch.__version__.startswith(record["versions"]["torch"])
 
     again = run_train(stores, run, "--folds", "1,2", "--num-cpus", "2")
     assert again.returncode != 0 and "already holds a finished run" in again.stderr
+    summary = (run / "summary.md").stat().st_mtime_ns
+    finished = subprocess.run([sys.executable, str(ROOT / "train.py"), "--run", str(run), "--resume"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0 and "finished run (2 trials), nothing to do" in finished.stdout
+    assert (run / "summary.md").stat().st_mtime_ns == summary, "a finished run's summary was rewritten"
+
+
+class PlantedPickle:
+    """Unpickling this runs code: it touches a marker file. Resuming must never unpickle the run's files."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
 
 
 def test_resume_after_interrupt_does_not_redo_finished_trials(stores, tmp_path):
@@ -72,6 +93,8 @@ def test_resume_after_interrupt_does_not_redo_finished_trials(stores, tmp_path):
     while not first_model.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.5)
     assert first_model.exists(), "the first trial never finished"
+    second = run_train(stores, run, "--resume")  # a second writer while the first runs: refused at once
+    assert second.returncode != 0 and f"already being written by train.py (pid {process.pid}" in second.stderr
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C
     process.wait(timeout=120)
     assert not (run / "summary.md").exists()
@@ -79,11 +102,29 @@ def test_resume_after_interrupt_does_not_redo_finished_trials(stores, tmp_path):
 
     refused = run_train(stores, run, "--folds", "1,3", "--num-cpus", "1", "--max-concurrent", "1", "--epochs", "8")
     assert refused.returncode != 0 and "--resume" in refused.stderr
+    conflict = run_train(stores, run, "--epochs", "9", "--resume")
+    assert conflict.returncode != 0 and "--epochs 9 conflicts with 8 recorded in" in conflict.stderr
 
-    resumed = run_train(stores, run, "--folds", "1,3", "--num-cpus", "1", "--max-concurrent", "1", "--epochs", "8",
-                        "--resume")
+    # A stranger's experiment state and a broken checkpoint: nothing is unpickled, the broken trial is named.
+    marker = tmp_path / "code-ran"
+    for pickled in [*run.glob("tune/*/tuner.pkl"), run / "tune" / "attempt-1" / "tuner.pkl"]:
+        pickled.write_bytes(pickle.dumps(PlantedPickle(marker)))
+    checkpoint = run / "checkpoints" / BACKBONE / "fold-3.pt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"not a checkpoint")
+    resume = [sys.executable, str(ROOT / "train.py"), "--run", str(run), "--resume", "--num-cpus", "1", "--no-dashboard"]
+    failed = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and not marker.exists()
+    assert f"trial {BACKBONE}/3 failed: RuntimeError: {checkpoint}: unreadable trial checkpoint" in failed.stderr
+    summary = (run / "summary.md").read_text()  # one trial finished: the summary is written and names the other
+    assert f"Unfinished: {BACKBONE} fold 3" in summary and str(checkpoint) in summary
+
+    checkpoint.unlink()
+    resumed = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "1 of 2 trial(s) finished, 1 to go" in resumed.stdout
     assert first_model.stat().st_mtime_ns == first_mtime, "a finished trial was trained again"
-    assert (run / "models" / BACKBONE / "fold-3.pt").exists()
+    assert (run / "models" / BACKBONE / "fold-3.pt").exists() and not marker.exists()
     rows = list(csv.DictReader(open(run / "summary.csv")))
     assert sorted(r["fold"] for r in rows) == ["1", "3"] and all(r["epochs"] == "8" for r in rows)
+    assert "Unfinished" not in (run / "summary.md").read_text()
