@@ -30,8 +30,8 @@ import torch
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display, no pyplot state
 
 from lib.infer import load_probability_map
-from lib.metrics import (DEFAULT_PERCENTS, THRESHOLD_MODES, binarise, fbeta_counts, fbeta_from_counts,
-                         percentile_counts, threshold_counts)
+from lib.metrics import (DEFAULT_PERCENTS, THRESHOLD_MODES, binarise, confusion_counts, fbeta_counts,
+                         fbeta_from_counts, percentile_counts, threshold_counts)
 from lib.lock import LockedError, exclusive
 from lib.runs import (RECORD_NAME, RunFileError, finished_trials, fragment_oof_path, planned_trials, read_record,
                       recorded_stores, trial_file, write_json)
@@ -255,10 +255,7 @@ def score_full_resolution(run, stores, members, ids, scorers, lofo_fits):
                 counts[name][mode] = counts[name][mode] + mode_counts(mode, prob, labels, mask)
         if lofo_fits:
             f = lofo_fits[fragment_id]
-            pred = binarise(combine(f["weights"], maps), mask, f["mode"], f["value"]) != 0
-            truth = labels != 0
-            tp = np.count_nonzero(pred & truth)
-            held_out += [tp, np.count_nonzero(pred) - tp, np.count_nonzero(truth) - tp]
+            held_out += confusion_counts(binarise(combine(f["weights"], maps), mask, f["mode"], f["value"]), labels)
     return counts, held_out
 
 

@@ -30,7 +30,7 @@ import torch
 from lib.fragments import FragmentError, read_png_binary
 from lib.infer import predict_fragment, remove_small_components, save_preview, save_probability_map
 from lib.lock import LockedError, exclusive
-from lib.metrics import binarise, fbeta_counts
+from lib.metrics import binarise, confusion_counts, fbeta_counts
 from lib.rle import rle_decode, rle_encode
 from lib.runs import RunFileError, load_members, read_ensemble, recorded_stores
 from lib.store import Store
@@ -188,8 +188,7 @@ def predict_test_set(run, args):
         line = (f"{fragment_id}: {store.shape[0]} x {store.shape[1]}, ink in {pred.sum() / max(mask.sum(), 1):.1%} "
                 f"of the mask, {time.time() - started:.0f} s")
         if truth is not None:
-            tp = int(np.count_nonzero(pred & truth))
-            counts = np.array([tp, np.count_nonzero(pred) - tp, np.count_nonzero(truth) - tp])
+            counts = confusion_counts(pred, truth)
             totals += counts
             line += f", F0.5 {fbeta_counts(*counts):.4f}"
         print(line)

@@ -20,11 +20,12 @@ def fbeta_counts(tp: int, fp: int, fn: int, beta: float = 0.5) -> float:
     return float(fbeta_from_counts(tp, fp, fn, beta))
 
 
-def fbeta_score(pred_binary: np.ndarray, target: np.ndarray, beta: float = 0.5) -> float:
-    """F-beta over all pixels of a binary prediction (nonzero = ink) against a binary target."""
+def confusion_counts(pred_binary: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(true positives, false positives, false negatives) int64 of a binary prediction (nonzero = ink) against a
+    binary target, over all pixels: counts of several images add up to the micro score's."""
     pred, truth = np.asarray(pred_binary) != 0, np.asarray(target) != 0
     tp = np.count_nonzero(pred & truth)
-    return fbeta_counts(tp, np.count_nonzero(pred) - tp, np.count_nonzero(truth) - tp, beta)
+    return np.array([tp, np.count_nonzero(pred) - tp, np.count_nonzero(truth) - tp], np.int64)
 
 
 def probability_histograms(prob, target, mask=None) -> tuple[np.ndarray, np.ndarray, int]:

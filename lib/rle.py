@@ -1,14 +1,14 @@
 """Kaggle run-length encoding of binary masks.
 
-A mask becomes "start length start length ...": starts are 1-indexed pixel numbers
-in `order` ("C": row-major, the competition's order; "F": column-major).
+A mask becomes "start length start length ...": starts are 1-indexed pixel numbers in row-major order
+(the competition's: pixel p is at row (p-1) // W, column (p-1) % W).
 """
 import numpy as np
 
 
-def rle_encode(mask: np.ndarray, order: str = "C") -> str:
+def rle_encode(mask: np.ndarray) -> str:
     """Encode a binary HxW mask (nonzero = 1); an empty mask gives ""."""
-    flat = (np.asarray(mask) != 0).ravel(order=order)
+    flat = (np.asarray(mask) != 0).ravel()
     # zero padding on both ends makes every run have a rising and a falling edge,
     # including runs that touch the first or last pixel
     padded = np.concatenate([[False], flat, [False]])
@@ -43,7 +43,7 @@ def parse_runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, lengths
 
 
-def rle_decode(rle: str, shape: tuple[int, int], order: str = "C") -> np.ndarray:
+def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     """Decode an RLE string into a uint8 mask of `shape`; "" gives all zeros."""
     n_pixels = int(np.prod(shape))
     starts, lengths = parse_runs(rle, n_pixels)
@@ -53,4 +53,4 @@ def rle_decode(rle: str, shape: tuple[int, int], order: str = "C") -> np.ndarray
     steps[starts - 1] += 1
     steps[starts + lengths - 1] -= 1
     flat = np.cumsum(steps[:-1], dtype=np.int8)
-    return flat.astype(np.uint8).reshape(shape, order=order)
+    return flat.astype(np.uint8).reshape(shape)

@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from lib.metrics import best_threshold, fbeta_counts, fbeta_curve, fbeta_score
+from lib.metrics import best_threshold, confusion_counts, fbeta_counts, fbeta_curve
 
 
 def naive_fbeta(pred, target, beta):
@@ -23,13 +23,13 @@ def test_fbeta_counts_by_hand():
     assert fbeta_counts(0, 0, 0) == 0.0
 
 
-def test_fbeta_score_counts_pixels():
+def test_confusion_counts_pixels():
     pred = np.array([[1, 1, 0, 0], [1, 1, 0, 0]], dtype=np.uint8)
     target = np.array([[1, 0, 0, 0], [1, 1, 1, 1]], dtype=np.uint8)
-    # tp=3 fp=1 fn=2
-    assert fbeta_score(pred, target) == pytest.approx(0.5625 / 0.7875)
-    assert fbeta_score(target, target) == 1.0
-    assert fbeta_score(np.zeros_like(target), target) == 0.0
+    assert confusion_counts(pred, target).tolist() == [3, 1, 2]
+    assert fbeta_counts(*confusion_counts(pred, target)) == pytest.approx(0.5625 / 0.7875)
+    assert fbeta_counts(*confusion_counts(target, target)) == 1.0
+    assert fbeta_counts(*confusion_counts(np.zeros_like(target), target)) == 0.0
 
 
 def random_case(seed, shape=(300, 400)):

@@ -51,7 +51,7 @@ def test_empty_and_full_masks():
     assert rle_encode(np.zeros((7, 3))) == ""
     np.testing.assert_array_equal(rle_decode("", (7, 3)), np.zeros((7, 3), np.uint8))
     assert rle_encode(np.ones((7, 3), dtype=bool)) == "1 21"
-    assert rle_encode(np.full((7, 3), 255, dtype=np.uint8), order="F") == "1 21"
+    assert rle_encode(np.full((7, 3), 255, dtype=np.uint8)) == "1 21"
     np.testing.assert_array_equal(rle_decode("1 21", (7, 3)), np.ones((7, 3), np.uint8))
 
 
@@ -60,7 +60,8 @@ def test_decode_returns_uint8():
 
 
 def test_the_letter_e():
-    e = rle_decode(E_RLE, (9, 6), order="F")
+    """Kaggle's example is column-major: the row-major decoding of the transposed (6, 9) image."""
+    e = rle_decode(E_RLE, (6, 9)).T
     np.testing.assert_array_equal(e, E_PICTURE)
     # vertical stroke: column 2, rows 2..8 (1-indexed), nothing else in that column
     assert e[1:8, 1].tolist() == [1] * 7 and e[[0, 8], 1].tolist() == [0, 0]
@@ -69,12 +70,9 @@ def test_the_letter_e():
     assert np.flatnonzero(e[:, 2:].any(axis=1)).tolist() == [1, 4, 7]
     assert e[1, 2:].tolist() == [1, 1, 1, 0] and e[7, 2:].tolist() == [1, 1, 1, 0]
     assert e[4, 2:].tolist() == [1, 1, 0, 0]
-    assert rle_encode(e, order="F") == E_RLE
-
-
-def test_orders_differ():
-    assert rle_encode(E_PICTURE, order="C") != E_RLE
-    np.testing.assert_array_equal(rle_decode(rle_encode(E_PICTURE, "C"), (9, 6), "C"), E_PICTURE)
+    assert rle_encode(e.T) == E_RLE
+    assert rle_encode(E_PICTURE) != E_RLE  # row-major, as submissions are: other runs
+    np.testing.assert_array_equal(rle_decode(rle_encode(E_PICTURE), (9, 6)), E_PICTURE)
 
 
 @pytest.mark.parametrize(
@@ -105,10 +103,10 @@ masks = st.tuples(st.integers(1, 12), st.integers(1, 12)).flatmap(
 
 
 @settings(max_examples=300, deadline=None)
-@given(mask=masks, order=st.sampled_from(["C", "F"]))
-def test_round_trip(mask, order):
-    rle = rle_encode(mask, order=order)
-    np.testing.assert_array_equal(rle_decode(rle, mask.shape, order=order), mask)
+@given(mask=masks)
+def test_round_trip(mask):
+    rle = rle_encode(mask)
+    np.testing.assert_array_equal(rle_decode(rle, mask.shape), mask)
     # the encoding lists exactly the inked pixels
     lengths = np.array(rle.split(), dtype=np.int64)[1::2]
     assert lengths.sum() == mask.sum()
