@@ -31,7 +31,7 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg: no displ
 from lib.infer import load_probability_map
 from lib.metrics import (DEFAULT_PERCENTS, THRESHOLD_MODES, binarise, fbeta_counts, fbeta_from_counts,
                          percentile_counts, threshold_counts)
-from lib.store import Store
+from lib.store import Store, StoreError, check_store
 
 # what each mode sweeps: absolute probabilities, percentile the share (%) of in-mask pixels called ink
 SWEEPS = {"absolute": np.round(np.arange(0.01, 1.0, 0.01), 2), "percentile": DEFAULT_PERCENTS.astype(float)}
@@ -101,7 +101,11 @@ def train_store(stores, fragment_id):
     path = Path(stores) / "train" / f"{fragment_id}.h5"
     if not path.is_file():
         sys.exit(f"error: {path}: train store not found (needed for the labels of OOF fragment {fragment_id})")
-    store = Store(path)
+    try:
+        check_store(path)  # the maps this script reads, against their checksums
+        store = Store(path)
+    except StoreError as err:
+        sys.exit(f"error: {err}")
     if not store.has_labels:
         sys.exit(f"error: {path}: store has no labels")
     return store

@@ -31,7 +31,7 @@ from lib.fragments import FragmentError, read_png_binary
 from lib.infer import load_model_file, predict_fragment, remove_small_components, save_preview, save_probability_map
 from lib.metrics import THRESHOLD_MODES, binarise, fbeta_counts
 from lib.rle import rle_decode, rle_encode
-from lib.store import Store
+from lib.store import Store, StoreError, check_store
 
 
 def parse_args(argv=None):
@@ -79,12 +79,17 @@ def read_ensemble(run):
 
 
 def test_stores(stores):
-    """{id: store path} of the test stores."""
+    """{id: Store} of the test stores, each opened and its maps and statistics checked before any prediction."""
     folder = Path(stores) / "test"
     paths = {p.stem: p for p in sorted(folder.glob("*.h5"))}
     if not paths:
         sys.exit(f"error: {folder}: no test stores (<id>.h5); run prepare.py first")
-    return paths
+    try:
+        for path in paths.values():
+            check_store(path)
+        return {fragment_id: Store(path) for fragment_id, path in paths.items()}
+    except StoreError as err:
+        sys.exit(f"error: {err}")
 
 
 def submission_ids(test_ids, sample):
@@ -92,10 +97,12 @@ def submission_ids(test_ids, sample):
     if sample is None:
         return sorted(test_ids)
     try:
-        with open(sample, newline="") as f:
+        with open(sample, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is fine
             ids = [row["Id"] for row in csv.DictReader(f)]
     except (OSError, KeyError, csv.Error) as err:
         sys.exit(f"error: {sample}: not a readable submission CSV with an Id column ({err})")
+    except UnicodeDecodeError:
+        sys.exit(f"error: {sample}: not a text CSV (not UTF-8); expected the sample submission, Id,Predicted")
     if sorted(ids) != sorted(test_ids):
         sys.exit(f"error: {sample}: ids {','.join(ids)} differ from the test stores' ids {','.join(sorted(test_ids))}")
     return ids
@@ -180,9 +187,12 @@ def main(argv=None):
     rows, totals = [], np.zeros(3, np.int64)  # pooled (tp, fp, fn) for --truth
     for fragment_id in ids:
         started = time.time()
-        store = Store(stores[fragment_id])
+        store = stores[fragment_id]
         truth = read_truth(args.truth, fragment_id, store.shape) if args.truth else None
-        prob = ensemble_probability(run, ensemble, store, args)
+        try:
+            prob = ensemble_probability(run, ensemble, store, args)
+        except StoreError as err:  # a corrupt volume chunk, met while predicting
+            sys.exit(f"error: {err}")
         mask = store.read_map("mask")
         pred = binarise(prob, mask, mode, value)
         if args.min_component > 0:

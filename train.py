@@ -34,7 +34,7 @@ from lib.infer import load_probability_map, predict_fragment, save_preview, save
 from lib.losses import LOSS_DEFAULTS, build_loss
 from lib.metrics import best_threshold
 from lib.model import build_model, model_config
-from lib.store import Store
+from lib.store import Store, StoreError, check_store
 
 PRESETS = {
     # The original solution's recipe, for GPUs.
@@ -243,6 +243,11 @@ def fold_table(stores, split):
     train_ids = sorted(p.stem for p in train_dir.glob("*.h5"))
     if not train_ids:
         raise SystemExit(f"error: {train_dir}: no train stores; run prepare.py first")
+    for train_id in train_ids:  # before Ray starts: a bad store is one line here, not a failed trial
+        try:
+            check_store(train_dir / f"{train_id}.h5")
+        except StoreError as err:
+            raise SystemExit(f"error: {err}") from None
     masks = None
     if split:
         fragment_id, count = split.split(":")
