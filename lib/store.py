@@ -146,7 +146,8 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
     """Write `fragment` (a lib.fragments.Fragment) to the store `path`, atomically; returns a summary dict.
 
     Peak memory is two bands of rows of the kept slices (one being read, one being compressed) plus the
-    fragment's 2-D maps.
+    fragment's 2-D maps. The file is written as `<path>.tmp` and removed on any failure: a caller that may run
+    beside another writer holds lib.lock.exclusive(path) around this (prepare.py does).
     """
     z_start, z_stop = z_range
     if not 0 <= z_start < z_stop <= fragment.num_slices:
