@@ -35,7 +35,7 @@ from lib.metrics import (DEFAULT_PERCENTS, THRESHOLD_MODES, binarise, confusion_
 from lib.lock import LockedError, exclusive
 from lib.runs import (RECORD_NAME, RunFileError, finished_trials, fragment_oof_path, planned_trials, read_record,
                       recorded_stores, trial_file, write_json)
-from lib.store import Store
+from lib.store import Store, StoreError
 
 # what each mode sweeps: absolute probabilities, percentile the share (%) of in-mask pixels called ink
 SWEEPS = {"absolute": np.round(np.arange(0.01, 1.0, 0.01), 2), "percentile": DEFAULT_PERCENTS.astype(float)}
@@ -113,7 +113,7 @@ def train_store(stores, fragment_id):
     path = Path(stores) / "train" / f"{fragment_id}.h5"
     if not path.is_file():
         sys.exit(f"error: {path}: train store not found (needed for the labels of OOF fragment {fragment_id})")
-    store = Store(path)
+    store = Store(path)  # its maps are checked against their checksums as they are read (StoreError)
     if not store.has_labels:
         sys.exit(f"error: {path}: store has no labels")
     return store
@@ -318,7 +318,7 @@ def main(argv=None):
     try:
         with exclusive(run, "ensemble.py"):
             fit_ensemble(run, recorded_stores(run, args.stores), args)
-    except (LockedError, RunFileError) as err:
+    except (LockedError, RunFileError, StoreError) as err:
         sys.exit(f"error: {err}")
 
 

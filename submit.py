@@ -33,7 +33,7 @@ from lib.lock import LockedError, exclusive
 from lib.metrics import binarise, confusion_counts, fbeta_counts
 from lib.rle import rle_decode, rle_encode
 from lib.runs import RunFileError, load_members, read_ensemble, recorded_stores
-from lib.store import Store
+from lib.store import Store, StoreError, check_store
 
 
 def parse_args(argv=None):
@@ -63,12 +63,17 @@ def parse_args(argv=None):
 
 
 def test_stores(stores):
-    """{id: store path} of the test stores."""
+    """{id: Store} of the test stores, each opened and its maps and statistics checked before any prediction."""
     folder = Path(stores) / "test"
     paths = {p.stem: p for p in sorted(folder.glob("*.h5"))}
     if not paths:
         sys.exit(f"error: {folder}: no test stores (<id>.h5); run prepare.py first")
-    return paths
+    try:
+        for path in paths.values():
+            check_store(path)
+        return {fragment_id: Store(path) for fragment_id, path in paths.items()}
+    except StoreError as err:
+        sys.exit(f"error: {err}")
 
 
 def submission_ids(test_ids, sample):
@@ -76,10 +81,12 @@ def submission_ids(test_ids, sample):
     if sample is None:
         return sorted(test_ids)
     try:
-        with open(sample, newline="") as f:
+        with open(sample, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is fine
             ids = [row["Id"] for row in csv.DictReader(f)]
     except (OSError, KeyError, csv.Error) as err:
         sys.exit(f"error: {sample}: not a readable submission CSV with an Id column ({err})")
+    except UnicodeDecodeError:
+        sys.exit(f"error: {sample}: not a text CSV (not UTF-8); expected the sample submission, Id,Predicted")
     if sorted(ids) != sorted(test_ids):
         sys.exit(f"error: {sample}: ids {','.join(ids)} differ from the test stores' ids {','.join(sorted(test_ids))}")
     return ids
@@ -151,7 +158,7 @@ def main(argv=None):
     try:
         with exclusive(run, "submit.py"):
             predict_test_set(run, args)
-    except (LockedError, RunFileError) as err:
+    except (LockedError, RunFileError, StoreError) as err:  # StoreError: a corrupt chunk met while predicting
         sys.exit(f"error: {err}")
 
 
@@ -173,7 +180,7 @@ def predict_test_set(run, args):
     rows, totals = [], np.zeros(3, np.int64)  # pooled (tp, fp, fn) for --truth
     for fragment_id in ids:
         started = time.time()
-        store = Store(stores[fragment_id])
+        store = stores[fragment_id]
         truth = read_truth(args.truth, fragment_id, store.shape) if args.truth else None
         prob = ensemble_probability(members, store, args)
         mask = store.read_map("mask")

@@ -45,7 +45,7 @@ from lib.metrics import best_threshold
 from lib.model import build_model, model_config, save_model_file
 from lib.runs import (RunFileError, finished_trials, fragment_oof_path, oof_path, planned_trials, read_record,
                       trial_file, write_json, write_record)
-from lib.store import Store
+from lib.store import Store, StoreError, check_store
 
 PRESETS = {
     # The original solution's recipe, for GPUs.
@@ -294,6 +294,8 @@ def fold_table(stores, split):
     train_ids = sorted(p.name[: -len(".h5")] for p in train_dir.glob("*.h5"))
     if not train_ids:
         raise SystemExit(f"error: {train_dir}: no train stores; run prepare.py first")
+    for train_id in train_ids:  # before Ray starts: a bad store is one line here, not a failed trial
+        check_store(train_dir / f"{train_id}.h5")
     masks = None
     if split:
         fragment_id, _, count = split.rpartition(":")
@@ -485,7 +487,7 @@ def main(argv=None):
     try:
         with exclusive(run, "train.py"):
             train(args, given, run)
-    except (LockedError, RunFileError) as err:
+    except (LockedError, RunFileError, StoreError) as err:
         sys.exit(f"error: {err}")
     finally:
         if created and not any(run.iterdir()):

@@ -7,12 +7,15 @@
 Opening a fragment reads only file headers. Slices are read at full 16-bit precision, and a band of
 rows is read without decoding the whole slice when the TIFF allows it (uncompressed: memory map;
 stripped or tiled: only the strips or tiles that hold the band). Every problem is a `FragmentError`
-whose one-line message names the file.
+whose one-line message names the file. Every folder of a split is a fragment: one that cannot be read is an
+error, never left out. Labels that look wrong against the mask (check_labels) are warnings, not errors.
 """
 import os
 import re
+import stat
 from pathlib import Path
 
+import cv2
 import numpy as np
 import tifffile
 import zarr
@@ -22,6 +25,7 @@ SPLITS = ("train", "test")
 SLICE_RE = re.compile(r"^(\d+)\.tiff?$")
 # The largest real fragment has 141 Mpx: above PIL's decompression-bomb guard, but a genuine image.
 Image.MAX_IMAGE_PIXELS = 1 << 31
+LABEL_MARGIN = 16  # px: ink up to this far outside the mask is taken as drawn over the mask's edge
 
 
 class FragmentError(ValueError):
@@ -29,14 +33,31 @@ class FragmentError(ValueError):
 
 
 def list_fragments(root, split):
-    """Sorted fragment ids of one split; an error if the split folder holds none."""
+    """Sorted fragment ids of one split: every entry of the split folder (hidden names aside) must be a fragment
+    folder with a readable surface_volume folder, else a FragmentError naming it; an error too if there are none."""
     split_dir = Path(root) / split
     if not split_dir.is_dir():
         raise FragmentError(f"{split_dir}: split folder not found")
-    ids = sorted(p.name for p in split_dir.iterdir() if (p / "surface_volume").is_dir())
-    if not ids:
+    try:
+        folders = sorted(p for p in split_dir.iterdir() if not p.name.startswith("."))
+    except OSError as err:
+        raise FragmentError(f"{split_dir}: unreadable folder ({err.strerror})") from None
+    if not folders:
         raise FragmentError(f"{split_dir}: no fragments (no <id>/surface_volume folders)")
-    return ids
+    for folder in folders:
+        _check_folder(folder, "a fragment folder (<id>/surface_volume/00.tif ...)")
+        _check_folder(folder / "surface_volume", "the fragment's folder of slices")
+    return [p.name for p in folders]
+
+
+def _check_folder(path, what):
+    """FragmentError unless `path` is a folder that can be listed (not missing, a broken link or a link loop)."""
+    try:
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            raise FragmentError(f"{path}: not a folder; expected {what}")
+        os.scandir(path).close()
+    except OSError as err:  # missing, a broken link, a link loop (ELOOP), no permission
+        raise FragmentError(f"{path}: {err.strerror.lower()}; expected {what}") from None
 
 
 def read_png_binary(path):
@@ -211,6 +232,26 @@ class Fragment:
         return self
 
 
+def check_labels(fragment):
+    """(fraction of the mask that is ink, one-line warnings) of a fragment's labels against its mask; the warnings:
+    no ink inside the mask, or ink more than LABEL_MARGIN px outside it (labels and mask of different fragments,
+    or shifted). (None, []) without labels."""
+    if not fragment.has_labels:
+        return None, []
+    labels, mask = fragment.read_labels(), fragment.read_mask()
+    ink_in_mask = float(labels[mask > 0].mean())
+    warnings = []
+    if ink_in_mask == 0:
+        warnings.append(f"{fragment.labels_path}: no ink inside the mask {fragment.mask_path.name}")
+    side = 2 * LABEL_MARGIN + 1
+    near_mask = cv2.dilate(mask, np.ones((side, side), np.uint8))
+    outside = np.count_nonzero(labels > near_mask)
+    if outside:
+        warnings.append(f"{fragment.labels_path}: {outside} ink pixels ({outside / np.count_nonzero(labels):.1%} of "
+                        f"the ink) lie more than {LABEL_MARGIN} px outside the mask {fragment.mask_path.name}")
+    return ink_in_mask, warnings
+
+
 def open_split(root, split, ids=None):
     """Open and validate the fragments of one split (all of them, or those in `ids` that exist here)."""
     available = list_fragments(root, split)
@@ -258,13 +299,23 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description="Validate a dataset root in the Kaggle layout.")
     parser.add_argument("root")
+    parser.add_argument("--strict", action="store_true", help="labels that look wrong against the mask are errors")
     args = parser.parse_args(argv)
     try:
         for split in SPLITS:
-            for fragment in open_split(args.root, split):
+            fragments = open_split(args.root, split)
+            print(f"{split}: {len(fragments)} fragments", flush=True)
+            for fragment in fragments:
                 h, w = fragment.shape
-                ink = f", ink {fragment.read_labels().mean():.1%} of pixels" if fragment.has_labels else ""
-                print(f"{split}/{fragment.fragment_id}: {fragment.num_slices} slices of {h} x {w} {fragment.dtype}{ink}: ok")
+                ink_in_mask, warnings = check_labels(fragment)
+                if warnings and args.strict:
+                    raise FragmentError(warnings[0] + " (--strict)")
+                for warning in warnings:
+                    print(f"warning: {warning}", file=sys.stderr, flush=True)
+                ink = "" if ink_in_mask is None else f", ink {ink_in_mask:.1%} of the mask"
+                status = "ok" if not warnings else "labels doubtful"
+                print(f"{split}/{fragment.fragment_id}: {fragment.num_slices} slices of {h} x {w} {fragment.dtype}{ink}: {status}",
+                      flush=True)
     except FragmentError as err:
         sys.exit(f"error: {err}")
 

@@ -10,6 +10,11 @@ A store `OUT/<split>/<id>.h5` holds
 and attributes: fragment_id, split, source, z_start, z_stop, height, width, tile_size, stride,
 fingerprint (of the source files: names, sizes, mtimes) and format_version.
 
+Integrity: every dataset's chunks carry HDF5's Fletcher32 checksum (after Blosc, so it covers the stored
+bytes), and the file is written with the 1.10 format, whose metadata (superblock, object headers with the
+attributes, chunk indexes) is checksummed too. HDF5 checks them on every read; a mismatch, a truncated file or
+a missing dataset is a `StoreError` naming the store and the dataset (check_store reads a whole store).
+
 Why this layout (numbers in bench/README.md): every training and inference read takes a window of several
 kept slices, so a chunk spans all of Z; in-plane a chunk is one tile stride (56 px for 224 px tiles), so a tile on
 the grid decodes exactly its 4 x 4 chunks (see chunk_side); Blosc LZ4 with bitshuffle keeps almost all of zstd's
@@ -18,8 +23,10 @@ size ratio at about 1.5x its tile read rate and write rate.
 Writing: the volume goes in row bands of whole chunks (slice by slice would recompress every chunk Z times).
 The chunks of a band are compressed here, on every core, and stored with write_direct_chunk: HDF5's own
 filter pipeline compresses one chunk at a time on one core. The bytes are the same c-blosc frames the
-declared Blosc filter writes and reads, so it is a plain HDF5 file (h5py + hdf5plugin read it).
+declared Blosc filter writes and reads, followed by the Fletcher32 checksum the declared filter after it
+appends (numcodecs computes it exactly as HDF5 does), so it is a plain HDF5 file (h5py + hdf5plugin read it).
 """
+import contextlib
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,9 +36,10 @@ import h5py
 import hdf5plugin  # registers the Blosc filter in every process that imports this module
 import imagecodecs
 import numpy as np
+from numcodecs.fletcher32 import Fletcher32
 from tqdm import tqdm
 
-FORMAT_VERSION = 2  # 2: chunks one tile stride wide, maps in Blosc LZ4 (version 1 stores are rebuilt)
+FORMAT_VERSION = 3  # 3: checksums; 2: chunks one tile stride wide, maps in Blosc LZ4 (older stores are rebuilt)
 DEFAULT_Z_RANGE = (24, 40)  # 16 centre slices around 32: the 8 centre slices plus random depth shifts
 CHUNK_SIDE = 64  # chunk height and width when the tile grid gives none (chunk_side)
 PERCENTILE_LEVELS = (0.5, 1, 5, 25, 50, 75, 95, 99, 99.5)
@@ -39,6 +47,21 @@ BAND_BYTES = 64 * 2**20  # rows read per band: about this many bytes of volume a
 # Blosc: LZ4, level 5, bitshuffle (2). Why: bench/README.md ("## prepare", codec table).
 VOLUME_CODEC = {"compressor": "lz4", "level": 5, "shuffle": 2}
 CHUNKS_PER_TASK = 16  # chunks one compression task copies into chunk order and compresses
+HDF5_FORMAT = ("v110", "v110")  # the oldest file format whose metadata HDF5 checksums
+SMALL_DATASETS = ("tiles", "percentiles", "percentiles_all")  # besides the maps and the volume
+_CHECKSUM = Fletcher32()
+
+
+class StoreError(ValueError):
+    """A store that cannot be used (unreadable, truncated, wrong format, failed checksum): the message is one line
+    and names the store (and the dataset, when one is at fault)."""
+
+
+def _store_error(path, dataset, err):
+    """StoreError for an HDF5 read of `dataset` (None: the file itself) that failed with `err`."""
+    where = f"{path}" if dataset is None else f"{path}: dataset {dataset}"
+    reason = " ".join(str(err).split())  # h5py messages can span lines
+    return StoreError(f"{where}: unreadable, truncated or corrupt ({reason})")
 
 
 def volume_compression():
@@ -47,8 +70,8 @@ def volume_compression():
 
 
 def encode_chunk(chunk):
-    """One volume chunk as the Blosc filter above stores it: a c-blosc 1 frame."""
-    return imagecodecs.blosc_encode(chunk, typesize=chunk.itemsize, numthreads=1, **VOLUME_CODEC)
+    """One volume chunk as the filters above store it: a c-blosc 1 frame and its Fletcher32 checksum."""
+    return _CHECKSUM.encode(imagecodecs.blosc_encode(chunk, typesize=chunk.itemsize, numthreads=1, **VOLUME_CODEC))
 
 
 def fingerprint(paths):
@@ -123,7 +146,8 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
     """Write `fragment` (a lib.fragments.Fragment) to the store `path`, atomically; returns a summary dict.
 
     Peak memory is two bands of rows of the kept slices (one being read, one being compressed) plus the
-    fragment's 2-D maps.
+    fragment's 2-D maps. The file is written as `<path>.tmp` and removed on any failure: a caller that may run
+    beside another writer holds lib.lock.exclusive(path) around this (prepare.py does).
     """
     z_start, z_stop = z_range
     if not 0 <= z_start < z_stop <= fragment.num_slices:
@@ -137,9 +161,10 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
     side = chunk_side(tile_size, stride)
     ink_fraction = None
     try:
-        with h5py.File(tmp, "w") as h5:
+        h5 = h5py.File(tmp, "w", libver=HDF5_FORMAT)
+        try:
             volume = h5.create_dataset(
-                "volume", shape=(num_kept, height, width), dtype="uint16",
+                "volume", shape=(num_kept, height, width), dtype="uint16", fletcher32=True,
                 chunks=(num_kept, min(side, height), min(side, width)), **volume_compression())
             histograms = _copy_volume(fragment, volume, mask, z_start, z_stop, progress)
             _write_map(h5, "mask", mask)
@@ -151,20 +176,35 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
             if fragment.has_ir:
                 _write_map(h5, "ir", fragment.read_ir())
             tiles = tile_positions(mask, tile_size, stride)
-            h5.create_dataset("tiles", data=tiles)
-            h5.create_dataset("percentiles", data=np.stack([percentiles_from_histogram(h) for h in histograms]))
-            h5.create_dataset("percentiles_all", data=percentiles_from_histogram(histograms.sum(0)))
+            h5.create_dataset("tiles", data=tiles, fletcher32=True)
+            h5.create_dataset("percentiles", data=np.stack([percentiles_from_histogram(h) for h in histograms]),
+                              fletcher32=True)
+            h5.create_dataset("percentiles_all", data=percentiles_from_histogram(histograms.sum(0)), fletcher32=True)
             h5.attrs.update(
                 fragment_id=fragment.fragment_id, split=fragment.split, source=str(fragment.path.resolve()),
                 z_start=z_start, z_stop=z_stop, height=height, width=width, tile_size=tile_size, stride=stride,
                 fingerprint=fingerprint(fragment.source_files()), format_version=FORMAT_VERSION,
                 source_slices=fragment.num_slices, percentile_levels=np.array(PERCENTILE_LEVELS))
+        except BaseException:
+            with contextlib.suppress(Exception):  # closing flushes, which fails again on a full disk: keep the first error
+                h5.close()
+            raise
+        _close_flushed(h5, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return {"tiles": len(tiles), "bytes": path.stat().st_size, "slices": (z_start, z_stop), "shape": (height, width),
             "ink_fraction": ink_fraction}
+
+
+def _close_flushed(h5, path):
+    """Close a file being written. h5py reports a failed final flush (a full disk) as a RuntimeError: an OSError here,
+    like every other failed write."""
+    try:
+        h5.close()
+    except RuntimeError as err:
+        raise OSError(f"{path}: {err}") from None
 
 
 def _copy_volume(fragment, volume, mask, z_start, z_stop, progress):
@@ -233,39 +273,76 @@ def _count_in_mask(image, inside):
 
 def _write_map(h5, name, image):
     chunks = (min(512, image.shape[0]), min(512, image.shape[1]))
-    h5.create_dataset(name, data=image.astype(np.uint8), chunks=chunks, **hdf5plugin.Blosc(cname="lz4", clevel=5))
+    h5.create_dataset(name, data=image.astype(np.uint8), chunks=chunks, fletcher32=True,
+                      **hdf5plugin.Blosc(cname="lz4", clevel=5))
 
 
 def store_matches(path, sources_fingerprint, z_range, tile_size, stride):
-    """True when `path` is a finished store built from these sources with these settings."""
+    """True when `path` is a store built from these sources with these settings and intact: its file opens (HDF5
+    checks the size and the metadata checksums) and every dataset but the volume reads back against its checksums
+    (check_store). False when it is missing, of another format version, or stale; a store that is there but
+    unreadable or corrupt is a StoreError (prepare.py rebuilds it and says why)."""
+    if not Path(path).exists():
+        return False
     try:
         with h5py.File(path, "r") as h5:
-            a = h5.attrs
-            return (a.get("format_version") == FORMAT_VERSION and a.get("fingerprint") == sources_fingerprint
-                    and (a.get("z_start"), a.get("z_stop")) == tuple(z_range)
-                    and (a.get("tile_size"), a.get("stride")) == (tile_size, stride))
-    except OSError:
+            a = dict(h5.attrs)
+    except OSError as err:
+        raise _store_error(path, None, err) from None
+    if a.get("format_version") != FORMAT_VERSION:
         return False
+    if not (a.get("fingerprint") == sources_fingerprint and (a.get("z_start"), a.get("z_stop")) == tuple(z_range)
+            and (a.get("tile_size"), a.get("stride")) == (tile_size, stride)):
+        return False
+    check_store(path)
+    return True
+
+
+def check_store(path, full=False):
+    """Read every dataset of a store except the volume (with `full`, the volume too, band by band), so that HDF5
+    checks every chunk against its checksum; StoreError on the first failure."""
+    store = Store(path)
+    try:
+        for name in SMALL_DATASETS + tuple(n for n in ("mask", "labels", "ir") if n in store.h5):
+            store.read_dataset(name)
+        if full:
+            height = store.shape[0]
+            rows = band_rows(store.z_stop - store.z_start, store.shape[1], store.h5["volume"].chunks[1])
+            for y0 in range(0, height, rows):
+                try:
+                    store.h5["volume"][:, y0: y0 + rows]
+                except OSError as err:
+                    raise _store_error(path, f"volume (rows {y0}:{min(y0 + rows, height)})", err) from None
+    finally:
+        store.close()
 
 
 class Store:
     """Read-only view of one store. The HDF5 file is opened lazily, once per process, so a Store can be
-    handed to DataLoader workers (fork, spawn or forkserver) and each worker opens its own handle."""
+    handed to DataLoader workers (fork, spawn or forkserver) and each worker opens its own handle.
+    A store that cannot be read is a StoreError (here, or on the read that meets a corrupt chunk)."""
 
     def __init__(self, path):
         self.path = Path(path)
-        with h5py.File(self.path, "r") as h5:
-            a = h5.attrs
-            if a.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"{self.path}: store format {a.get('format_version')}, this code reads "
-                                 f"{FORMAT_VERSION}: rebuild it with prepare.py --force")
-            self.fragment_id = str(a["fragment_id"])
-            self.split = str(a["split"])
-            self.z_start, self.z_stop = int(a["z_start"]), int(a["z_stop"])
-            self.shape = (int(a["height"]), int(a["width"]))
-            self.tile_size, self.stride = int(a["tile_size"]), int(a["stride"])
-            self.has_labels = "labels" in h5
-            self.has_ir = "ir" in h5
+        try:
+            with h5py.File(self.path, "r") as h5:
+                a = dict(h5.attrs)
+                names = set(h5)
+        except OSError as err:
+            raise _store_error(self.path, None, err) from None
+        if a.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{self.path}: store format {a.get('format_version')}, this code reads "
+                             f"{FORMAT_VERSION}: rebuild it with prepare.py --force")
+        missing = [n for n in ("volume", "mask") + SMALL_DATASETS if n not in names]
+        if missing:
+            raise StoreError(f"{self.path}: not a complete store (no dataset {missing[0]}); rebuild it with prepare.py --force")
+        self.fragment_id = str(a["fragment_id"])
+        self.split = str(a["split"])
+        self.z_start, self.z_stop = int(a["z_start"]), int(a["z_stop"])
+        self.shape = (int(a["height"]), int(a["width"]))
+        self.tile_size, self.stride = int(a["tile_size"]), int(a["stride"])
+        self.has_labels = "labels" in names
+        self.has_ir = "ir" in names
         self._h5 = None
         self._pid = None
 
@@ -275,7 +352,10 @@ class Store:
     @property
     def h5(self):
         if self._pid != os.getpid():
-            self._h5 = h5py.File(self.path, "r")
+            try:
+                self._h5 = h5py.File(self.path, "r")
+            except OSError as err:  # replaced or damaged since __init__
+                raise _store_error(self.path, None, err) from None
             self._pid = os.getpid()
         return self._h5
 
@@ -284,6 +364,13 @@ class Store:
             self._h5.close()
         self._h5 = self._pid = None
 
+    def read_dataset(self, name, selection=()):
+        """`dataset[selection]`, checked against the chunks' checksums: a StoreError naming it on failure."""
+        try:
+            return self.h5[name][selection]
+        except OSError as err:
+            raise _store_error(self.path, name, err) from None
+
     @property
     def slices(self):
         """The absolute slice numbers held, e.g. range(24, 40)."""
@@ -291,19 +378,19 @@ class Store:
 
     def read_map(self, name):
         """A whole 2-D map: "mask", "labels" or "ir"."""
-        return self.h5[name][()]
+        return self.read_dataset(name)
 
     def tiles(self, tile_size=None, stride=None):
         """Tile corners for a tile size and stride (the stored index when they are the store's)."""
         tile_size, stride = tile_size or self.tile_size, stride or self.stride
         if (tile_size, stride) == (self.tile_size, self.stride):
-            return self.h5["tiles"][()]
+            return self.read_dataset("tiles")
         return tile_positions(self.read_map("mask"), tile_size, stride)
 
     def intensity_range(self, low=1, high=99):
         """(low, high) in-mask percentiles over all kept slices, for robust normalisation."""
         levels = list(PERCENTILE_LEVELS)
-        values = self.h5["percentiles_all"][()]
+        values = self.read_dataset("percentiles_all")
         return float(values[levels.index(low)]), float(values[levels.index(high)])
 
     def read_tile(self, y, x, height, width, slices=None):
@@ -322,10 +409,13 @@ class Store:
             return out
         (ys, xs), (oy, ox) = window
         volume = self.h5["volume"]
-        if z_index == list(range(z0, z1)):  # consecutive slices (the usual case): straight into `out`
-            volume.read_direct(out, np.s_[z0:z1, ys, xs], np.s_[:, oy, ox])
-        else:  # one contiguous z read (the chunk holds all of Z anyway), then pick the slices asked for
-            out[:, oy, ox] = volume[z0:z1, ys, xs][[z - z0 for z in z_index]]
+        try:
+            if z_index == list(range(z0, z1)):  # consecutive slices (the usual case): straight into `out`
+                volume.read_direct(out, np.s_[z0:z1, ys, xs], np.s_[:, oy, ox])
+            else:  # one contiguous z read (the chunk holds all of Z anyway), then pick the slices asked for
+                out[:, oy, ox] = volume[z0:z1, ys, xs][[z - z0 for z in z_index]]
+        except OSError as err:
+            raise _store_error(self.path, "volume", err) from None
         return out
 
     def read_window(self, name, y, x, height, width):
@@ -334,7 +424,7 @@ class Store:
         window = _clip_window(y, x, height, width, self.shape)
         if window is not None:
             (ys, xs), (oy, ox) = window
-            out[oy, ox] = self.h5[name][ys, xs]
+            out[oy, ox] = self.read_dataset(name, (ys, xs))
         return out
 
 

@@ -364,6 +364,7 @@ def test_cli_on_a_good_dataset(synth_root):
     result = run_cli(synth_root)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
+    assert lines.pop(4) == "test: 2 fragments" and lines.pop(0) == "train: 3 fragments"
     assert [line.split(":")[0] for line in lines] == ["train/1", "train/2", "train/3", "test/a", "test/b"]
     assert all(line.endswith(": ok") and "65 slices of" in line and "uint16" in line for line in lines)
     assert all("ink" in line for line in lines[:3]) and not any("ink" in line for line in lines[3:])

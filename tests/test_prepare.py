@@ -130,7 +130,8 @@ def test_prepare_round_trip_default_and_full_range(data_root, tmp_path):
     out = tmp_path / "out"
     result = run_prepare("--data", data_root, "--out", out)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
+    found, *lines = result.stdout.strip().splitlines()
+    assert found == f"{data_root}: 3 train and 2 test fragments; preparing 5"
     assert len(lines) == 5 and all("slices 24:40" in line for line in lines)
     for fid, split in FRAGMENTS.items():
         assert_store_exact(out / split / f"{fid}.h5", data_root / split / fid, (24, 40))
@@ -139,6 +140,7 @@ def test_prepare_round_trip_default_and_full_range(data_root, tmp_path):
     full = tmp_path / "full"
     result = run_prepare("--data", data_root, "--out", full, "--ids", "2,b", "--z-range", "0:65")
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{data_root}: 3 train and 2 test fragments; preparing 2\n")
     assert sorted(str(p.relative_to(full)) for p in full.rglob("*.h5")) == ["test/b.h5", "train/2.h5"]
     for fid in ("2", "b"):
         assert_store_exact(full / FRAGMENTS[fid] / f"{fid}.h5", data_root / FRAGMENTS[fid] / fid, (0, 65))
@@ -214,12 +216,13 @@ def test_sigkill_mid_write_leaves_no_final_store_and_rerun_completes(data_root, 
 
     kill_when_writing(args, tmp_file)
     assert not final.exists(), "a killed run left a store under the final name"
-    assert {p.name for p in out.rglob("*") if p.is_file()} <= {"2.h5.tmp"}
+    assert {p.name for p in out.rglob("*") if p.is_file()} <= {"2.h5.tmp", "2.h5.lock"}  # the lock: no longer held
 
     done = run_prepare(*args)
     assert done.returncode == 0, done.stderr
     assert "up to date" not in done.stdout
-    assert not tmp_file.exists()
+    assert f"removed {tmp_file}, left by an interrupted run" in done.stdout.splitlines()
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["2.h5"]
     assert_store_exact(final, root / "train" / "2", (0, 65))
     good = final.read_bytes()
 
@@ -228,6 +231,9 @@ def test_sigkill_mid_write_leaves_no_final_store_and_rerun_completes(data_root, 
     assert final.read_bytes() == good
     again = run_prepare(*args)
     assert again.returncode == 0 and "up to date" in again.stdout
+    # The rerun skips the up-to-date store, and still removes the killed rebuild's temp file.
+    assert f"removed {tmp_file}, left by an interrupted run" in again.stdout.splitlines()
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["2.h5"]
 
 
 def test_failed_rebuild_keeps_existing_store(data_root, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ lib.fragments, so a reader bug cannot hide a writer bug.
 """
 import multiprocessing
 import pickle
+import shutil
 from pathlib import Path
 
 import h5py
@@ -16,7 +17,7 @@ from PIL import Image
 
 import lib.store as store_mod
 from lib.fragments import Fragment
-from lib.store import Store, fingerprint, grid_starts, store_matches, tile_positions, write_store
+from lib.store import Store, StoreError, check_store, fingerprint, grid_starts, store_matches, tile_positions, write_store
 
 FRAGMENTS = {"1": "train", "2": "train", "3": "train", "a": "test", "b": "test"}
 
@@ -307,8 +308,14 @@ def test_store_matches(data_root, stores, tmp_path):
     assert not store_matches(path, fp, (24, 40), 224, 64)
     assert not store_matches(path, "0" * 40, (24, 40), 224, 56)
     assert not store_matches(tmp_path / "missing.h5", fp, (24, 40), 224, 56)
-    (tmp_path / "garbage.h5").write_bytes(b"not hdf5" * 100)
-    assert not store_matches(tmp_path / "garbage.h5", fp, (24, 40), 224, 56)
+    old = tmp_path / "old.h5"  # an older format: rebuilt without complaint
+    shutil.copy(path, old)
+    with h5py.File(old, "a") as h5:
+        h5.attrs["format_version"] = store_mod.FORMAT_VERSION - 1
+    assert not store_matches(old, fp, (24, 40), 224, 56)
+    (tmp_path / "garbage.h5").write_bytes(b"not hdf5" * 100)  # there but unreadable: an error that names it
+    with pytest.raises(StoreError, match=r"garbage\.h5: unreadable, truncated or corrupt \(.*signature"):
+        store_matches(tmp_path / "garbage.h5", fp, (24, 40), 224, 56)
 
 
 def test_write_store_rejects_bad_range_and_cleans_up_on_failure(data_root, tmp_path, monkeypatch):
@@ -411,3 +418,91 @@ def test_old_format_stores_are_refused(stores, tmp_path):
         h5.attrs["format_version"] = 1
     with pytest.raises(ValueError, match=f"{old}: store format 1.*prepare.py --force"):
         Store(old)
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def flip_bit(path, offset, bit=0):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ (1 << bit)]))
+
+
+def chunk_offset(path, dataset, index=0):
+    """Byte offset in the file of a dataset's stored chunk number `index` (and its size)."""
+    with h5py.File(path, "r") as h5:
+        info = h5[dataset].id.get_chunk_info(index)
+    return info.byte_offset, info.size
+
+
+def test_every_dataset_checksummed_and_readable_by_plain_hdf5(stores):
+    with h5py.File(stores["1", (24, 40)], "r") as h5:
+        for name in ("volume", "mask", "labels", "ir", "tiles", "percentiles", "percentiles_all"):
+            assert h5[name].fletcher32, name
+        dcpl = h5["volume"].id.get_create_plist()
+        assert [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())] == [32001, 3]  # Blosc, then Fletcher32
+        h5["volume"][()]  # HDF5's own pipeline verifies the checksums written beside write_direct_chunk
+
+
+@pytest.mark.parametrize("dataset", ["percentiles_all", "percentiles", "tiles", "mask", "labels", "volume"])
+def test_flipped_bit_in_a_chunk_is_an_error_naming_store_and_dataset(stores, tmp_path, dataset):
+    path = tmp_path / "1.h5"
+    shutil.copy(stores["1", (24, 40)], path)
+    offset, size = chunk_offset(path, dataset)
+    flip_bit(path, offset + size // 2, 3)
+    named = rf"{path}: dataset {dataset}: unreadable, truncated or corrupt \(.+\)$"
+    whole = named.replace("volume:", r"volume \(rows 0:274\):")  # the full check names the band of rows
+    with pytest.raises(StoreError, match=whole):
+        check_store(path, full=True)
+    store = Store(path)  # opening reads only metadata: fine; the read of the bad dataset fails
+    read = {"percentiles_all": store.intensity_range, "tiles": store.tiles,
+            "volume": lambda: store.read_tile(0, 0, 56, 56)}.get(dataset, lambda: store.read_dataset(dataset))
+    with pytest.raises(StoreError, match=named):
+        read()
+    if dataset == "volume":  # the cheap check leaves the volume to --verify and to the reads
+        check_store(path)
+    else:
+        with pytest.raises(StoreError, match=named):
+            check_store(path)
+
+
+def test_random_bit_flips_never_go_unnoticed(stores, tmp_path):
+    """Anywhere in the file: a flipped bit is an error, or changes nothing that is read (padding, free space)."""
+    source = stores["b", (24, 40)]
+    reference = Store(source)
+    want = {name: reference.read_dataset(name) for name in ("volume", "mask", "tiles", "percentiles", "percentiles_all")}
+    attrs = dict(h5py.File(source, "r").attrs)
+    good = source.read_bytes()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "b.h5"
+    caught = 0
+    for offset, bit in zip(rng.integers(0, len(good), 60), rng.integers(0, 8, 60)):
+        data = bytearray(good)
+        data[offset] ^= 1 << int(bit)
+        path.write_bytes(data)
+        try:
+            check_store(path, full=True)
+            store = Store(path)
+            got = {name: store.read_dataset(name) for name in want}
+            store.close()
+            with h5py.File(path, "r") as h5:
+                got_attrs = dict(h5.attrs)
+        except StoreError:
+            caught += 1
+            continue
+        assert all(np.array_equal(got[n], want[n]) for n in want), f"bit {bit} of byte {offset}: silent change"
+        assert got_attrs.keys() == attrs.keys() and all(np.array_equal(got_attrs[k], attrs[k]) for k in attrs)
+    assert caught >= 50  # almost every byte of a store is data or checksummed metadata
+
+
+def test_truncated_or_missing_store_is_a_store_error(stores, tmp_path):
+    path = tmp_path / "b.h5"
+    data = stores["b", (24, 40)].read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError, match=rf"{path}: unreadable, truncated or corrupt \(.*truncated file"):
+        Store(path)
+    with pytest.raises(StoreError, match=rf"{tmp_path / 'none.h5'}: unreadable"):
+        Store(tmp_path / "none.h5")
