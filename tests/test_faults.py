@@ -55,7 +55,8 @@ def assert_one_error(stderr, *named):
 
 
 def files(folder):
-    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+    """Every file under `folder` but the stores' manifest: stores, and any litter (temp or lock files)."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file() and p.name != "prepared.json")
 
 
 def flip_bit(path, dataset):

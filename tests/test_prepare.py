@@ -1,5 +1,6 @@
 """prepare.py as a command: exact stores, skipping unchanged stores, atomic writes under SIGKILL and
 failure, and one-line errors on bad input with nothing written."""
+import json
 import os
 import shutil
 import signal
@@ -135,7 +136,9 @@ def test_prepare_round_trip_default_and_full_range(data_root, tmp_path):
     assert len(lines) == 5 and all("slices 24:40" in line for line in lines)
     for fid, split in FRAGMENTS.items():
         assert_store_exact(out / split / f"{fid}.h5", data_root / split / fid, (24, 40))
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(f"{f}.h5" for f in FRAGMENTS)
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(f"{f}.h5" for f in FRAGMENTS) + ["prepared.json"]
+    manifest = json.loads((out / "prepared.json").read_text())
+    assert sorted(manifest["stores"]) == sorted(str(p.relative_to(out)) for p in out.rglob("*.h5"))
 
     full = tmp_path / "full"
     result = run_prepare("--data", data_root, "--out", full, "--ids", "2,b", "--z-range", "0:65")
@@ -222,7 +225,7 @@ def test_sigkill_mid_write_leaves_no_final_store_and_rerun_completes(data_root, 
     assert done.returncode == 0, done.stderr
     assert "up to date" not in done.stdout
     assert f"removed {tmp_file}, left by an interrupted run" in done.stdout.splitlines()
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["2.h5"]
+    assert sorted(p.name for p in out.rglob("*.h5*") if p.is_file()) == ["2.h5"]
     assert_store_exact(final, root / "train" / "2", (0, 65))
     good = final.read_bytes()
 
@@ -233,7 +236,7 @@ def test_sigkill_mid_write_leaves_no_final_store_and_rerun_completes(data_root, 
     assert again.returncode == 0 and "up to date" in again.stdout
     # The rerun skips the up-to-date store, and still removes the killed rebuild's temp file.
     assert f"removed {tmp_file}, left by an interrupted run" in again.stdout.splitlines()
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["2.h5"]
+    assert sorted(p.name for p in out.rglob("*.h5*") if p.is_file()) == ["2.h5"]
 
 
 def test_failed_rebuild_keeps_existing_store(data_root, tmp_path, monkeypatch):
@@ -262,7 +265,7 @@ def test_failed_rebuild_keeps_existing_store(data_root, tmp_path, monkeypatch):
     assert code != 0 and "injected read failure" in stderr
     assert len(calls) == 40
     assert final.read_bytes() == good
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["3.h5"]
+    assert sorted(p.name for p in out.rglob("*.h5*") if p.is_file()) == ["3.h5"]
 
     # A source broken after the store was built: validation fails before anything is written.
     broken = root / "train" / "3" / "surface_volume" / "30.tif"
@@ -270,7 +273,7 @@ def test_failed_rebuild_keeps_existing_store(data_root, tmp_path, monkeypatch):
     failed = run_prepare("--data", root, "--out", out, "--force")
     assert failed.returncode != 0 and "30.tif" in failed.stderr
     assert final.read_bytes() == good
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["3.h5"]
+    assert sorted(p.name for p in out.rglob("*.h5*") if p.is_file()) == ["3.h5"]
     assert Store(final).read_tile(0, 0, 8, 8).shape == (16, 8, 8)
 
 
