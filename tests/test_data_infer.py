@@ -5,7 +5,7 @@ import tifffile
 import torch
 import cv2
 
-from lib.data import CENTRE_SLICES, TileDataset, equal_area_bands, make_folds
+from lib.data import CENTRE_SLICES, TileDataset, equal_area_bands, make_folds, photometric
 from lib.fragments import Fragment
 from lib.infer import blend_weights, predict_fragment
 from lib.store import Store, write_store
@@ -48,7 +48,7 @@ def test_augmented_tiles_stay_aligned_with_labels(label_store):
         bright = image.mean(0) > 0.5  # ink voxels normalise to about 1, the rest to about 0
         agree += (bright == (label[0] > 0)).sum().item()
         total += label.numel()
-    # rotations, flips, affine and photometric changes all keep image and label on the same pixels;
+    # rotations, flips and the affine warp all keep image and label on the same pixels;
     # only interpolated edges of the affine warp may disagree
     assert agree / total > 0.97
 
@@ -125,3 +125,23 @@ def test_blend_weights_are_positive_and_peak_in_the_centre():
     weights = blend_weights(64)
     assert weights.min() > 0 and weights[32, 32] == weights.max()
     np.testing.assert_allclose(weights, weights.T)
+
+
+def test_label_windows_match_the_store_at_every_offset(label_store):
+    path, labels, _ = label_store
+    dataset = TileDataset([path], tile_size=64, stride=32, augment=False)
+    store = Store(path)
+    for y, x in [(0, 0), (13, 5), (150, 117), (HEIGHT - 64, WIDTH - 64), (HEIGHT - 30, WIDTH - 21)]:
+        np.testing.assert_array_equal(dataset.label_window(0, y, x), store.read_window("labels", y, x, 64, 64))
+
+
+def test_photometric_draws_per_tile_and_keeps_the_shape():
+    images = torch.rand(6, 3, 32, 32)
+    torch.manual_seed(0)
+    out = photometric(images, noise=0.0)
+    assert out.shape == images.shape
+    # without noise each tile is an affine map of itself, with its own gain: the per-tile spreads differ
+    gains = out.std(dim=(1, 2, 3)) / images.std(dim=(1, 2, 3))
+    assert gains.min() >= 0.8 - 1e-4 and gains.max() <= 1.2 + 1e-4 and gains.std() > 0.01
+    torch.manual_seed(0)
+    assert torch.equal(photometric(images, noise=0.0), out)  # deterministic given the seed
