@@ -132,6 +132,12 @@ class TileDataset(torch.utils.data.Dataset):
         return torch.from_numpy(image), torch.from_numpy(label[None].astype(np.float32))
 
 
+def loader_worker_init(_):
+    """In each DataLoader worker: OpenCV on one thread (torch already is), so that workers do not oversubscribe
+    the cores with OpenCV's own thread pools."""
+    cv2.setNumThreads(1)
+
+
 def photometric(images, brightness=0.1, contrast=0.2, noise=0.03):
     """Brightness, contrast and Gaussian noise on a batch of images (B, C, T, T), each tile its own draw, on the
     batch's device (drawn from that device's torch generator)."""
