@@ -12,7 +12,7 @@ RUN ?= runs/demo
 PRESET ?= demo
 TRAIN_ARGS ?=
 
-.PHONY: setup demo synth validate prepare train ensemble submit score test bench bench-prepare bench-train bench-submit clean-data
+.PHONY: setup demo synth validate prepare train ensemble submit score test bench bench-prepare bench-train bench-submit bench-loader bench-gpu clean-data
 
 setup: $(VENV)/.installed
 
@@ -46,7 +46,7 @@ demo: synth validate prepare train ensemble submit
 test: setup
 	$(PY) -m pytest -q tests
 
-bench: bench-prepare bench-train bench-submit
+bench: bench-prepare bench-train bench-submit bench-loader
 
 bench-prepare: setup
 	$(PY) bench/bench_prepare.py
@@ -56,6 +56,13 @@ bench-train: setup
 
 bench-submit: setup
 	$(PY) bench/bench_submit.py
+
+bench-loader: setup
+	$(PY) bench/bench_loader.py
+
+# On a GPU machine (at most ~5 minutes); without a GPU it runs a tiny CPU version.
+bench-gpu: setup
+	$(PY) bench/bench_gpu.py
 
 clean-data:
 	rm -rf $(SYNTH) $(SYNTH).partial

@@ -116,8 +116,7 @@ def train_fold(config):
     train_set = TileDataset(train_paths, tile_size, stride, augment=True,
                             skip_rows={held_out: rows} if rows else None)
     val_set = TileDataset([held_out], tile_size, tile_size, augment=False, only_rows={held_out: rows} if rows else None)
-    workers = config["workers"] if config["workers"] is not None else trial_cpus() - 1
-    loader = train_loader(train_set, config["batch_size"], config["max_tiles"] or len(train_set), workers, device)
+    loader = train_loader(train_set, config["batch_size"], config["max_tiles"] or len(train_set), config["workers"], device)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=config["batch_size"])
 
     model = build_model(config["backbone"], 3, config["weights"], config["decoder_channels"])
@@ -158,13 +157,6 @@ def train_fold(config):
 
     model.load_state_dict(state["best_model"])
     tune.report(finish_fold(model, store, config, fold, state, device))
-
-
-def trial_cpus():
-    """CPUs Ray gave this trial (1 outside a Ray trial)."""
-    import ray
-
-    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))) if ray.is_initialized() else 1
 
 
 def train_loader(dataset, batch_size, per_epoch, workers, device):
@@ -295,7 +287,7 @@ def trial_resources(args, cluster, num_trials):
     """CPUs and GPU share per trial; never a GPU the cluster does not have (the trial would wait forever).
 
     A trial asks for 1 + loader-worker CPUs. Without --workers (and a preset that names none) it asks for its
-    share of the CPUs among the trials that run at once, and its loader gets all but one of them (trial_cpus).
+    share of the CPUs among the trials that run at once, and its loader gets all but one of them (run_trials).
     On a CPU-only cluster with fewer CPUs than the trials would take, the CPUs are shared evenly instead, so
     that all trials run at once and no core idles while the last one finishes alone.
     """
@@ -362,14 +354,15 @@ def run_trials(args, train_ids, folds, run):
         raise SystemExit(f"error: --folds {','.join(sorted(unknown))}: not a fold of {', '.join(folds)}")
     ray = start_ray(args)
     resources = trial_resources(args, ray.cluster_resources(), len(backbones) * len(fold_names))
-    print(f"each trial gets {resources['cpu']:g} CPUs and {resources['gpu']:g} GPUs")
+    workers = args.workers if args.workers is not None else max(0, int(resources["cpu"]) - 1)
+    print(f"each trial gets {resources['cpu']:g} CPUs ({workers} loader workers) and {resources['gpu']:g} GPUs")
     trainable = tune.with_resources(train_fold, resources)
     experiment = (run / "tune").resolve()
     config = dict(
         backbone=tune.grid_search(backbones), fold=tune.grid_search(fold_names), folds=folds, train_ids=train_ids,
         stores=str(Path(args.stores).resolve()), run=str(run.resolve()), seed=args.seed, weights=args.weights,
         tile_size=args.tile_size, stride=args.stride, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        workers=args.workers, precision=args.precision, compile=args.compile, infer_batch=args.infer_batch, max_tiles=args.max_tiles, tta=args.tta,
+        workers=workers, precision=args.precision, compile=args.compile, infer_batch=args.infer_batch, max_tiles=args.max_tiles, tta=args.tta,
         triplets=args.triplets, decoder_channels=[int(c) for c in args.decoder_channels.split(",")],
         **{k: getattr(args, k) for k in LOSS_DEFAULTS})
     if args.resume and tune.Tuner.can_restore(str(experiment)):

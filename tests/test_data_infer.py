@@ -145,3 +145,12 @@ def test_photometric_draws_per_tile_and_keeps_the_shape():
     assert gains.min() >= 0.8 - 1e-4 and gains.max() <= 1.2 + 1e-4 and gains.std() > 0.01
     torch.manual_seed(0)
     assert torch.equal(photometric(images, noise=0.0), out)  # deterministic given the seed
+
+
+def test_an_ensemble_in_one_pass_equals_the_weighted_sum_of_its_models(label_store):
+    path, _, _ = label_store
+    store = Store(path)
+    first, second = PointwiseModel(), ConstantModel()
+    together = predict_fragment([(first, 0.25), (second, 0.75)], store, 64, 32, batch_size=2, tta=True, triplets=True)
+    apart = [predict_fragment(m, store, 64, 32, batch_size=5, tta=True, triplets=True, readers=0) for m in (first, second)]
+    np.testing.assert_allclose(together, 0.25 * apart[0] + 0.75 * apart[1], atol=1e-5)
