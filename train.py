@@ -40,7 +40,7 @@ PRESETS = {
     # The original solution's recipe (batch 16, lr 1e-4) for GPUs, with 4x the batch to fill a modern GPU and the
     # learning rate scaled by the square root of the batch ratio (scaled_lr); loader workers follow the trial's CPUs.
     "full": dict(backbones="resnet34,efficientnet-b3,mit_b2", tile_size=224, stride=56, epochs=15, batch_size=64,
-                 lr=2e-4, workers=None, infer_batch=64, max_tiles=0, decoder_channels="256,128,64,32,16"),
+                 lr=2e-4, workers=None, infer_batch=32, max_tiles=0, decoder_channels="256,128,64,32,16"),
     # Fits `make train` on a 2-core CPU in minutes: tiny encoder and decoder, small tiles, short epochs.
     "demo": dict(backbones="tu-mobilenetv3_small_050", tile_size=64, stride=32, epochs=20, batch_size=16,
                  lr=3e-3, workers=0, infer_batch=16, max_tiles=512, decoder_channels="64,32,16,16,8"),

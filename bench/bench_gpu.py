@@ -7,6 +7,7 @@ Per backbone, at the full preset's tile size, batch and precision, one process:
 - inference: model-only calls on random inputs (TTA x triplets batches: 12 inputs a tile) against
   lib.infer.predict_fragment with TTA and triplets on a store, model inputs/s and their ratio;
 - peak GPU memory of each.
+Loader alone: tiles/s of train.train_loader (TileDataset with augmentation) at a few worker counts, no model.
 Packing: K trials at once (1 / K GPU each, as Ray packs them), each the real trial loop in its own process with
 its share of the loader workers; total tiles/s.
 Without a GPU it runs the same code tiny on the CPU (about a minute), so that it cannot rot; it then writes
@@ -43,20 +44,26 @@ from lib.store import Store  # noqa: E402
 FULL = train.PRESETS["full"]
 SETTINGS = {  # the full preset on a GPU; tiny on a CPU
     "cuda": dict(backbones=FULL["backbones"], tile_size=FULL["tile_size"], stride=FULL["stride"], size=1024,
-                 batch_size=FULL["batch_size"], infer_batch=32, steps=30, packing="1,2,4", packing_backbones="resnet34,mit_b2"),
+                 batch_size=FULL["batch_size"], infer_batch=32, steps=30, packing="1,2,4", packing_backbones="resnet34,mit_b2",
+                 loader_workers="4,8,all"),
     "cpu": dict(backbones="tu-mobilenetv3_small_050", tile_size=64, stride=32, size=256, batch_size=4, infer_batch=4,
-                steps=3, packing="1,2", packing_backbones="tu-mobilenetv3_small_050"),
+                steps=3, packing="1,2", packing_backbones="tu-mobilenetv3_small_050", loader_workers="0,1"),
 }
+
+
+def drain(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(function, device, calls):
     """Seconds for `calls` calls after one warm-up call, the device drained before and after."""
     function()
-    torch.cuda.synchronize() if device == "cuda" else None
+    drain(device)
     started = time.perf_counter()
     for _ in range(calls):
         function()
-    torch.cuda.synchronize() if device == "cuda" else None
+    drain(device)
     return time.perf_counter() - started
 
 
@@ -65,9 +72,9 @@ def new_step(backbone, args):
     return train.TrainStep(model, FULL["lr"], 10**6, train.resolve_precision(args.precision, args.device), args.compile)
 
 
-def loop_rate(backbone, args, workers):
+def loop_rate(step, args, workers):
     """Tiles/s of the real trial loop: one untimed epoch (worker start-up, allocation), then a timed one."""
-    step, loss_fn = new_step(backbone, args), build_loss().to(args.device)
+    loss_fn = build_loss().to(args.device)
     dataset = TileDataset(sorted(Path(args.stores, "train").glob("*.h5")), args.tile_size, args.stride)
     loader = train.train_loader(dataset, args.batch_size, args.batch_size * args.steps, workers, args.device)
     train.train_epoch(step, loader, loss_fn, args.device)
@@ -76,21 +83,34 @@ def loop_rate(backbone, args, workers):
     return tiles / (time.perf_counter() - started)
 
 
+def loader_rate(args, workers):
+    """Tiles/s of the training loader alone: one untimed epoch (worker start-up), then a timed one."""
+    dataset = TileDataset(sorted(Path(args.stores, "train").glob("*.h5")), args.tile_size, args.stride)
+    loader = train.train_loader(dataset, args.batch_size, args.batch_size * args.steps * 2, workers, args.device)
+    for _ in range(2):
+        started, tiles = time.perf_counter(), 0
+        for images, labels in loader:
+            tiles += len(images)
+    return tiles / (time.perf_counter() - started)
+
+
 def measure(backbone, args, workers):
     """One row of the table: train and inference rates, their ratios, peak GPU memory."""
     row, cuda = {"backbone": backbone}, args.device == "cuda"
-    torch.cuda.reset_peak_memory_stats() if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     step, loss_fn = new_step(backbone, args), build_loss().to(args.device)
     images = torch.rand(args.batch_size, 3, args.tile_size, args.tile_size, device=args.device)
     images = images.contiguous(memory_format=torch.channels_last) if cuda else images
     labels = (torch.rand(args.batch_size, 1, args.tile_size, args.tile_size, device=args.device) > 0.8).float()
     row["model train"] = args.batch_size * args.steps / timed(lambda: step(images, labels, loss_fn), args.device, args.steps)
-    row["loop train"] = loop_rate(backbone, args, workers)
+    row["loop train"] = loop_rate(step, args, workers)
     row["train peak GiB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     model = step.model.eval()
     del step, images, labels
-    torch.cuda.empty_cache() if cuda else None
-    torch.cuda.reset_peak_memory_stats() if cuda else None
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     inputs = torch.rand(12 * args.infer_batch, 3, args.tile_size, args.tile_size, device=args.device)
     inputs = inputs.contiguous(memory_format=torch.channels_last) if cuda else inputs
     autocast = torch.autocast("cuda") if cuda else torch.autocast("cpu", enabled=False)  # as predict_fragment
@@ -135,7 +155,7 @@ def main(argv=None):
     for key, value in SETTINGS[args.device].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     if args.child_loop:
-        print(json.dumps(loop_rate(args.child_loop[0], args, int(args.child_loop[1]))))
+        print(json.dumps(loop_rate(new_step(args.child_loop[0], args), args, int(args.child_loop[1]))))
         return
     cpus = len(os.sched_getaffinity(0))
     workers = cpus - 1 if args.device == "cuda" else 0  # one trial on the whole machine, as Ray would give it
@@ -146,6 +166,8 @@ def main(argv=None):
         prepare.main(["--data", str(Path(tmp) / "synth"), "--out", args.stores, "--ids", "1,2,a",
                       "--tile-size", str(args.tile_size), "--stride", str(args.stride)])
         args.passthrough = given + ["--stores", args.stores]  # for the packing children
+        loader_workers = [cpus - 1 if n == "all" else int(n) for n in args.loader_workers.split(",")]
+        loaders = [(n, loader_rate(args, n)) for n in loader_workers]
         rows = [measure(backbone, args, workers) for backbone in args.backbones.split(",")]
         packed = [(backbone, trials, packing(backbone, args, trials, cpus)) for backbone in args.packing_backbones.split(",")
                   for trials in map(int, args.packing.split(","))] if args.packing_on else []
@@ -159,6 +181,8 @@ def main(argv=None):
         lines.append(f"| {r['backbone']} | {r['model train']:.4g} | {r['loop train']:.4g} | **{r['loop train'] / r['model train']:.2f}** "
                      f"| {r['model infer']:.4g} | {r['predict_fragment']:.4g} | **{r['predict_fragment'] / r['model infer']:.2f}** "
                      f"| {r['train peak GiB']:.1f} / {r['infer peak GiB']:.1f} |")
+    lines += ["", "Loader alone (train.train_loader, augmentation on, no model):", "",
+              "| loader workers | tiles/s |", "|---|---|", *[f"| {n} | {rate:.4g} |" for n, rate in loaders]]
     if packed:
         lines += ["", "Packing: K trials at once on the one device (--gpus-per-trial 1/K), each the real trial loop in "
                   "its own process with (CPUs / K - 1) loader workers.", "",

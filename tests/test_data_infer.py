@@ -154,3 +154,16 @@ def test_an_ensemble_in_one_pass_equals_the_weighted_sum_of_its_models(label_sto
     together = predict_fragment([(first, 0.25), (second, 0.75)], store, 64, 32, batch_size=2, tta=True, triplets=True)
     apart = [predict_fragment(m, store, 64, 32, batch_size=5, tta=True, triplets=True, readers=0) for m in (first, second)]
     np.testing.assert_allclose(together, 0.25 * apart[0] + 0.75 * apart[1], atol=1e-5)
+
+
+def test_augmentation_is_deterministic_given_the_seed(label_store):
+    path, _, _ = label_store
+    dataset = TileDataset([path], tile_size=64, stride=32, augment=True)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        draws.append([dataset[i] for i in range(6)])
+    for (image_a, label_a), (image_b, label_b) in zip(*draws):
+        assert torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
+    torch.manual_seed(4)
+    assert not all(torch.equal(dataset[i][0], image) for i, (image, _) in enumerate(draws[0]))
