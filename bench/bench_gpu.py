@@ -10,8 +10,8 @@ Per backbone, at the full preset's tile size, batch and precision, one process:
 Loader alone: tiles/s of train.train_loader (TileDataset with augmentation) at a few worker counts, no model.
 Packing: K trials at once (1 / K GPU each, as Ray packs them), each the real trial loop in its own process with
 its share of the loader workers; total tiles/s.
-Without a GPU it runs the same code tiny on the CPU (about a minute), so that it cannot rot; it then writes
-"## gpu (CPU mode)" instead.
+Without a GPU it runs the same code tiny on the CPU (about a minute; one torch thread), so that it cannot rot; it
+then writes "## gpu (CPU mode)" instead.
 
     python bench/bench_gpu.py [--backbones resnet34,efficientnet-b3,mit_b2] [--steps 30] [--no-packing] [--no-readme]
 """
@@ -158,6 +158,8 @@ def main(argv=None):
         print(json.dumps(loop_rate(new_step(args.child_loop[0], args), args, int(args.child_loop[1]))))
         return
     cpus = len(os.sched_getaffinity(0))
+    if args.device == "cpu":  # one torch thread: on a shared CPU more spin against each other (bench/README.md)
+        torch.set_num_threads(1)
     workers = cpus - 1 if args.device == "cuda" else 0  # one trial on the whole machine, as Ray would give it
     card = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU (CPU mode)"
     with tempfile.TemporaryDirectory() as tmp:
