@@ -1,17 +1,12 @@
 """Benchmark: does the GPU wait for the pipeline? (`make bench-gpu`); writes "## gpu" of bench/README.md.
 
-Per backbone, at the full preset's tile size, batch and precision, one process:
-- train: model-only steps on random tensors already on the device (train.TrainStep) against the real trial loop
-  (train.train_loader over synthetic stores: TileDataset, its augmentation, loader workers, then train.train_epoch
-  with the photometric augmentation on the device), tiles/s and their ratio;
-- inference: model-only calls on random inputs (TTA x triplets batches: 12 inputs a tile) against
-  lib.infer.predict_fragment with TTA and triplets on a store, model inputs/s and their ratio;
-- peak GPU memory of each.
-Loader alone: tiles/s of train.train_loader (TileDataset with augmentation) at a few worker counts, no model.
-Packing: K trials at once (1 / K GPU each, as Ray packs them), each the real trial loop in its own process with
-its share of the loader workers; total tiles/s.
-Without a GPU it runs the same code tiny on the CPU (about a minute; one torch thread), so that it cannot rot; it
-then writes "## gpu (CPU mode)" instead.
+Per backbone at the full preset's tile size, batch and precision, best of --rounds (interleaved): train tiles/s of
+model-only steps on tensors already on the device (train.TrainStep) against the real trial loop (train.train_loader
+over synthetic stores, TileDataset's augmentation, loader workers, train.train_epoch); inference model inputs/s of
+model-only calls (12 inputs a tile) against lib.infer.predict_fragment with TTA x triplets; ratios; peak GPU memory.
+Also the loader alone at a few worker counts, and packing: K trials at once (1/K GPU each, as Ray packs them), each
+the real loop in its own process with its share of the CPUs. Without a GPU it runs tiny on the CPU (about a minute,
+one torch thread) so that it cannot rot, and writes "## gpu (CPU mode)".
 
     python bench/bench_gpu.py [--backbones resnet34,efficientnet-b3,mit_b2] [--steps 30] [--no-packing] [--no-readme]
 """
@@ -44,70 +39,82 @@ from lib.store import Store  # noqa: E402
 FULL = train.PRESETS["full"]
 SETTINGS = {  # the full preset on a GPU; tiny on a CPU
     "cuda": dict(backbones=FULL["backbones"], tile_size=FULL["tile_size"], stride=FULL["stride"], size=1024,
-                 batch_size=FULL["batch_size"], infer_batch=32, steps=30, packing="1,2,4", packing_backbones="resnet34,mit_b2",
-                 loader_workers="4,8,all"),
+                 batch_size=FULL["batch_size"], infer_batch=32, steps=30, packing="1,2,4",
+                 packing_backbones="resnet34,mit_b2", loader_workers="4,all"),
     "cpu": dict(backbones="tu-mobilenetv3_small_050", tile_size=64, stride=32, size=256, batch_size=4, infer_batch=4,
                 steps=3, packing="1,2", packing_backbones="tu-mobilenetv3_small_050", loader_workers="0,1"),
 }
 
 
-def drain(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(function, device, calls):
     """Seconds for `calls` calls after one warm-up call, the device drained before and after."""
     function()
-    drain(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     started = time.perf_counter()
     for _ in range(calls):
         function()
-    drain(device)
+    sync()
     return time.perf_counter() - started
 
 
 def new_step(backbone, args):
-    model = build_model(backbone).to(args.device, memory_format=torch.channels_last if args.device == "cuda" else torch.contiguous_format)
+    layout = torch.channels_last if args.device == "cuda" else torch.contiguous_format
+    model = build_model(backbone).to(args.device, memory_format=layout)
     return train.TrainStep(model, FULL["lr"], 10**6, train.resolve_precision(args.precision, args.device), args.compile)
 
 
-def loop_rate(step, args, workers):
-    """Tiles/s of the real trial loop: one untimed epoch (worker start-up, allocation), then a timed one."""
-    loss_fn = build_loss().to(args.device)
+def loader(args, workers):
+    """train.train_loader over the train stores (TileDataset with augmentation), --steps batches an epoch."""
     dataset = TileDataset(sorted(Path(args.stores, "train").glob("*.h5")), args.tile_size, args.stride)
-    loader = train.train_loader(dataset, args.batch_size, args.batch_size * args.steps, workers, args.device)
-    train.train_epoch(step, loader, loss_fn, args.device)
+    return train.train_loader(dataset, args.batch_size, args.batch_size * args.steps, workers, args.device)
+
+
+def epoch_rate(batches, args, step=None):
+    """Tiles/s of one epoch: the real trial loop (train_epoch ends with .item(): drained), or the loader alone."""
     started = time.perf_counter()
-    _, tiles = train.train_epoch(step, loader, loss_fn, args.device)  # ends with .item(): the device is drained
+    if step is None:
+        tiles = sum(len(images) for images, _ in batches)
+    else:
+        _, tiles = train.train_epoch(step, batches, build_loss().to(args.device), args.device)
     return tiles / (time.perf_counter() - started)
 
 
-def loader_rate(args, workers):
-    """Tiles/s of the training loader alone: one untimed epoch (worker start-up), then a timed one."""
-    dataset = TileDataset(sorted(Path(args.stores, "train").glob("*.h5")), args.tile_size, args.stride)
-    loader = train.train_loader(dataset, args.batch_size, args.batch_size * args.steps * 2, workers, args.device)
-    for _ in range(2):
-        started, tiles = time.perf_counter(), 0
-        for images, labels in loader:
-            tiles += len(images)
-    return tiles / (time.perf_counter() - started)
+def warm_rate(args, workers, step=None):
+    """epoch_rate after one untimed epoch (worker start-up, allocation)."""
+    batches = loader(args, workers)
+    epoch_rate(batches, args, step)
+    return epoch_rate(batches, args, step)
+
+
+def best_of(rounds, cases):
+    """{name: best rate over `rounds` rounds} for cases {name: function returning a rate}, interleaved so that a
+    busy spell of a shared machine hits every case alike."""
+    best = dict.fromkeys(cases, 0.0)
+    for _ in range(rounds):
+        for name, rate in cases.items():
+            best[name] = max(best[name], rate())
+    return best
 
 
 def measure(backbone, args, workers):
-    """One row of the table: train and inference rates, their ratios, peak GPU memory."""
-    row, cuda = {"backbone": backbone}, args.device == "cuda"
+    """One row of the table: train and inference rates (best of --rounds), their ratios, peak GPU memory."""
+    cuda = args.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     step, loss_fn = new_step(backbone, args), build_loss().to(args.device)
     images = torch.rand(args.batch_size, 3, args.tile_size, args.tile_size, device=args.device)
     images = images.contiguous(memory_format=torch.channels_last) if cuda else images
     labels = (torch.rand(args.batch_size, 1, args.tile_size, args.tile_size, device=args.device) > 0.8).float()
-    row["model train"] = args.batch_size * args.steps / timed(lambda: step(images, labels, loss_fn), args.device, args.steps)
-    row["loop train"] = loop_rate(step, args, workers)
+    batches = loader(args, workers)
+    epoch_rate(batches, args, step)  # starts the workers
+    row = {"backbone": backbone, **best_of(args.rounds, {
+        "model train": lambda: args.batch_size * args.steps / timed(
+            lambda: step(images, labels, loss_fn), args.device, args.steps),
+        "loop train": lambda: epoch_rate(batches, args, step)})}
     row["train peak GiB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     model = step.model.eval()
-    del step, images, labels
+    del step, images, labels, batches
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -118,12 +125,12 @@ def measure(backbone, args, workers):
     def infer():
         with torch.inference_mode(), autocast:
             torch.sigmoid(model(inputs).float())
-    row["model infer"] = 12 * args.infer_batch * args.steps / timed(infer, args.device, args.steps)
     store = Store(sorted(Path(args.stores, "test").glob("*.h5"))[0])
     tiles = len(store.tiles(args.tile_size, args.stride))
-    seconds = timed(lambda: predict_fragment(model, store, args.tile_size, args.stride, args.infer_batch,
-                                             device=args.device), args.device, 1)
-    row["predict_fragment"] = 12 * tiles / seconds
+    row.update(best_of(args.rounds, {
+        "model infer": lambda: 12 * args.infer_batch * args.steps / timed(infer, args.device, args.steps),
+        "predict_fragment": lambda: 12 * tiles / timed(lambda: predict_fragment(
+            model, store, args.tile_size, args.stride, args.infer_batch, device=args.device), args.device, 1)}))
     row["infer peak GiB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     return row
 
@@ -144,6 +151,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     for key in SETTINGS["cpu"]:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(SETTINGS["cpu"][key]))
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each timing; the best is kept")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     parser.add_argument("--no-packing", dest="packing_on", action="store_false")
@@ -155,7 +163,7 @@ def main(argv=None):
     for key, value in SETTINGS[args.device].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     if args.child_loop:
-        print(json.dumps(loop_rate(new_step(args.child_loop[0], args), args, int(args.child_loop[1]))))
+        print(json.dumps(warm_rate(args, int(args.child_loop[1]), new_step(args.child_loop[0], args))))
         return
     cpus = len(os.sched_getaffinity(0))
     if args.device == "cpu":  # one torch thread: on a shared CPU more spin against each other (bench/README.md)
@@ -163,13 +171,13 @@ def main(argv=None):
     workers = cpus - 1 if args.device == "cuda" else 0  # one trial on the whole machine, as Ray would give it
     card = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU (CPU mode)"
     with tempfile.TemporaryDirectory() as tmp:
-        synth.generate(Path(tmp) / "synth", size=args.size, seed=0, progress=False)
+        synth.generate(Path(tmp) / "synth", size=args.size, seed=0, num_slices=40, progress=False)  # stores keep 24:40
         args.stores = str(Path(tmp) / "stores")
         prepare.main(["--data", str(Path(tmp) / "synth"), "--out", args.stores, "--ids", "1,2,a",
                       "--tile-size", str(args.tile_size), "--stride", str(args.stride)])
         args.passthrough = given + ["--stores", args.stores]  # for the packing children
         loader_workers = [cpus - 1 if n == "all" else int(n) for n in args.loader_workers.split(",")]
-        loaders = [(n, loader_rate(args, n)) for n in loader_workers]
+        loaders = [(n, warm_rate(args, n)) for n in loader_workers]
         rows = [measure(backbone, args, workers) for backbone in args.backbones.split(",")]
         packed = [(backbone, trials, packing(backbone, args, trials, cpus)) for backbone in args.packing_backbones.split(",")
                   for trials in map(int, args.packing.split(","))] if args.packing_on else []
