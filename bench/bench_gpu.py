@@ -39,7 +39,7 @@ from lib.store import Store  # noqa: E402
 FULL = train.PRESETS["full"]
 SETTINGS = {  # the full preset on a GPU; tiny on a CPU
     "cuda": dict(backbones=FULL["backbones"], tile_size=FULL["tile_size"], stride=FULL["stride"], size=1024,
-                 batch_size=FULL["batch_size"], infer_batch=32, steps=30, packing="1,2,4",
+                 batch_size=FULL["batch_size"], infer_batch=32, steps=60, packing="1,2,4",
                  packing_backbones="resnet34,mit_b2", loader_workers="4,all"),
     "cpu": dict(backbones="tu-mobilenetv3_small_050", tile_size=64, stride=32, size=256, batch_size=4, infer_batch=4,
                 steps=3, packing="1,2", packing_backbones="tu-mobilenetv3_small_050", loader_workers="0,1"),
@@ -129,8 +129,8 @@ def measure(backbone, args, workers):
     tiles = len(store.tiles(args.tile_size, args.stride))
     row.update(best_of(args.rounds, {
         "model infer": lambda: 12 * args.infer_batch * args.steps / timed(infer, args.device, args.steps),
-        "predict_fragment": lambda: 12 * tiles / timed(lambda: predict_fragment(
-            model, store, args.tile_size, args.stride, args.infer_batch, device=args.device), args.device, 1)}))
+        "predict_fragment": lambda: 2 * 12 * tiles / timed(lambda: predict_fragment(
+            model, store, args.tile_size, args.stride, args.infer_batch, device=args.device), args.device, 2)}))
     row["infer peak GiB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     return row
 
