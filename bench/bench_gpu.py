@@ -8,7 +8,7 @@ Also the loader alone at a few worker counts, and packing: K trials at once (1/K
 the real loop in its own process with its share of the CPUs. Without a GPU it runs tiny on the CPU (about a minute,
 one torch thread) so that it cannot rot, and writes "## gpu (CPU mode)".
 
-    python bench/bench_gpu.py [--backbones resnet34,efficientnet-b3,mit_b2] [--steps 30] [--no-packing] [--no-readme]
+    python bench/bench_gpu.py [--backbones resnet34,efficientnet-b3,mit_b2] [--steps 60] [--rounds 2] [--no-packing]
 """
 import argparse
 import json
