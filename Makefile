@@ -34,7 +34,7 @@ ifneq ($(shell grep -s -l '^Unfinished:' $(SUMMARY)),)
 SUMMARY_DEP := FORCE
 endif
 
-.PHONY: setup demo synth validate prepare train ensemble submit test bench bench-prepare bench-train bench-submit clean-data FORCE
+.PHONY: setup demo synth validate prepare train ensemble submit test bench bench-prepare bench-train bench-submit bench-loader bench-gpu clean-data FORCE
 
 setup: $(VENV)/.installed
 
@@ -91,7 +91,7 @@ demo: validate submit
 test: setup
 	$(PY) -m pytest -q tests
 
-bench: bench-prepare bench-train bench-submit
+bench: bench-prepare bench-train bench-submit bench-loader
 
 bench-prepare: setup
 	$(PY) bench/bench_prepare.py
@@ -101,6 +101,13 @@ bench-train: setup
 
 bench-submit: setup
 	$(PY) bench/bench_submit.py
+
+bench-loader: setup
+	$(PY) bench/bench_loader.py
+
+# On a GPU machine (at most ~5 minutes); without a GPU it runs a tiny CPU version.
+bench-gpu: setup
+	$(PY) bench/bench_gpu.py
 
 clean-data:
 	rm -rf $(SYNTH) $(SYNTH).partial

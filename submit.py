@@ -12,7 +12,8 @@ Out: --out (default runs/NAME/submission.csv): "Id,Predicted", one row per test 
 
 Every fold model of every member predicts each fragment (lib.infer.predict_fragment: rot90 x4 test-time
 augmentation and the three centre-slice triplets, unless --no-tta / --no-triplets); a member is the mean of
-its folds, the ensemble the members' weighted sum with ensemble.json's weights; then its threshold (absolute,
+its folds, the ensemble the members' weighted sum with ensemble.json's weights. Models sharing a tile size and
+stride run together: each batch of tiles is read once and goes through all of them; then its threshold (absolute,
 or percentile: the top q % of the fragment's in-mask pixels), the mask, and optionally --min-component.
 
     python submit.py --run runs/demo --stores data/prepared [--sample data/synth/sample_submission.csv]
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="submission CSV (default: RUN/submission.csv)")
     parser.add_argument("--sample", help="sample_submission.csv: its Id order is kept and its ids must be the test ids")
     parser.add_argument("--batch-size", type=int, help="tiles per model call, x12 inputs with TTA and triplets "
-                        "(default: 16 on GPU; 4 on CPU, fastest there and 1/4 of the activation memory)")
+                        "(default: 32 on GPU; 4 on CPU, fastest there and 1/4 of the activation memory)")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="no rot90 test-time augmentation")
     parser.add_argument("--no-triplets", dest="triplets", action="store_false", help="the middle triplet only")
     parser.add_argument("--min-component", type=int, default=0, help="drop ink components smaller than this (pixels)")
@@ -55,7 +56,7 @@ def parse_args(argv=None):
                         "much faster when other work shares the cores (bench/README.md, \"## submit\")")
     args = parser.parse_args(argv)
     if args.batch_size is None:
-        args.batch_size = 4 if args.device == "cpu" else 16
+        args.batch_size = 4 if args.device == "cpu" else 32
     return args
 
 
@@ -114,14 +115,23 @@ def read_truth(truth_dir, fragment_id, shape):
 # ------------------------------------------------------------------------------------------- prediction
 
 
-def ensemble_probability(members, store, args):
-    """(H, W) float32: the members' weighted sum of their fold models' mean, accumulated model by model."""
-    total = np.zeros(store.shape, np.float32)
+def tiling_groups(members):
+    """{(tile_size, stride): [(model, weight), ...]}: every fold model of the members (lib.runs.load_members),
+    weighted member weight / number of folds, grouped by the tiling they predict with."""
+    groups = {}
     for member in members:
         for model, _ in member["models"]:
-            prob = predict_fragment(model, store, member["tile_size"], member["stride"], args.batch_size,
-                                    tta=args.tta, triplets=args.triplets, device=args.device, progress=True)
-            total += np.float32(member["weight"] / len(member["models"])) * prob
+            groups.setdefault((member["tile_size"], member["stride"]), []).append(
+                (model, member["weight"] / len(member["models"])))
+    return groups
+
+
+def ensemble_probability(groups, store, args):
+    """(H, W) float32: the ensemble's weighted sum; one pass over the fragment's tiles per tiling group."""
+    total = np.zeros(store.shape, np.float32)
+    for (tile_size, stride), models in groups.items():
+        total += predict_fragment(models, store, tile_size, stride, args.batch_size, tta=args.tta,
+                                  triplets=args.triplets, device=args.device, progress=True)
     return total
 
 
@@ -172,7 +182,8 @@ def predict_test_set(run, args):
         check_truth(args.truth, ids)
     members = load_members(run, ensemble, args.device)  # every model file checked before any prediction
     mode, value = ensemble["threshold"]["mode"], ensemble["threshold"]["value"]
-    models = sum(len(m["models"]) for m in members)
+    groups = tiling_groups(members)
+    models = sum(len(g) for g in groups.values())
     threshold = f"p >= {value:g}" if mode == "absolute" else f"top {value:g} % of each fragment's mask"
     print(f"{len(ids)} test fragments, {models} models, ink where {threshold}, device {args.device}, "
           f"TTA {args.tta}, triplets {args.triplets}, {args.batch_size} tiles per batch")
@@ -182,7 +193,7 @@ def predict_test_set(run, args):
         started = time.time()
         store = stores[fragment_id]
         truth = read_truth(args.truth, fragment_id, store.shape) if args.truth else None
-        prob = ensemble_probability(members, store, args)
+        prob = ensemble_probability(groups, store, args)
         mask = store.read_map("mask")
         pred = binarise(prob, mask, mode, value)
         if args.min_component > 0:

@@ -37,7 +37,7 @@ import ray
 import torch
 from ray import tune
 
-from lib.data import Fold, TileDataset, make_folds
+from lib.data import Fold, TileDataset, loader_worker_init, make_folds, photometric
 from lib.infer import load_probability_map, predict_fragment, save_preview, save_probability_map
 from lib.lock import LockedError, exclusive
 from lib.losses import LOSS_DEFAULTS, build_loss
@@ -48,9 +48,10 @@ from lib.runs import (RunFileError, finished_trials, fragment_oof_path, oof_path
 from lib.store import Store, StoreError, check_store
 
 PRESETS = {
-    # The original solution's recipe, for GPUs.
-    "full": dict(backbones="resnet34,efficientnet-b3,mit_b2", tile_size=224, stride=56, epochs=15, batch_size=16,
-                 lr=1e-4, workers=4, infer_batch=32, max_tiles=0, decoder_channels="256,128,64,32,16"),
+    # The original solution's recipe (batch 16, lr 1e-4) for GPUs, with 4x the batch to fill a modern GPU and the
+    # learning rate scaled by the square root of the batch ratio (scaled_lr); loader workers follow the trial's CPUs.
+    "full": dict(backbones="resnet34,efficientnet-b3,mit_b2", tile_size=224, stride=56, epochs=15, batch_size=64,
+                 lr=2e-4, workers=None, infer_batch=32, max_tiles=0, decoder_channels="256,128,64,32,16"),
     # Fits `make train` on a 2-core CPU in minutes: tiny encoder and decoder, small tiles, short epochs.
     "demo": dict(backbones="tu-mobilenetv3_small_050", tile_size=64, stride=32, epochs=20, batch_size=16,
                  lr=3e-3, workers=0, infer_batch=16, max_tiles=512, decoder_channels="64,32,16,16,8"),
@@ -72,8 +73,14 @@ def build_parser():
     parser.add_argument("--tile-size", type=int)
     parser.add_argument("--stride", type=int)
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--workers", type=int, help="DataLoader workers per trial (each trial asks 1 + workers CPUs)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the preset's, scaled by "
+                        "sqrt(batch size / the preset's batch size) when --batch-size changes it)")
+    parser.add_argument("--workers", type=int, help="DataLoader workers per trial (each trial asks 1 + workers CPUs; "
+                        "default: the preset's; full: the trial's share of the CPUs minus one)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                        help="training arithmetic: auto = bf16 autocast on GPUs that support it, fp16 autocast with "
+                        "gradient scaling on older GPUs, fp32 on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training (start-up cost)")
     parser.add_argument("--infer-batch", type=int, help="tiles per inference batch")
     parser.add_argument("--max-tiles", type=int, help="training tiles per epoch, drawn at random (0: each tile once)")
     parser.add_argument("--decoder-channels", help="U-Net decoder widths, e.g. 256,128,64,32,16")
@@ -95,17 +102,23 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """(args with the preset's values filled in, the set of option names given on the command line)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # The same command line against all-suppressed defaults: what is left was typed by the user.
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(argv)))
-    for key, value in PRESETS[args.preset].items():
+    """The options, the preset's values filled in where none was given."""
+    args = build_parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.lr is None and args.batch_size is not None:
+        args.lr = scaled_lr(preset["lr"], preset["batch_size"], args.batch_size)
+    for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    return args, given
+    return args
+
+
+def given_options(argv=None):
+    """The names of the options typed on the command line: the same parse against all-suppressed defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def run_options(args):
@@ -125,6 +138,11 @@ def resume_options(args, given, record, record_path):
             raise SystemExit(f"error: {flag} {value} conflicts with {recorded[key]} recorded in {record_path}; "
                              f"resume without it, or start a new run")
     return argparse.Namespace(**{**vars(args), **recorded})
+
+
+def scaled_lr(lr, batch_size, new_batch_size):
+    """The square-root rule for Adam-type optimisers: lr grows with sqrt(batch) (the gradient noise falls as 1/batch)."""
+    return lr * math.sqrt(new_batch_size / batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- trial
@@ -147,19 +165,14 @@ def train_fold(config):
                             skip_rows={held_out: fold.rows} if fold.rows else None)
     val_set = TileDataset([held_out], tile_size, tile_size, augment=False,
                           only_rows={held_out: fold.rows} if fold.rows else None)
-    per_epoch = config["max_tiles"] or len(train_set)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=config["batch_size"], drop_last=per_epoch > config["batch_size"],
-        sampler=torch.utils.data.RandomSampler(train_set, replacement=per_epoch > len(train_set), num_samples=per_epoch),
-        num_workers=config["workers"], persistent_workers=config["workers"] > 0, pin_memory=device == "cuda",
-        multiprocessing_context="forkserver" if config["workers"] > 0 else None)
+    loader = train_loader(train_set, config["batch_size"], config["max_tiles"] or len(train_set), config["workers"], device)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=config["batch_size"])
 
-    model = build_model(config["backbone"], 3, config["weights"], config["decoder_channels"]).to(device)
+    model = build_model(config["backbone"], 3, config["weights"], config["decoder_channels"])
+    model = model.to(device, memory_format=torch.channels_last if device == "cuda" else torch.contiguous_format)
+    step = TrainStep(model, config["lr"], config["epochs"] * len(loader), resolve_precision(config["precision"], device),
+                     compile=config["compile"])
     loss_fn = build_loss(**{k: config[k] for k in LOSS_DEFAULTS})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
-    steps = config["epochs"] * len(loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], total_steps=max(steps, 1), pct_start=0.15)
     state = {"epoch": 0, "best_f05": -1.0, "best_threshold": 0.5, "best_model": None, "seconds": 0.0}
     checkpoint = trial_path(config, "checkpoints", ".pt")
     if checkpoint.exists():
@@ -169,8 +182,7 @@ def train_fold(config):
             raise RuntimeError(f"{checkpoint}: unreadable trial checkpoint ({type(err).__name__}); "
                                "delete it to train this fold from the start") from None
         model.load_state_dict(saved.pop("model"))
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        scheduler.load_state_dict(saved.pop("scheduler"))
+        step.load_state_dict(saved.pop("step"))
         torch.set_rng_state(saved.pop("rng"))
         state = saved
 
@@ -178,9 +190,9 @@ def train_fold(config):
     labels, mask = band_maps(store, fold.rows)
     while state["epoch"] < config["epochs"]:
         started = time.time()
-        train_loss, tiles = train_epoch(model, loader, loss_fn, optimizer, scheduler, device)
+        train_loss, tiles = train_epoch(step, loader, loss_fn, device)
         train_seconds = time.time() - started
-        val_loss = evaluate_loss(model, val_loader, loss_fn, device)
+        val_loss = evaluate_loss(model, val_loader, loss_fn, device, step.autocast)
         prob = predict_fragment(model, store, tile_size, stride, config["infer_batch"], tta=False, triplets=False, device=device)
         val_f05, threshold = best_threshold(band(prob, fold.rows), labels, mask)
         state["epoch"] += 1
@@ -188,8 +200,8 @@ def train_fold(config):
         if val_f05 > state["best_f05"]:
             state.update(best_f05=val_f05, best_threshold=threshold,
                          best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        save_atomically(checkpoint, {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
+        save_atomically(checkpoint, {**state, "model": model.state_dict(), "step": step.state_dict(),
+                                     "rng": torch.get_rng_state()})
         tune.report(dict(epoch=state["epoch"], train_loss=train_loss, val_loss=val_loss, val_f05=val_f05,
                          threshold=threshold, tiles_per_s=tiles / train_seconds, epoch_s=time.time() - started,
                          best_val_f05=state["best_f05"]))
@@ -211,27 +223,92 @@ def save_atomically(path, data):
     os.replace(tmp, path)
 
 
-def train_epoch(model, loader, loss_fn, optimizer, scheduler, device):
-    model.train()
-    total, tiles = 0.0, 0
+def train_loader(dataset, batch_size, per_epoch, workers, device):
+    """Random tiles, `per_epoch` of them an epoch (with replacement when more than the dataset holds)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, drop_last=per_epoch > batch_size,
+        sampler=torch.utils.data.RandomSampler(dataset, replacement=per_epoch > len(dataset), num_samples=per_epoch),
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=device == "cuda",
+        worker_init_fn=loader_worker_init, multiprocessing_context="forkserver" if workers > 0 else None)
+
+
+def resolve_precision(precision, device):
+    """"auto" -> bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU; other names pass through."""
+    if precision != "auto":
+        return precision
+    if device != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+class TrainStep:
+    """One optimiser step on a batch: autocast at `precision`, gradient scaling for fp16, AdamW + one-cycle
+    schedule over `total_steps`. The model may be torch.compile'd for the step (compile=True); `model` stays the
+    plain module (its state_dict and inference)."""
+
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+    def __init__(self, model, lr, total_steps, precision="fp32", compile=False):
+        self.model, self.precision = model, precision
+        self.device_type = next(model.parameters()).device.type
+        self.forward = torch.compile(model) if compile else model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=lr, total_steps=max(total_steps, 1),
+                                                             pct_start=0.15)
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.DTYPES[self.precision], enabled=self.precision != "fp32")
+
+    def __call__(self, images, labels, loss_fn):
+        """Train on one batch already on the device; returns the loss (a 0-d tensor, not synchronised)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            logits = self.forward(images)
+        loss = loss_fn(logits.float(), labels)  # the loss in fp32: Dice and Tversky sum over whole tiles
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def to_device(images, labels, device):
+    """A batch onto the device, images channels_last on GPU (what the convolutions there run fastest on)."""
+    memory_format = torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+    return images.to(device, non_blocking=True, memory_format=memory_format), labels.to(device, non_blocking=True)
+
+
+def train_epoch(step, loader, loss_fn, device):
+    """One pass over `loader`: the photometric augmentation on the device, then a TrainStep per batch.
+    Returns (mean loss, tiles); the losses are summed on the device, so the GPU is never waited on mid-epoch."""
+    step.model.train()
+    total, tiles = torch.zeros((), device=device), 0
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total += loss.item() * len(images)
+        images, labels = to_device(images, labels, device)
+        total += step(photometric(images), labels, loss_fn) * len(images)
         tiles += len(images)
-    return total / max(tiles, 1), tiles
+    return total.item() / max(tiles, 1), tiles
 
 
 @torch.inference_mode()
-def evaluate_loss(model, loader, loss_fn, device):
+def evaluate_loss(model, loader, loss_fn, device, autocast):
     model.eval()
     total, tiles = 0.0, 0
     for images, labels in loader:
-        total += loss_fn(model(images.to(device)), labels.to(device)).item() * len(images)
+        images, labels = to_device(images, labels, device)
+        with autocast():
+            logits = model(images)
+        total += loss_fn(logits.float(), labels).item() * len(images)
         tiles += len(images)
     return total / max(tiles, 1)
 
@@ -274,14 +351,18 @@ def finish_fold(model, store, config, fold, state, device):
 def trial_resources(args, cluster, num_trials):
     """CPUs and GPU share per trial; never a GPU the cluster does not have (the trial would wait forever).
 
-    A trial asks for 1 + loader-worker CPUs. On a CPU-only cluster with fewer CPUs than the trials would
-    take, the CPUs are shared evenly instead, so that all trials run at once and no core idles while the
-    last one finishes alone.
+    A trial asks for 1 + loader-worker CPUs. Without --workers (and a preset that names none) it asks for its
+    share of the CPUs among the trials that run at once, and its loader gets all but one of them (run_trials).
+    On a CPU-only cluster with fewer CPUs than the trials would take, the CPUs are shared evenly instead, so
+    that all trials run at once and no core idles while the last one finishes alone.
     """
     gpus = cluster.get("GPU", 0)
     gpu_share = args.gpus_per_trial if args.gpus_per_trial is not None else (1 if gpus >= 1 else 0)
     if gpu_share > gpus:
         raise SystemExit(f"error: --gpus-per-trial {gpu_share} but the Ray cluster has {gpus:g} GPUs")
+    if args.workers is None:
+        at_once = min(num_trials, args.max_concurrent or num_trials, int(gpus // gpu_share) if gpu_share else num_trials)
+        return {"cpu": max(1, int(cluster.get("CPU", 1) // max(at_once, 1))), "gpu": gpu_share}
     cpus = 1 + args.workers
     if gpu_share == 0 and not args.max_concurrent and num_trials * cpus > cluster.get("CPU", 1):
         cpus = min(cpus, max(0.25, math.floor(cluster.get("CPU", 1) / num_trials * 100) / 100))
@@ -323,13 +404,15 @@ def run_trials(args, options, train_ids, todo, run):
     """Run the (backbone, Fold) trials in `todo` as one Tune experiment, RUN/tune/attempt-<n>; returns its results."""
     start_ray(args)
     resources = trial_resources(args, ray.cluster_resources(), len(todo))
-    print(f"{len(todo)} trial(s) to run; each gets {resources['cpu']:g} CPUs and {resources['gpu']:g} GPUs")
+    workers = args.workers if args.workers is not None else max(0, int(resources["cpu"]) - 1)
+    print(f"{len(todo)} trial(s) to run; each gets {resources['cpu']:g} CPUs ({workers} loader workers) "
+          f"and {resources['gpu']:g} GPUs")
     attempts = run / "tune"
     attempt = f"attempt-{len(list(attempts.glob('attempt-*'))) + 1}"
     config = {**{k: v for k, v in options.items() if k not in ("backbones", "folds", "split")},
               "trial": tune.grid_search([f"{b}/{f.name}" for b, f in todo]),  # the name Tune's tables show
               "jobs": {f"{b}/{f.name}": {"backbone": b, "fold": f.as_dict()} for b, f in todo},
-              "train_ids": train_ids, "run": str(run.resolve()),
+              "train_ids": train_ids, "run": str(run.resolve()), "workers": workers,
               "decoder_channels": [int(c) for c in options["decoder_channels"].split(",")]}
     tuner = tune.Tuner(
         tune.with_resources(flatten_trial(train_fold), resources), param_space=config,
@@ -480,7 +563,7 @@ def train(args, given, run):
 
 
 def main(argv=None):
-    args, given = parse_args(argv)
+    args, given = parse_args(argv), given_options(argv)
     run = Path(args.run)
     created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)

@@ -179,8 +179,6 @@ def rate(read, picks):
 
 def child_tiles(store_path, count, seed):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    import numpy as np
-
     from lib.store import Store
 
     store = Store(store_path)

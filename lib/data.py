@@ -4,13 +4,17 @@ The model sees 3 channels, as in the original solution: three consecutive slices
 centre slices (28..35, around the nominal surface 32), moved up or down by a random depth shift so
 that it learns ink wherever the surface lies. All randomness comes from torch's generator, which the
 DataLoader seeds per worker from the main seed, so a run is deterministic given --seed.
+
+Augmentation is split where it is cheapest: the geometric part (flips, rot90, rotation + scale) per
+tile in the loader, one cv2.warpAffine for image and label alike; the photometric part (brightness,
+contrast, Gaussian noise) on the whole batch after it reaches the device (`photometric`), because drawing
+the noise was the largest per-tile CPU cost (bench/README.md, "## loader").
 """
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from lib.store import Store, mask_coverage
 
@@ -28,23 +32,53 @@ def triplet_slices(triplet):
 def normalise(volume, intensity_range):
     """uint16 -> float32 with the fragment's robust (1st, 99th percentile) range mapped to 0..1."""
     low, high = intensity_range
-    return ((volume.astype(np.float32) - low) / max(high - low, 1.0)).clip(-0.5, 1.5)
+    out = volume.astype(np.float32)
+    out -= low  # in place: one float32 array per call, not four
+    out *= 1 / max(high - low, 1.0)
+    return np.clip(out, -0.5, 1.5, out=out)
 
 
-def augmentation(scale=(0.9, 1.1), degrees=10):
-    """Geometric transforms applied to image and label together (torchvision v2 keeps them aligned)."""
-    return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.RandomApply([v2.RandomAffine(degrees=degrees, scale=scale)], p=0.5),
-    ])
+def random_geometry(tile_size, scale=(0.9, 1.1), degrees=10, affine_p=0.5):
+    """One tile's geometric augmentation from torch's generator: (flip_y, flip_x, quarter turns, 2x3 matrix of a
+    rotation + scale about the centre, or None). The distributions of torchvision's RandomVerticalFlip,
+    RandomHorizontalFlip, RandomApply(RandomAffine(degrees, scale=scale), p=affine_p) and a uniform rot90."""
+    flip_y, flip_x, apply_affine, angle, zoom = torch.rand(5).tolist()
+    turns = int(torch.randint(0, 4, ()))
+    matrix = None
+    if apply_affine < affine_p:
+        centre = ((tile_size - 1) / 2, (tile_size - 1) / 2)
+        matrix = cv2.getRotationMatrix2D(centre, degrees * (2 * angle - 1), scale[0] + (scale[1] - scale[0]) * zoom)
+    return flip_y < 0.5, flip_x < 0.5, turns, matrix
+
+
+def apply_geometry(image, label, geometry):
+    """(C, T, T) float32 image and (T, T) label moved alike by `geometry` (random_geometry), both resampled by
+    nearest neighbour (torchvision's RandomAffine default, and half the cost of bilinear), 0 outside. Returns
+    contiguous arrays.
+
+    The warp comes first, then the flips and turns (exact index permutations): the angle's distribution is
+    symmetric, so this order gives the same distribution as flips first."""
+    flip_y, flip_x, turns, matrix = geometry
+    if matrix is not None:
+        size = (image.shape[2], image.shape[1])
+        image = np.stack([cv2.warpAffine(channel, matrix, size, flags=cv2.INTER_NEAREST) for channel in image])
+        label = cv2.warpAffine(label, matrix, size, flags=cv2.INTER_NEAREST)
+    if flip_y:
+        image, label = image[:, ::-1], label[::-1]
+    if flip_x:
+        image, label = image[:, :, ::-1], label[:, ::-1]
+    image, label = np.rot90(image, turns, (1, 2)), np.rot90(label, turns)
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
 class TileDataset(torch.utils.data.Dataset):
     """Tiles of train stores with their labels, for training (augment=True) or validation.
 
-    Items are (image (3, T, T) float32, label (1, T, T) float32). Tiles less than `min_mask_fraction`
-    inside the mask are skipped. Stores are opened lazily in whichever process reads them.
+    Items are (image (3, T, T) float32, label (1, T, T) float32). augment=True moves image and label alike
+    (random_geometry); the photometric augmentation is left to the batch (`photometric`). Tiles less than
+    `min_mask_fraction` inside the mask are skipped. Stores are opened lazily in whichever process reads them.
+    The labels are held in memory bit-packed (1 bit a pixel, 18 MB for the largest Kaggle fragment): a window
+    of them costs next to nothing, where reading it from the store decoded up to four 512 x 512 chunks.
     """
 
     def __init__(self, store_paths, tile_size, stride, augment=True, max_depth_shift=2, min_mask_fraction=0.25,
@@ -56,8 +90,8 @@ class TileDataset(torch.utils.data.Dataset):
         self.tile_size = tile_size
         self.augment = augment
         self.max_depth_shift = max_depth_shift
-        self.geometric = augmentation() if augment else None
         self.ranges = [s.intensity_range() for s in self.stores]
+        self.packed_labels = [np.packbits(s.read_map("labels"), axis=1) for s in self.stores]
         items = []
         for index, (path, store) in enumerate(zip(store_paths, self.stores)):
             positions = store.tiles(tile_size, stride)
@@ -76,6 +110,15 @@ class TileDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
+    def label_window(self, index, y, x):
+        """(T, T) uint8 labels of store `index` at (y, x), 0 outside the fragment."""
+        size, (height, width) = self.tile_size, self.stores[index].shape
+        out = np.zeros((size, size), np.uint8)
+        y1, x1 = min(y + size, height), min(x + size, width)
+        bits = np.unpackbits(self.packed_labels[index][y:y1, x // 8: (x1 + 7) // 8], axis=1)
+        out[: y1 - y, : x1 - x] = bits[:, x % 8: x % 8 + x1 - x]
+        return out
+
     def choose_slices(self, store):
         """A random triplet start in the 8 centre slices plus a random depth shift (training), or the middle triplet."""
         if not self.augment:
@@ -89,21 +132,26 @@ class TileDataset(torch.utils.data.Dataset):
         index, y, x = self.items[i]
         store, size = self.stores[index], self.tile_size
         image = normalise(store.read_tile(y, x, size, size, self.choose_slices(store)), self.ranges[index])
-        label = store.read_window("labels", y, x, size, size)
-        image, label = torch.from_numpy(image), torch.from_numpy(label[None].astype(np.float32))
+        label = self.label_window(index, y, x)
         if self.augment:
-            image, label = self.geometric(tv_tensors.Image(image), tv_tensors.Mask(label))
-            image, label = photometric(image.as_subclass(torch.Tensor)), label.as_subclass(torch.Tensor)
-            k = int(torch.randint(0, 4, ()))
-            image, label = torch.rot90(image, k, (1, 2)), torch.rot90(label, k, (1, 2))
-        return image.contiguous(), label.contiguous()
+            image, label = apply_geometry(image, label, random_geometry(size))
+        return torch.from_numpy(image), torch.from_numpy(label[None].astype(np.float32))
 
 
-def photometric(image, brightness=0.1, contrast=0.2, noise=0.03):
-    """Brightness, contrast and Gaussian noise on the image only."""
-    gain = 1 + contrast * (2 * torch.rand(()) - 1)
-    offset = brightness * (2 * torch.rand(()) - 1)
-    return (image - image.mean()) * gain + image.mean() + offset + noise * torch.randn_like(image)
+def loader_worker_init(_):
+    """In each DataLoader worker: OpenCV on one thread (torch already is), so that workers do not oversubscribe
+    the cores with OpenCV's own thread pools."""
+    cv2.setNumThreads(1)
+
+
+def photometric(images, brightness=0.1, contrast=0.2, noise=0.03):
+    """Brightness, contrast and Gaussian noise on a batch of images (B, C, T, T), each tile its own draw, on the
+    batch's device (drawn from that device's torch generator)."""
+    shape = (len(images), 1, 1, 1)
+    gain = 1 + contrast * (2 * torch.rand(shape, device=images.device) - 1)
+    offset = brightness * (2 * torch.rand(shape, device=images.device) - 1)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return (images - mean) * gain + mean + offset + noise * torch.randn_like(images)
 
 
 def equal_area_bands(mask, num_bands):

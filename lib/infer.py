@@ -4,10 +4,17 @@ Tiles on a stride grid are read once with the 8 centre slices; each becomes up t
 x 4 rotations (test-time augmentation), all run through the model in one batch, rotated back and
 averaged. Overlapping tiles are blended with smooth weights that fall towards the tile edges, so there
 are no seams. Memory is the (H, W) float32 map and its weight sum, never the tiles of a fragment.
-Out-of-fold predictions (train.py) and submissions (submit.py) both go through `predict_fragment`.
+Out-of-fold predictions (train.py) and submissions (submit.py) both go through `predict_fragment`, which
+also runs an ensemble: every model sees each batch of tiles, read once.
+
+Keeping the model busy: background threads read and normalise the next batches while the model runs; a batch
+goes to the device as 8 slices a tile (the 12 TTA inputs are built there); on a GPU the blending of one batch
+overlaps the model's work on the next.
 """
 import contextlib
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -39,40 +46,97 @@ def merge_tta(probs, num_tiles, triplets, rotations):
     return torch.stack(unrotated, dim=2).mean(dim=(1, 2))
 
 
+def read_batches(store, positions, tile_size, batch_size, readers=2, pin=False):
+    """Yield (positions, (B, 8, T, T) float32 tensor of normalised centre-slice tiles) batch by batch, in order.
+
+    `readers` threads read ahead (at most 2 x readers batches in flight, so memory stays a few batches);
+    0 reads in the calling thread. h5py holds the GIL while it reads, so reads do not run in parallel with each
+    other, but the model and numpy's large operations release it: reading overlaps the model's work. pin=True
+    returns page-locked tensors (fast, asynchronous copies to a GPU).
+    """
+    intensity_range = store.intensity_range()  # also opens the file here, before any thread touches it
+
+    def read(batch):
+        tiles = np.stack([normalise(store.read_tile(y, x, tile_size, tile_size, CENTRE_SLICES), intensity_range)
+                          for y, x in batch])
+        return torch.from_numpy(tiles).pin_memory() if pin else torch.from_numpy(tiles)
+
+    batches = [positions[start: start + batch_size] for start in range(0, len(positions), batch_size)]
+    if readers == 0:
+        yield from ((batch, read(batch)) for batch in batches)
+        return
+    with ThreadPoolExecutor(readers) as pool:
+        pending = deque()
+        for batch in batches:
+            pending.append((batch, pool.submit(read, batch)))
+            if len(pending) > 2 * readers:
+                done, tiles = pending.popleft()
+                yield done, tiles.result()
+        while pending:
+            done, tiles = pending.popleft()
+            yield done, tiles.result()
+
+
+def as_weighted_models(models):
+    """A single model -> [(model, 1.0)]; a list of (model, weight) pairs as it is."""
+    return [(models, 1.0)] if isinstance(models, torch.nn.Module) else list(models)
+
+
 @torch.inference_mode()
-def predict_fragment(model, store, tile_size, stride, batch_size=16, tta=True, triplets=True,
-                     device="cpu", progress=False):
+def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, triplets=True,
+                     device="cpu", progress=False, readers=2):
     """Probability map (H, W) float32 of one store, 0 outside its mask.
 
-    batch_size counts tiles; each tile adds (3 if triplets) x (4 if tta) inputs to the model's batch.
+    `models`: one model, or a list of (model, weight) pairs sharing tile_size and stride: the map is then
+    sum(weight x the model's map), each batch of tiles read once and run through every model.
+    batch_size counts tiles; each tile adds (3 if triplets) x (4 if tta) inputs to a model's batch.
+    `readers`: threads reading tiles ahead (read_batches).
     """
     device = torch.device(device)
+    models = as_weighted_models(models)
     groups = TRIPLETS if triplets else (MIDDLE_TRIPLET,)
     rotations = (0, 1, 2, 3) if tta else (0,)
     height, width = store.shape
     total = np.zeros((height, width), np.float32)
     weight_sum = np.zeros((height, width), np.float32)
     weights = blend_weights(tile_size)
-    intensity_range = store.intensity_range()
+    device_weights = torch.from_numpy(weights).to(device)
     positions = store.tiles(tile_size, stride)
-    model.eval()
-    autocast = torch.autocast(device.type) if device.type == "cuda" else contextlib.nullcontext()
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    for model, _ in models:
+        model.eval()
+    on_gpu = device.type == "cuda"
+    autocast = torch.autocast(device.type) if on_gpu else contextlib.nullcontext()
+    memory_format = torch.channels_last if on_gpu else torch.contiguous_format
+
+    def blend(batch, weighted, arrived):
+        """Add a batch's (B, T, T) probabilities x blend weights into the map, once their copy has `arrived`."""
+        if arrived is not None:
+            arrived.synchronize()
+        for (y, x), prob in zip(batch, weighted.numpy()):
+            h, w = min(tile_size, height - y), min(tile_size, width - x)
+            total[y: y + h, x: x + w] += prob[:h, :w]
+            weight_sum[y: y + h, x: x + w] += weights[:h, :w]
+
+    previous = None
     bar = tqdm(total=len(positions), unit="tile", desc=f"predict {store.fragment_id}", disable=not progress)
     with bar:
-        for start in range(0, len(positions), batch_size):
-            batch = positions[start: start + batch_size]
-            tiles = np.stack([normalise(store.read_tile(y, x, tile_size, tile_size, CENTRE_SLICES), intensity_range)
-                              for y, x in batch])
-            inputs = tta_inputs(torch.from_numpy(tiles), groups, rotations).to(device, memory_format=memory_format)
-            with autocast:
-                probs = torch.sigmoid(model(inputs).float())
-            merged = merge_tta(probs, len(batch), groups, rotations).cpu().numpy()
-            for (y, x), prob in zip(batch, merged):
-                h, w = min(tile_size, height - y), min(tile_size, width - x)
-                total[y: y + h, x: x + w] += prob[:h, :w] * weights[:h, :w]
-                weight_sum[y: y + h, x: x + w] += weights[:h, :w]
+        for batch, tiles in read_batches(store, positions, tile_size, batch_size, readers, pin=on_gpu):
+            inputs = tta_inputs(tiles.to(device, non_blocking=True), groups, rotations).contiguous(memory_format=memory_format)
+            merged = torch.zeros((len(batch), tile_size, tile_size), device=device)
+            for model, weight in models:
+                with autocast:
+                    probs = torch.sigmoid(model(inputs).float())
+                merged += weight * merge_tta(probs, len(batch), groups, rotations)
+            weighted = (merged * device_weights).to("cpu", non_blocking=on_gpu)
+            arrived = torch.cuda.Event() if on_gpu else None  # on a GPU the copy lands later: blend the
+            if arrived is not None:                             # previous batch while this one runs
+                arrived.record()
+            if previous is not None:
+                blend(*previous)
+            previous = (batch, weighted, arrived)
             bar.update(len(batch))
+        if previous is not None:
+            blend(*previous)
     np.divide(total, weight_sum, out=total, where=weight_sum > 0)
     return total * store.read_map("mask")
 

@@ -5,7 +5,7 @@ import tifffile
 import torch
 import cv2
 
-from lib.data import CENTRE_SLICES, Fold, TileDataset, equal_area_bands, make_folds
+from lib.data import CENTRE_SLICES, Fold, TileDataset, equal_area_bands, make_folds, photometric
 from lib.fragments import Fragment
 from lib.infer import blend_weights, predict_fragment
 from lib.store import Store, write_store
@@ -48,7 +48,7 @@ def test_augmented_tiles_stay_aligned_with_labels(label_store):
         bright = image.mean(0) > 0.5  # ink voxels normalise to about 1, the rest to about 0
         agree += (bright == (label[0] > 0)).sum().item()
         total += label.numel()
-    # rotations, flips, affine and photometric changes all keep image and label on the same pixels;
+    # rotations, flips and the affine warp all keep image and label on the same pixels;
     # only interpolated edges of the affine warp may disagree
     assert agree / total > 0.97
 
@@ -130,3 +130,45 @@ def test_blend_weights_are_positive_and_peak_in_the_centre():
     weights = blend_weights(64)
     assert weights.min() > 0 and weights[32, 32] == weights.max()
     np.testing.assert_allclose(weights, weights.T)
+
+
+def test_label_windows_match_the_store_at_every_offset(label_store):
+    path, labels, _ = label_store
+    dataset = TileDataset([path], tile_size=64, stride=32, augment=False)
+    store = Store(path)
+    for y, x in [(0, 0), (13, 5), (150, 117), (HEIGHT - 64, WIDTH - 64), (HEIGHT - 30, WIDTH - 21)]:
+        np.testing.assert_array_equal(dataset.label_window(0, y, x), store.read_window("labels", y, x, 64, 64))
+
+
+def test_photometric_draws_per_tile_and_keeps_the_shape():
+    images = torch.rand(6, 3, 32, 32)
+    torch.manual_seed(0)
+    out = photometric(images, noise=0.0)
+    assert out.shape == images.shape
+    # without noise each tile is an affine map of itself, with its own gain: the per-tile spreads differ
+    gains = out.std(dim=(1, 2, 3)) / images.std(dim=(1, 2, 3))
+    assert gains.min() >= 0.8 - 1e-4 and gains.max() <= 1.2 + 1e-4 and gains.std() > 0.01
+    torch.manual_seed(0)
+    assert torch.equal(photometric(images, noise=0.0), out)  # deterministic given the seed
+
+
+def test_an_ensemble_in_one_pass_equals_the_weighted_sum_of_its_models(label_store):
+    path, _, _ = label_store
+    store = Store(path)
+    first, second = PointwiseModel(), ConstantModel()
+    together = predict_fragment([(first, 0.25), (second, 0.75)], store, 64, 32, batch_size=2, tta=True, triplets=True)
+    apart = [predict_fragment(m, store, 64, 32, batch_size=5, tta=True, triplets=True, readers=0) for m in (first, second)]
+    np.testing.assert_allclose(together, 0.25 * apart[0] + 0.75 * apart[1], atol=1e-5)
+
+
+def test_augmentation_is_deterministic_given_the_seed(label_store):
+    path, _, _ = label_store
+    dataset = TileDataset([path], tile_size=64, stride=32, augment=True)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        draws.append([dataset[i] for i in range(6)])
+    for (image_a, label_a), (image_b, label_b) in zip(*draws):
+        assert torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
+    torch.manual_seed(4)
+    assert not all(torch.equal(dataset[i][0], image) for i, (image, _) in enumerate(draws[0]))

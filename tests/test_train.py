@@ -128,3 +128,44 @@ def test_resume_after_interrupt_does_not_redo_finished_trials(stores, tmp_path):
     rows = list(csv.DictReader(open(run / "summary.csv")))
     assert sorted(r["fold"] for r in rows) == ["1", "3"] and all(r["epochs"] == "8" for r in rows)
     assert "Unfinished" not in (run / "summary.md").read_text()
+
+
+def test_full_preset_scales_the_learning_rate_with_the_batch():
+    import train
+
+    full = train.PRESETS["full"]
+    assert train.parse_args(["--preset", "full"]).lr == full["lr"]
+    args = train.parse_args(["--preset", "full", "--batch-size", str(full["batch_size"] * 4)])
+    assert args.lr == pytest.approx(full["lr"] * 2)  # sqrt(4)
+    assert train.parse_args(["--preset", "full", "--batch-size", "8", "--lr", "0.5"]).lr == 0.5
+    assert args.workers is None and args.precision == "auto"
+
+
+def test_workers_follow_the_trials_share_of_the_cpus():
+    import train
+
+    args = train.parse_args(["--preset", "full", "--gpus-per-trial", "0.5"])
+    # 6 trials, 2 fit on the GPU at once: each gets half the CPUs, its loader all but one of them
+    assert train.trial_resources(args, {"CPU": 16, "GPU": 1}, 6) == {"cpu": 8, "gpu": 0.5}
+    args = train.parse_args(["--preset", "full", "--gpus-per-trial", "0.25", "--max-concurrent", "2"])
+    assert train.trial_resources(args, {"CPU": 16, "GPU": 1}, 6) == {"cpu": 8, "gpu": 0.25}
+    args = train.parse_args(["--preset", "full", "--workers", "3"])
+    assert train.trial_resources(args, {"CPU": 16, "GPU": 1}, 6) == {"cpu": 4, "gpu": 1}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_step_learns_at_each_precision(precision):
+    import train
+    from lib.losses import build_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 1))
+    images = torch.rand(8, 3, 16, 16)
+    labels = (images.mean(1, keepdim=True) > 0.5).float()
+    step = train.TrainStep(model, lr=0.05, total_steps=40, precision=precision)
+    losses = [step(images, labels, build_loss()).item() for _ in range(40)]
+    assert losses[-1] < 0.7 * losses[0]
+    assert train.resolve_precision("auto", "cpu") == "fp32" and train.resolve_precision("fp16", "cpu") == "fp16"
+    restored = train.TrainStep(model, lr=0.05, total_steps=40, precision=precision)
+    restored.load_state_dict(step.state_dict())
+    assert restored.scheduler.last_epoch == 40
