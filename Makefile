@@ -3,12 +3,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-SYNTH := data/synth
+LAYOUT ?= kaggle
+# LAYOUT=segments: the synthetic data in the scroll-segment layout (segment b reversed in depth, a 8-bit JPEG),
+# with its own stores and run; the demo then ends with probability PNGs instead of a CSV.
+SEG := $(filter segments,$(LAYOUT))
+SYNTH := data/synth$(if $(SEG),-segments)
 DATA ?= $(SYNTH)
 SIZE ?= 640
 SEED ?= 0
-STORES ?= data/prepared
-RUN ?= runs/demo
+STORES ?= data/prepared$(if $(SEG),-segments)
+RUN ?= runs/demo$(if $(SEG),-segments)
 PRESET ?= demo
 TRAIN_ARGS ?=
 
@@ -22,14 +26,14 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 synth: setup
-	$(PY) -m lib.synth $(SYNTH) --size $(SIZE) --seed $(SEED)
+	$(PY) -m lib.synth $(SYNTH) --size $(SIZE) --seed $(SEED) --layout $(LAYOUT)
 
 validate: setup
 	$(PY) -m lib.fragments $(DATA)
 
 # With no DATA, prepare the synthetic dataset (generated first if missing).
 prepare: setup $(if $(filter $(SYNTH),$(DATA)),synth)
-	$(PY) prepare.py --data $(DATA) --out $(STORES)
+	$(PY) prepare.py --data $(DATA) --out $(STORES) $(if $(SEG),$(if $(filter $(SYNTH),$(DATA)),--reverse b))
 
 # Resumes an interrupted run; a finished run is kept (train.py refuses to overwrite it without --force).
 train: setup
@@ -39,7 +43,7 @@ ensemble: setup
 	$(PY) ensemble.py --run $(RUN) --stores $(STORES)
 
 submit: setup
-	$(PY) submit.py --run $(RUN) --stores $(STORES) $(if $(filter $(SYNTH),$(DATA)),--truth $(SYNTH)/_truth) --sample $(DATA)/sample_submission.csv
+	$(PY) submit.py --run $(RUN) --stores $(STORES) $(if $(filter $(SYNTH),$(DATA)),--truth $(SYNTH)/_truth) $(if $(SEG),--png,--sample $(DATA)/sample_submission.csv)
 
 demo: synth validate prepare train ensemble submit
 
