@@ -82,7 +82,7 @@ def depth_window(fragment, z_range, reverse):
     return DEFAULT_Z_RANGE, kept_layers(fragment.num_slices, DEFAULT_Z_RANGE, reverse, surface, where), surface
 
 
-def prepare_fragment(fragment, out, window, tile_size, stride, force, layout="kaggle", reverse=False):
+def prepare_fragment(fragment, out, window, tile_size, stride, force, reverse=False):
     """Write (or skip) one store; returns its one-line summary. `window` is depth_window's answer."""
     z_range, layers, surface = window
     path = Path(out) / fragment.split / f"{fragment.fragment_id}.h5"
@@ -90,7 +90,7 @@ def prepare_fragment(fragment, out, window, tile_size, stride, force, layout="ka
     if not force and store_matches(path, fingerprint(fragment.source_files()), z_range, tile_size, stride, layers):
         return f"{name}: up to date, skipped ({path})"
     started = time.time()
-    attrs = {"layout": layout, "reversed": reverse, "surface": float("nan") if surface is None else surface}
+    attrs = {"reversed": reverse, "surface": float("nan") if surface is None else surface}
     summary = write_store(fragment, path, z_range, tile_size, stride, layers=layers, attrs=attrs)
     ink = "" if summary["ink_fraction"] is None else f", ink {summary['ink_fraction']:.1%} of mask"
     h, w = summary["shape"]
@@ -134,10 +134,11 @@ def main(argv=None):
             fragments = select_segments(args.data, ids, parse_ids(args.train), parse_ids(args.test))
         unknown = reverse - {f.fragment_id for f in fragments}
         if unknown:
-            raise FragmentError(f"{args.data}: --reverse names {', '.join(sorted(unknown))}, not among the fragments prepared")
+            raise FragmentError(f"{args.data}: --reverse names {', '.join(sorted(unknown))}, "
+                                f"not among the fragments prepared")
         z_range = args.z_range or (DEFAULT_Z_RANGE if layout == "kaggle" else "auto")
         windows = [depth_window(f, z_range, f.fragment_id in reverse) for f in fragments]
-        lines = [prepare_fragment(f, args.out, window, args.tile_size, args.stride, args.force, layout,
+        lines = [prepare_fragment(f, args.out, window, args.tile_size, args.stride, args.force,
                                   f.fragment_id in reverse) for f, window in zip(fragments, windows)]
     except FragmentError as err:
         sys.exit(f"error: {err}")

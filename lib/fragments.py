@@ -89,6 +89,8 @@ def _open_png(path):
 class Fragment:
     """One fragment folder, opened lazily: construction lists the slices and reads their headers."""
 
+    layout = "kaggle"
+
     def __init__(self, path, split=None):
         self.path = Path(path)
         self.fragment_id = self.path.name
@@ -308,6 +310,8 @@ class Segment(Fragment):
     read, so each layer is decoded once and memory holds one decoded layer at most.
     """
 
+    layout = "segments"
+
     def __init__(self, path, split=None):
         self.path = Path(path)
         self.fragment_id = self.path.name
@@ -343,7 +347,8 @@ class Segment(Fragment):
             return super()._header(z)
         image = _open_png(path)  # PIL opens JPEG too; only the header is read
         if image.mode not in IMAGE_DTYPES:
-            raise FragmentError(f"{path}: expected a single-channel 8- or 16-bit greyscale layer, got mode {image.mode}")
+            raise FragmentError(f"{path}: expected a single-channel 8- or 16-bit greyscale layer, "
+                                f"got mode {image.mode}")
         self._raw_offsets[z] = None
         return (image.height, image.width), IMAGE_DTYPES[image.mode]
 
@@ -356,7 +361,8 @@ class Segment(Fragment):
         except (OSError, ValueError) as err:
             raise FragmentError(f"{path}: unreadable or truncated {self.format} layer ({err})") from None
         if pixels.shape != self.shape:
-            raise FragmentError(f"{path}: layer shape {pixels.shape} differs from {self.slice_paths[0].name} {self.shape}")
+            raise FragmentError(f"{path}: layer shape {pixels.shape} differs from "
+                                f"{self.slice_paths[0].name} {self.shape}")
         return pixels.astype(self.dtype, copy=False)
 
     def read_rows(self, z, rows):

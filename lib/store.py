@@ -10,8 +10,8 @@ A store `OUT/<split>/<id>.h5` holds
 and attributes: fragment_id, split, source, z_start, z_stop, height, width, tile_size, stride,
 fingerprint (of the source files: names, sizes, mtimes) and format_version; source_layers (the source layer of
 each kept slice: z_start..z_stop unless the depth was reversed or the window moved to the surface, lib/depth.py),
-and from prepare.py layout ("kaggle" or "segments"), reversed and surface (the detected surface slice, NaN unless
---z-range auto).
+layout ("kaggle" or "segments": the source's layout), and from prepare.py reversed and surface (the detected
+surface slice, NaN unless --z-range auto).
 
 Why this layout (numbers in bench/README.md): every training and inference read takes a window of several
 kept slices, so a chunk spans all of Z; in-plane a chunk is one tile stride (56 px for 224 px tiles), so a tile on
@@ -169,7 +169,7 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
                 z_start=z_start, z_stop=z_stop, height=height, width=width, tile_size=tile_size, stride=stride,
                 fingerprint=fingerprint(fragment.source_files()), format_version=FORMAT_VERSION,
                 source_slices=fragment.num_slices, percentile_levels=np.array(PERCENTILE_LEVELS),
-                source_layers=np.array(layers), **(attrs or {}))
+                source_layers=np.array(layers), layout=fragment.layout, **(attrs or {}))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
