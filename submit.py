@@ -8,11 +8,11 @@ Out: --out (default runs/NAME/submission.csv): "Id,Predicted", one row per test 
      runs/NAME/previews/<id>.png  probability | binary mask
      DIR/<id>_prediction.png      with --png [DIR] (default DIR: runs/NAME/predictions): the ensemble's probability
                                   as 8-bit greyscale (round(255 p)), 0 outside the mask, full size
-     Which: the CSV is written when --sample or --out is given or any test store comes from the Kaggle layout;
-     test stores from scroll segments alone (prepare.py on the segment layout), with neither option, give only
-     the PNGs (no CSV: segments have no Kaggle submission), as if --png had been given.
      runs/NAME/probs/<id>.h5      the ensemble's probability map (with --save-probs)
      with --truth DIR (DIR/<id>_inklabels.png, e.g. data/synth/_truth): F0.5 per fragment and over all of them.
+     CSV or not: the CSV is written when --sample or --out is given or any test store comes from the Kaggle layout;
+     test stores from scroll segments alone (prepare.py on the segment layout), with neither option, give only
+     the PNGs (no CSV: segments have no Kaggle submission), as if --png had been given.
 
 Every fold model of every member predicts each fragment (lib.infer.predict_fragment: rot90 x4 test-time
 augmentation and the three centre-slice triplets, unless --no-tta / --no-triplets); a member is the mean of
