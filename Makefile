@@ -5,12 +5,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-SYNTH := data/synth
+LAYOUT ?= kaggle
+# LAYOUT=segments: the synthetic data in the scroll-segment layout (segment b reversed in depth, a 8-bit JPEG),
+# with its own stores and run; the demo then ends with probability PNGs instead of a CSV.
+SEG := $(filter segments,$(LAYOUT))
+SYNTH := data/synth$(if $(SEG),-segments)
 DATA ?= $(SYNTH)
 SIZE ?= 640
 SEED ?= 0
-STORES ?= data/prepared
-RUN ?= runs/demo
+STORES ?= data/prepared$(if $(SEG),-segments)
+RUN ?= runs/demo$(if $(SEG),-segments)
 PRESET ?= demo
 PREPARE_ARGS ?=
 TRAIN_ARGS ?=
@@ -21,7 +25,8 @@ PREPARE_DONE := $(STORES)/.prepared
 PREPARED := $(STORES)/prepared.json
 SUMMARY := $(RUN)/summary.md
 ENSEMBLE := $(RUN)/ensemble.json
-SUBMISSION := $(RUN)/submission.csv
+# segments: probability PNGs in RUN/predictions, no CSV (a stamp marks them done)
+SUBMISSION := $(if $(SEG),$(RUN)/predictions/.done,$(RUN)/submission.csv)
 # The dataset's files, so that prepare reruns when one changes (prepare.py itself skips unchanged stores).
 DATA_FILES := $(wildcard $(DATA)/*/*/surface_volume/*.tif $(DATA)/*/*/*.png $(DATA)/*/layers/* $(DATA)/*/*.png)
 IS_SYNTH := $(filter $(SYNTH),$(DATA))
@@ -46,7 +51,7 @@ $(VENV)/.installed: requirements.txt
 synth: $(SYNTH_DONE)
 
 $(SYNTH_DONE): | $(VENV)/.installed
-	$(PY) -m lib.synth $(SYNTH) --size $(SIZE) --seed $(SEED)
+	$(PY) -m lib.synth $(SYNTH) --size $(SIZE) --seed $(SEED) --layout $(LAYOUT)
 
 validate: $(if $(IS_SYNTH),$(SYNTH_DONE)) | $(VENV)/.installed
 	$(PY) -m lib.fragments $(DATA)
@@ -55,7 +60,7 @@ prepare: $(PREPARED)
 
 # prepare.py rewrites prepared.json only when a store changed, so the steps after it rerun only then.
 $(PREPARE_DONE): $(if $(IS_SYNTH),$(SYNTH_DONE)) $(DATA_FILES) $(PREPARE_DONE_DEP) | $(VENV)/.installed
-	$(PY) prepare.py --data $(DATA) --out $(STORES) $(PREPARE_ARGS)
+	$(PY) prepare.py --data $(DATA) --out $(STORES) $(if $(SEG),$(if $(IS_SYNTH),--reverse b)) $(PREPARE_ARGS)
 	touch $@
 
 $(PREPARED): $(PREPARE_DONE) ;
@@ -84,7 +89,8 @@ submit: $(SUBMISSION)
 
 $(SUBMISSION): $(ENSEMBLE) $(PREPARED)
 	$(PY) submit.py --run $(RUN) --stores $(STORES) $(if $(IS_SYNTH),--truth $(SYNTH)/_truth) \
-		$(if $(wildcard $(DATA)/sample_submission.csv),--sample $(DATA)/sample_submission.csv) $(SUBMIT_ARGS)
+		$(if $(SEG),--png,--sample $(DATA)/sample_submission.csv) $(SUBMIT_ARGS)
+	$(if $(SEG),touch $@)
 
 demo: validate submit
 

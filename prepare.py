@@ -1,10 +1,17 @@
-"""Turn Kaggle-layout fragments into HDF5 tile stores, streaming, in bounded memory.
+"""Turn Kaggle-layout fragments or scroll segments into HDF5 tile stores, streaming, in bounded memory.
 
 In:  --data ROOT in the Kaggle layout (train/<id>/surface_volume/00.tif.., mask.png, inklabels.png, ir.png;
-     test/<id>/...); default: the synthetic dataset from `python -m lib.synth data/synth`.
+     test/<id>/...) or the segment layout (<id>/layers/00.tif.. or .jpg / .png, <id>/<id>_mask.png,
+     <id>/<id>_inklabels.png), detected from the folder (or --layout); default: the synthetic dataset from
+     `python -m lib.synth data/synth`.
 Out: --out/<split>/<id>.h5, one store per fragment (format: lib/store.py), and a one-line summary each;
      --out/prepared.json, the manifest of the stores there (rewritten only when a store changed, so that the
      Makefile reruns the steps after this one only then).
+     Segments have no split on disk: --train / --test name them (default: labelled ones train, the others test).
+
+Depth (lib/depth.py): --reverse ID,.. stores those fragments with z flipped (segments with the recto surface at
+the high layer numbers); --z-range auto keeps the 16 slices centred on each fragment's own surface (found from
+its mean in-mask intensity along z) as slices 24:40, so models see every surface at slice 32.
 
 Every fragment folder is validated before anything is written (one that cannot be read is an error, never
 skipped); labels with no ink in the mask or ink far outside it are a warning (an error with --strict). A store
@@ -14,6 +21,7 @@ to a temporary name under a lock (a second run writing the same store stops with
 renamed when complete; temporary files left by a killed run are removed by the next one.
 
     python prepare.py --data ROOT [--out data/prepared] [--ids 1,2,a] [--z-range 24:40] [--force] [--verify] [--strict]
+    python prepare.py --data SEGMENTS [--train ID,ID --test ID] [--reverse ID] [--z-range auto]
 """
 import argparse
 import json
@@ -22,14 +30,25 @@ import sys
 import time
 from pathlib import Path
 
-from lib.fragments import SPLITS, Fragment, FragmentError, check_labels, list_fragments
+from lib.depth import find_surface, intensity_profile, kept_layers
+from lib.fragments import (LAYOUTS, SPLITS, Fragment, FragmentError, check_labels, detect_layout, list_fragments,
+                           open_segments)
 from lib.lock import LockedError, exclusive
 from lib.store import DEFAULT_Z_RANGE, StoreError, check_store, fingerprint, store_matches, write_store
 
 
 def parse_z_range(text):
-    start, stop = (int(v) for v in text.split(":"))
+    if text == "auto":
+        return text
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected START:STOP or auto") from None
     return start, stop
+
+
+def parse_ids(text):
+    return None if text is None else [i for i in text.split(",") if i]
 
 
 def select_fragments(root, ids):
@@ -76,9 +95,35 @@ def remove_stale_temps(out):
     return lines
 
 
-def prepare_fragment(fragment, out, z_range, tile_size, stride, force, verify):
+def select_segments(root, ids, train_ids, test_ids):
+    """Segments (or only `ids`) as train or test fragments, opened and validated before any writing; also the
+    line that says how many there are in each role."""
+    segments = open_segments(root, train_ids, test_ids)
+    counts = " and ".join(f"{sum(s.split == split for s in segments)} {split}" for split in SPLITS)
+    if ids is not None:
+        missing = set(ids) - {s.fragment_id for s in segments}
+        if missing:
+            raise FragmentError(f"{root}: no segment named {', '.join(sorted(missing))} among those selected")
+        segments = [s for s in segments if s.fragment_id in ids]
+    return segments, f"{root}: {counts} segments; preparing {len(segments)}"
+
+
+def depth_window(fragment, z_range, reverse):
+    """(slices in the model frame, the source layer of each, the detected surface or None) of one fragment."""
+    where = fragment.slice_paths[0].parent
+    if z_range != "auto":
+        if not 0 <= z_range[0] < z_range[1] <= fragment.num_slices:
+            raise FragmentError(f"{fragment.path}: --z-range {z_range[0]}:{z_range[1]} "
+                                f"is outside its {fragment.num_slices} slices")
+        return z_range, kept_layers(fragment.num_slices, z_range, reverse), None
+    surface = find_surface(intensity_profile(fragment, reverse), where)
+    return DEFAULT_Z_RANGE, kept_layers(fragment.num_slices, DEFAULT_Z_RANGE, reverse, surface, where), surface
+
+
+def prepare_fragment(fragment, out, window, tile_size, stride, force, verify, reverse=False):
     """Write (or skip) one store, holding its lock; returns its one-line summary (after a line saying why, when
-    a corrupt store is rebuilt)."""
+    a corrupt store is rebuilt). `window` is depth_window's answer."""
+    z_range, layers, surface = window
     path = Path(out) / fragment.split / f"{fragment.fragment_id}.h5"
     name = f"{fragment.split}/{fragment.fragment_id}"
     sources = fingerprint(fragment.source_files())
@@ -88,7 +133,7 @@ def prepare_fragment(fragment, out, z_range, tile_size, stride, force, verify):
             rebuilt = ""
             if not force:
                 try:
-                    if store_matches(path, sources, z_range, tile_size, stride):
+                    if store_matches(path, sources, z_range, tile_size, stride, layers):
                         if not verify:
                             return f"{name}: up to date, skipped ({path})"
                         check_store(path, full=True)
@@ -96,13 +141,16 @@ def prepare_fragment(fragment, out, z_range, tile_size, stride, force, verify):
                 except StoreError as err:
                     rebuilt = f"{name}: {err}: rebuilding\n"
             started = time.time()
-            summary = write_store(fragment, path, z_range, tile_size, stride)
+            attrs = {"reversed": reverse, "surface": float("nan") if surface is None else surface}
+            summary = write_store(fragment, path, z_range, tile_size, stride, layers=layers, attrs=attrs)
     except OSError as err:  # a full disk, no permission: the environment, not a bug (write_store removed its temp file)
         reason = os.strerror(err.errno) if err.errno else " ".join(str(err).split())
         raise StoreError(f"{path}: cannot write the store: {reason}") from None
     ink = "" if summary["ink_fraction"] is None else f", ink {summary['ink_fraction']:.1%} of mask"
     h, w = summary["shape"]
-    return (f"{rebuilt}{name}: {h} x {w}, slices {z_range[0]}:{z_range[1]}, {summary['tiles']} tiles{ink}, "
+    source = "" if layers == list(range(*z_range)) else f" from layers {layers[0]}..{layers[-1]}"
+    source += "" if surface is None else f" (surface at {surface:.1f})"
+    return (f"{rebuilt}{name}: {h} x {w}, slices {z_range[0]}:{z_range[1]}{source}, {summary['tiles']} tiles{ink}, "
             f"{summary['bytes'] / 2**20:.1f} MiB, {time.time() - started:.1f} s -> {path}")
 
 
@@ -111,7 +159,8 @@ def write_manifest(args):
     mtime; written only when that differs from the file there."""
     out = Path(args.out)
     stores = {str(p.relative_to(out)): [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(out.glob("*/*.h5"))}
-    manifest = {"data": os.path.abspath(args.data), "z_range": list(args.z_range), "tile_size": args.tile_size,
+    z_range = list(args.z_range) if isinstance(args.z_range, tuple) else args.z_range  # as JSON reads it back
+    manifest = {"data": os.path.abspath(args.data), "z_range": z_range, "tile_size": args.tile_size,
                 "stride": args.stride, "stores": stores}
     path = out / "prepared.json"
     try:
@@ -126,11 +175,22 @@ def write_manifest(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data/synth", help="dataset root in the Kaggle layout")
+    parser.add_argument("--data", default="data/synth", help="dataset root in the Kaggle or the segment layout")
     parser.add_argument("--out", default="data/prepared", help="folder for the stores")
+    parser.add_argument("--layout", choices=("auto",) + LAYOUTS, default="auto",
+                        help="dataset layout (default: detected: train/ or test/ folders mean kaggle, "
+                             "<id>/layers/ folders segments)")
     parser.add_argument("--ids", default=None, help="comma-separated fragment ids (default: all)")
-    parser.add_argument("--z-range", type=parse_z_range, default=DEFAULT_Z_RANGE,
-                        help="slices to keep, START:STOP (default %(default)s; 0:65 keeps all)")
+    parser.add_argument("--train", help="segments: comma-separated ids to prepare as train stores (they need "
+                        "<id>_inklabels.png); default: every labelled segment, unless --test is given")
+    parser.add_argument("--test", help="segments: comma-separated ids to prepare as test stores (to predict); "
+                        "default: every unlabelled segment, unless --train is given")
+    parser.add_argument("--reverse", default="", help="comma-separated ids whose depth runs the other way (recto "
+                        "surface at the high layer numbers): stored with z flipped")
+    parser.add_argument("--z-range", type=parse_z_range, default=None,
+                        help="slices to keep, START:STOP (0:65 keeps all), or auto: the 16 centred on each "
+                             "fragment's surface, stored as 24:40 (default: 24:40 for the Kaggle layout, "
+                             "auto for segments)")
     parser.add_argument("--tile-size", type=int, default=224)
     parser.add_argument("--stride", type=int, default=56)
     parser.add_argument("--force", action="store_true", help="rebuild stores even when up to date")
@@ -139,22 +199,31 @@ def main(argv=None):
     parser.add_argument("--strict", action="store_true",
                         help="labels with no ink in the mask, or ink far outside it, are an error, not a warning")
     args = parser.parse_args(argv)
-    ids = None if args.ids is None else set(args.ids.split(","))
+    ids, reverse = parse_ids(args.ids), set(parse_ids(args.reverse))
     try:
-        fragments, found = select_fragments(args.data, ids)
-        for fragment in fragments:
-            if not 0 <= args.z_range[0] < args.z_range[1] <= fragment.num_slices:
-                raise FragmentError(f"{fragment.path}: --z-range {args.z_range[0]}:{args.z_range[1]} "
-                                    f"is outside its {fragment.num_slices} slices")
+        layout = detect_layout(args.data) if args.layout == "auto" else args.layout
+        if layout == "kaggle":
+            if args.train is not None or args.test is not None:
+                raise FragmentError(f"{args.data}: --train / --test choose the roles of segments; the Kaggle "
+                                    f"layout's roles are its train/ and test/ folders")
+            fragments, found = select_fragments(args.data, None if ids is None else set(ids))
+        else:
+            fragments, found = select_segments(args.data, ids, parse_ids(args.train), parse_ids(args.test))
+        unknown = reverse - {f.fragment_id for f in fragments}
+        if unknown:
+            raise FragmentError(f"{args.data}: --reverse names {', '.join(sorted(unknown))}, "
+                                f"not among the fragments prepared")
+        z_range = args.z_range or (DEFAULT_Z_RANGE if layout == "kaggle" else "auto")
+        windows = [depth_window(f, z_range, f.fragment_id in reverse) for f in fragments]
         warnings = label_warnings(fragments, args.strict)
         print(found, flush=True)
         for line in warnings:
             print(line, file=sys.stderr, flush=True)
         for line in remove_stale_temps(args.out):
             print(line, flush=True)
-        for fragment in fragments:  # each line as its store is done: a later failure loses none of them
-            print(prepare_fragment(fragment, args.out, args.z_range, args.tile_size, args.stride, args.force,
-                                   args.verify), flush=True)
+        for fragment, window in zip(fragments, windows):  # each line as its store is done: a later failure loses none
+            print(prepare_fragment(fragment, args.out, window, args.tile_size, args.stride, args.force, args.verify,
+                                   fragment.fragment_id in reverse), flush=True)
     except (FragmentError, StoreError, LockedError) as err:
         sys.exit(f"error: {err}")
     write_manifest(args)

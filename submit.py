@@ -1,4 +1,4 @@
-"""Predict the test fragments with a run's fitted ensemble and write the Kaggle submission.
+"""Predict the test fragments with a run's fitted ensemble and write the Kaggle submission and/or probability PNGs.
 
 In:  --run runs/NAME holding ensemble.json (from ensemble.py) and the model files it names (relative to the
      run folder and inside it: a copy of just models/ and ensemble.json works anywhere, offline); both are
@@ -7,8 +7,13 @@ In:  --run runs/NAME holding ensemble.json (from ensemble.py) and the model file
 Out: --out (default runs/NAME/submission.csv): "Id,Predicted", one row per test fragment, its ink mask
      run-length encoded row-major (lib/rle.py); rows in the order of --sample when given, else sorted by id.
      runs/NAME/previews/<id>.png  probability | binary mask
+     DIR/<id>_prediction.png      with --png [DIR] (default DIR: runs/NAME/predictions): the ensemble's probability
+                                  as 8-bit greyscale (round(255 p)), 0 outside the mask, full size
      runs/NAME/probs/<id>.h5      the ensemble's probability map (with --save-probs)
      with --truth DIR (DIR/<id>_inklabels.png, e.g. data/synth/_truth): F0.5 per fragment and over all of them.
+     CSV or not: the CSV is written when --sample or --out is given or any test store comes from the Kaggle layout;
+     test stores from scroll segments alone (prepare.py on the segment layout), with neither option, give only
+     the PNGs (no CSV: segments have no Kaggle submission), as if --png had been given.
 
 Every fold model of every member predicts each fragment (lib.infer.predict_fragment: rot90 x4 test-time
 augmentation and the three centre-slice triplets, unless --no-tta / --no-triplets); a member is the mean of
@@ -29,7 +34,8 @@ import numpy as np
 import torch
 
 from lib.fragments import FragmentError, read_png_binary
-from lib.infer import predict_fragment, remove_small_components, save_preview, save_probability_map
+from lib.infer import (predict_fragment, remove_small_components, save_preview, save_probability_map,
+                       save_probability_png)
 from lib.lock import LockedError, exclusive
 from lib.metrics import binarise, confusion_counts, fbeta_counts
 from lib.rle import rle_decode, rle_encode
@@ -50,6 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-triplets", dest="triplets", action="store_false", help="the middle triplet only")
     parser.add_argument("--min-component", type=int, default=0, help="drop ink components smaller than this (pixels)")
     parser.add_argument("--save-probs", action="store_true", help="also write RUN/probs/<id>.h5")
+    parser.add_argument("--png", nargs="?", const="", metavar="DIR", help="also write DIR/<id>_prediction.png, "
+                        "8-bit probability (default DIR: RUN/predictions); segment stores alone imply it, no CSV")
     parser.add_argument("--truth", help="folder with <id>_inklabels.png of the test fragments: print F0.5")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core); 1 is "
@@ -130,8 +138,8 @@ def ensemble_probability(groups, store, args):
     """(H, W) float32: the ensemble's weighted sum; one pass over the fragment's tiles per tiling group."""
     total = np.zeros(store.shape, np.float32)
     for (tile_size, stride), models in groups.items():
-        total += predict_fragment(models, store, tile_size, stride, args.batch_size, tta=args.tta,
-                                  triplets=args.triplets, device=args.device, progress=True)
+        predict_fragment(models, store, tile_size, stride, args.batch_size, tta=args.tta, triplets=args.triplets,
+                         device=args.device, progress=True, out=total)
     return total
 
 
@@ -158,6 +166,15 @@ def write_submission(path, rows):
         sys.exit(f"error: {path}: the file read back differs from the rows written")
 
 
+def outputs(args, run, stores):
+    """(CSV path or None, PNG folder or None): the rule in the docstring. A CSV is wanted when --sample or --out is
+    given or a test store comes from the Kaggle layout; PNGs with --png, or when no CSV is wanted."""
+    want_csv = bool(args.sample or args.out) or any(Store(p).layout == "kaggle" for p in stores.values())
+    csv_path = (Path(args.out) if args.out else run / "submission.csv") if want_csv else None
+    png_dir = Path(args.png) if args.png else run / "predictions"
+    return csv_path, png_dir if args.png is not None or not want_csv else None
+
+
 def main(argv=None):
     args = parse_args(argv)
     run = Path(args.run)
@@ -174,9 +191,9 @@ def main(argv=None):
 
 def predict_test_set(run, args):
     """Check every input, then predict each test fragment and write the submission, previews and scores."""
-    out = Path(args.out) if args.out else run / "submission.csv"
     ensemble = read_ensemble(run)
     stores = test_stores(recorded_stores(run, args.stores))
+    out, png_dir = outputs(args, run, stores)
     ids = submission_ids(stores, args.sample)
     if args.truth:
         check_truth(args.truth, ids)
@@ -198,7 +215,10 @@ def predict_test_set(run, args):
         pred = binarise(prob, mask, mode, value)
         if args.min_component > 0:
             pred = remove_small_components(pred, args.min_component)
-        rows.append((fragment_id, encode_checked(fragment_id, pred)))
+        if out is not None:
+            rows.append((fragment_id, encode_checked(fragment_id, pred)))
+        if png_dir is not None:
+            save_probability_png(png_dir / f"{fragment_id}_prediction.png", prob)
         save_preview(run / "previews" / f"{fragment_id}.png", [prob, pred])
         if args.save_probs:
             save_probability_map(run / "probs" / f"{fragment_id}.h5", prob, fragment_id=fragment_id,
@@ -212,10 +232,13 @@ def predict_test_set(run, args):
         print(line)
         store.close()
 
-    write_submission(out, rows)
+    if out is not None:
+        write_submission(out, rows)
     if args.truth:
         print(f"F0.5 over all test pixels: {fbeta_counts(*totals):.4f}")
-    print(f"wrote {out} ({len(rows)} rows) and previews in {run / 'previews'}")
+    wrote = ([f"{out} ({len(rows)} rows)"] if out is not None else []) + \
+        ([f"{png_dir}/<id>_prediction.png"] if png_dir is not None else [])
+    print(f"wrote {' and '.join(wrote)}, previews in {run / 'previews'}")
 
 
 if __name__ == "__main__":

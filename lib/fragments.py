@@ -1,8 +1,9 @@
-"""Reader for a dataset root in the Kaggle "vesuvius-challenge-ink-detection" layout.
+"""Reader for a dataset root in the Kaggle "vesuvius-challenge-ink-detection" layout or the scroll-segment layout.
 
-    ROOT/train/<id>/surface_volume/00.tif .. 64.tif, mask.png, inklabels.png, ir.png
-    ROOT/test/<id>/surface_volume/..., mask.png
-    ROOT/sample_submission.csv
+    Kaggle:   ROOT/train/<id>/surface_volume/00.tif .. 64.tif, mask.png, inklabels.png, ir.png
+              ROOT/test/<id>/surface_volume/..., mask.png
+              ROOT/sample_submission.csv
+    segments: ROOT/<id>/layers/00.tif .. NN.tif (or 8-bit .jpg / .png), <id>_mask.png, <id>_inklabels.png (if labelled)
 
 Opening a fragment reads only file headers. Slices are read at full 16-bit precision, and a band of
 rows is read without decoding the whole slice when the TIFF allows it (uncompressed: memory map;
@@ -13,6 +14,7 @@ error, never left out. Labels that look wrong against the mask (check_labels) ar
 import os
 import re
 import stat
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -108,6 +110,8 @@ def _open_png(path):
 class Fragment:
     """One fragment folder, opened lazily: construction lists the slices and reads their headers."""
 
+    layout = "kaggle"
+
     def __init__(self, path, split=None):
         self.path = Path(path)
         self.fragment_id = self.path.name
@@ -146,6 +150,10 @@ class Fragment:
     @property
     def has_ir(self):
         return self.ir_path.is_file()
+
+    def read_rows(self, z, rows):
+        """The rows `rows` (sorted row numbers) of slice `z` as (len(rows), W), each row read on its own."""
+        return np.concatenate([self.read_band(z, y, y + 1) for y in rows])
 
     def read_slice(self, z):
         """Slice `z` as a full (H, W) uint16 array."""
@@ -292,16 +300,197 @@ def _slice_header(path):
     return shape, dtype, raw_offset
 
 
+# ------------------------------------------------------------------------------------------- scroll segments
+
+LAYOUTS = ("kaggle", "segments")
+LAYER_RE = re.compile(r"^(\d+)\.(tiff?|jpe?g|png)$", re.IGNORECASE)
+LAYER_FORMATS = {"tif": "TIFF", "tiff": "TIFF", "jpg": "JPEG", "jpeg": "JPEG", "png": "PNG"}
+IMAGE_DTYPES = {"L": np.dtype(np.uint8), "I;16": np.dtype(np.uint16), "I;16L": np.dtype(np.uint16),
+                "I;16B": np.dtype(np.uint16), "I": np.dtype(np.uint16)}  # PIL modes of greyscale PNG / JPEG layers
+
+
+def detect_layout(root):
+    """"kaggle" when ROOT has a train/ or test/ folder, "segments" when it has <id>/layers/ folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FragmentError(f"{root}: dataset root not found")
+    if any((root / split).is_dir() for split in SPLITS):
+        return "kaggle"
+    if any((p / "layers").is_dir() for p in root.iterdir()):
+        return "segments"
+    raise FragmentError(f"{root}: neither the Kaggle layout (train/, test/) nor the segment layout (<id>/layers/)")
+
+
+def list_segments(root):
+    """Sorted ids of the segment folders (<id>/layers/) of a root; a folder with <id>_mask.png but no layers/ is
+    an error, not a silent skip."""
+    root = Path(root)
+    ids = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if (folder / "layers").is_dir():
+            ids.append(folder.name)
+        elif (folder / f"{folder.name}_mask.png").is_file():
+            raise FragmentError(f"{folder / 'layers'}: layers folder not found")
+    if not ids:
+        raise FragmentError(f"{root}: no segments (no <id>/layers folders)")
+    return ids
+
+
+def layer_format(path):
+    """"TIFF", "JPEG" or "PNG" from a layer's file name."""
+    return LAYER_FORMATS[Path(path).suffix[1:].lower()]
+
+
+class Segment(Fragment):
+    """One scroll segment folder, opened lazily like a Fragment (same reading and validation methods).
+
+    `split` is the role prepare.py gives it: "train" (needs ink labels) or "test"; default: train when it has
+    <id>_inklabels.png. Layers are uint16 or 8-bit TIFF (read by bands, as Kaggle slices are), 8-bit JPEG, or 8- or
+    16-bit PNG. JPEG and PNG have no random access to rows: such a layer is decoded whole on its first band read
+    and kept as an uncompressed file in a temporary folder (removed with the object), from which its bands are
+    read, so each layer is decoded once and memory holds one decoded layer at most.
+    """
+
+    layout = "segments"
+
+    def __init__(self, path, split=None):
+        self.path = Path(path)
+        self.fragment_id = self.path.name
+        layers_dir = self.path / "layers"
+        if not layers_dir.is_dir():
+            raise FragmentError(f"{layers_dir}: layers folder not found")
+        self.slice_paths = _numbered_layers(layers_dir)
+        self.format = layer_format(self.slice_paths[0])
+        self._raw_offsets = {}
+        self._decoded = None  # TemporaryDirectory holding decoded JPEG / PNG layers as <z>.raw
+        self.shape, self.dtype = self._header(0)
+        self.split = split or ("train" if self.has_labels else "test")
+
+    @property
+    def mask_path(self):
+        return self.path / f"{self.fragment_id}_mask.png"
+
+    @property
+    def labels_path(self):
+        return self.path / f"{self.fragment_id}_inklabels.png"
+
+    @property
+    def ir_path(self):
+        return self.path / f"{self.fragment_id}_ir.png"
+
+    def _header(self, z):
+        """(shape, dtype) of layer `z` from its header; every layer must have the first one's format."""
+        path = self.slice_paths[z]
+        if layer_format(path) != self.format:
+            raise FragmentError(f"{path}: {layer_format(path)} layer among {self.format} layers "
+                                f"({self.slice_paths[0].name}): mixed layer formats")
+        if self.format == "TIFF":
+            return super()._header(z)
+        image = _open_png(path)  # PIL opens JPEG too; only the header is read
+        if image.mode not in IMAGE_DTYPES:
+            raise FragmentError(f"{path}: expected a single-channel 8- or 16-bit greyscale layer, "
+                                f"got mode {image.mode}")
+        self._raw_offsets[z] = None
+        return (image.height, image.width), IMAGE_DTYPES[image.mode]
+
+    def decode_layer(self, z):
+        """Layer `z` decoded whole, in its own dtype (for JPEG / PNG layers). PIL, not OpenCV: OpenCV returns a
+        truncated JPEG padded with grey, PIL refuses it."""
+        path = self.slice_paths[z]
+        try:
+            pixels = np.asarray(_open_png(path))
+        except (OSError, ValueError) as err:
+            raise FragmentError(f"{path}: unreadable or truncated {self.format} layer ({err})") from None
+        if pixels.shape != self.shape:
+            raise FragmentError(f"{path}: layer shape {pixels.shape} differs from "
+                                f"{self.slice_paths[0].name} {self.shape}")
+        return pixels.astype(self.dtype, copy=False)
+
+    def read_rows(self, z, rows):
+        if self.format == "TIFF":
+            return super().read_rows(z, rows)
+        return self.decode_layer(z)[rows]
+
+    def read_band(self, z, y0, y1, out=None):
+        if self.format == "TIFF":
+            return super().read_band(z, y0, y1, out)
+        raw = self._decoded_path(z)
+        width, itemsize = self.shape[1], self.dtype.itemsize
+        band = np.fromfile(raw, self.dtype, count=(y1 - y0) * width, offset=y0 * width * itemsize)
+        band = band.reshape(y1 - y0, width)
+        if out is None:
+            return band
+        out[...] = band
+        return out
+
+    def _decoded_path(self, z):
+        if self._decoded is None:
+            self._decoded = tempfile.TemporaryDirectory(prefix=f"inkseg-{self.fragment_id}-")
+        raw = Path(self._decoded.name) / f"{z}.raw"
+        if not raw.is_file():
+            tmp = raw.with_suffix(".tmp")
+            self.decode_layer(z).tofile(tmp)
+            os.replace(tmp, raw)
+        return raw
+
+
+def open_segments(root, train_ids=None, test_ids=None):
+    """Open and validate the segments of a root as (train, test) lists. With neither list given: labelled segments
+    are train, unlabelled ones test; with either given, only the listed segments, in the role listed."""
+    available = list_segments(root)
+    if train_ids is None and test_ids is None:
+        segments = [Segment(Path(root) / i) for i in available]
+    else:
+        train_ids, test_ids = list(train_ids or []), list(test_ids or [])
+        both = sorted(set(train_ids) & set(test_ids))
+        if both:
+            raise FragmentError(f"{root}: segment {', '.join(both)} listed both as train and as test")
+        missing = sorted(set(train_ids + test_ids) - set(available))
+        if missing:
+            raise FragmentError(f"{Path(root) / missing[0]}: no such segment (no layers folder)")
+        segments = [Segment(Path(root) / i, "train" if i in train_ids else "test")
+                    for i in available if i in train_ids + test_ids]
+    return [s.validate() for s in segments]
+
+
+def _numbered_layers(layers_dir):
+    """Layer files 0..N-1 (any number of digits, one file per number); a gap is an error naming the missing file."""
+    numbered = {}
+    for p in sorted(layers_dir.iterdir()):
+        match = LAYER_RE.match(p.name)
+        if match:
+            z = int(match.group(1))
+            if z in numbered:
+                raise FragmentError(f"{p}: a second file for layer {z} (beside {numbered[z].name})")
+            numbered[z] = p
+    if not numbered:
+        raise FragmentError(f"{layers_dir}: no layers (expected 00.tif, 01.tif, ... or .jpg / .png)")
+    for z in range(max(numbered) + 1):
+        if z not in numbered:
+            first = numbered[min(numbered)]
+            digits = len(LAYER_RE.match(first.name).group(1))
+            raise FragmentError(f"{layers_dir / f'{z:0{digits}d}{first.suffix}'}: layer missing "
+                                f"(layers must run from 0 to {max(numbered)} without gaps)")
+    return [numbered[z] for z in range(len(numbered))]
+
+
 def main(argv=None):
     """`python -m lib.fragments ROOT`: validate every fragment of a dataset root and print one line each."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(description="Validate a dataset root in the Kaggle layout.")
+    parser = argparse.ArgumentParser(description="Validate a dataset root in the Kaggle or the segment layout.")
     parser.add_argument("root")
     parser.add_argument("--strict", action="store_true", help="labels that look wrong against the mask are errors")
     args = parser.parse_args(argv)
     try:
+        if detect_layout(args.root) == "segments":  # labelled segments as train, the others as test
+            for segment in open_segments(args.root):
+                h, w = segment.shape
+                ink = f", ink {segment.read_labels().mean():.1%} of pixels" if segment.has_labels else ""
+                print(f"{segment.fragment_id} ({segment.split}): {segment.num_slices} {segment.format} layers of "
+                      f"{h} x {w} {segment.dtype}{ink}: ok")
+            return
         for split in SPLITS:
             fragments = open_split(args.root, split)
             print(f"{split}: {len(fragments)} fragments", flush=True)

@@ -3,7 +3,7 @@
 Tiles on a stride grid are read once with the 8 centre slices; each becomes up to 3 triplet inputs
 x 4 rotations (test-time augmentation), all run through the model in one batch, rotated back and
 averaged. Overlapping tiles are blended with smooth weights that fall towards the tile edges, so there
-are no seams. Memory is the (H, W) float32 map and its weight sum, never the tiles of a fragment.
+are no seams. Memory is the (H, W) float32 map and a band of a few tile rows, never the tiles of a fragment.
 Out-of-fold predictions (train.py) and submissions (submit.py) both go through `predict_fragment`, which
 also runs an ensemble: every model sees each batch of tiles, read once.
 
@@ -84,24 +84,25 @@ def as_weighted_models(models):
 
 @torch.inference_mode()
 def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, triplets=True,
-                     device="cpu", progress=False, readers=2):
-    """Probability map (H, W) float32 of one store, 0 outside its mask.
+                     device="cpu", progress=False, readers=2, out=None, scale=1.0):
+    """Probability map (H, W) float32 of one store, 0 outside its mask; with `out` ((H, W) float32), adds
+    `scale` x the map into it instead (an ensemble's running sum) and returns it.
 
     `models`: one model, or a list of (model, weight) pairs sharing tile_size and stride: the map is then
     sum(weight x the model's map), each batch of tiles read once and run through every model.
     batch_size counts tiles; each tile adds (3 if triplets) x (4 if tta) inputs to a model's batch.
-    `readers`: threads reading tiles ahead (read_batches).
+    `readers`: threads reading tiles ahead (read_batches). Tiles are blended in a band of rows (BlendBand), so
+    the memory beyond `out` is a few tile rows, not a second map.
     """
     device = torch.device(device)
     models = as_weighted_models(models)
     groups = TRIPLETS if triplets else (MIDDLE_TRIPLET,)
     rotations = (0, 1, 2, 3) if tta else (0,)
-    height, width = store.shape
-    total = np.zeros((height, width), np.float32)
-    weight_sum = np.zeros((height, width), np.float32)
-    weights = blend_weights(tile_size)
-    device_weights = torch.from_numpy(weights).to(device)
+    out = np.zeros(store.shape, np.float32) if out is None else out
+    band = BlendBand(store, tile_size, out, scale)
+    device_weights = torch.from_numpy(band.weights).to(device)
     positions = store.tiles(tile_size, stride)
+    positions = positions[np.lexsort((positions[:, 1], positions[:, 0]))]  # row by row: the band moves down only
     for model, _ in models:
         model.eval()
     on_gpu = device.type == "cuda"
@@ -109,13 +110,11 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
 
     def blend(batch, weighted, arrived):
-        """Add a batch's (B, T, T) probabilities x blend weights into the map, once their copy has `arrived`."""
+        """Add a batch's (B, T, T) probabilities x blend weights into the band, once their copy has `arrived`."""
         if arrived is not None:
             arrived.synchronize()
         for (y, x), prob in zip(batch, weighted.numpy()):
-            h, w = min(tile_size, height - y), min(tile_size, width - x)
-            total[y: y + h, x: x + w] += prob[:h, :w]
-            weight_sum[y: y + h, x: x + w] += weights[:h, :w]
+            band.add(y, x, prob)
 
     previous = None
     bar = tqdm(total=len(positions), unit="tile", desc=f"predict {store.fragment_id}", disable=not progress)
@@ -137,8 +136,47 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
             bar.update(len(batch))
         if previous is not None:
             blend(*previous)
-    np.divide(total, weight_sum, out=total, where=weight_sum > 0)
-    return total * store.read_map("mask")
+    band.flush(store.shape[0])
+    return out
+
+
+class BlendBand:
+    """Weighted sums of overlapping tiles over a band of rows [y0, y0 + rows). Tiles come row by row (their top
+    rows never decrease); when one reaches below the band, the rows above its top are final: they are divided by
+    their weight sum, masked and added into `out` (x scale), and the band moves down to that tile."""
+
+    def __init__(self, store, tile_size, out, scale):
+        self.store, self.tile_size, self.out, self.scale = store, tile_size, out, np.float32(scale)
+        self.height, self.width = store.shape
+        self.weights = blend_weights(tile_size)
+        self.rows = 4 * tile_size  # band height: moving it copies at most a tile's rows
+        self.total = np.zeros((self.rows, self.width), np.float32)
+        self.weight_sum = np.zeros((self.rows, self.width), np.float32)
+        self.y0 = 0
+
+    def add(self, y, x, weighted):
+        """Add a tile at (y, x): its probabilities already multiplied by self.weights."""
+        if y + self.tile_size > self.y0 + self.rows:
+            self.flush(y)
+        h, w = min(self.tile_size, self.height - y), min(self.tile_size, self.width - x)
+        r = y - self.y0
+        self.total[r: r + h, x: x + w] += weighted[:h, :w]
+        self.weight_sum[r: r + h, x: x + w] += self.weights[:h, :w]
+
+    def flush(self, y):
+        """Finish rows [y0, y) into `out` and move the band to start at row y (rows past the band have no tiles)."""
+        done = min(y, self.height) - self.y0
+        if done <= 0:
+            return
+        n = min(done, self.rows)
+        total, weight_sum = self.total[:n], self.weight_sum[:n]
+        np.divide(total, weight_sum, out=total, where=weight_sum > 0)
+        total *= self.store.read_window("mask", self.y0, 0, n, self.width)
+        self.out[self.y0: self.y0 + n] += self.scale * total
+        for array in (self.total, self.weight_sum):
+            array[: self.rows - n] = array[n:].copy()
+            array[self.rows - n:] = 0
+        self.y0 += done
 
 
 def save_probability_map(path, prob, **attrs):
@@ -159,22 +197,43 @@ def load_probability_map(path):
 
 
 def save_preview(path, panels):
-    """A PNG of 2-D maps in 0..1 side by side (e.g. probability, binary prediction, label), 8 px apart."""
+    """A PNG of 2-D maps in 0..1 side by side (e.g. probability, binary prediction, label), 8 px apart, at most
+    2048 px wide: each map is shrunk before it is made 8-bit, so a huge fragment needs no full-size copy."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    scale = min(1.0, 2048 / (sum(p.shape[1] for p in panels) + 8 * (len(panels) - 1)))
+    panels = [_preview_panel(p, scale) for p in panels]
     height = max(p.shape[0] for p in panels)
-    gap = np.full((height, 8), 128, np.uint8)
+    gap = np.full((height, max(1, round(8 * scale))), 128, np.uint8)
     tiles = []
     for panel in panels:
         image = np.zeros((height, panel.shape[1]), np.uint8)
-        image[: panel.shape[0]] = (np.clip(panel, 0, 1) * 255).astype(np.uint8)
+        image[: panel.shape[0]] = panel
         tiles += [image, gap]
-    image = np.hstack(tiles[:-1])
-    scale = min(1.0, 2048 / image.shape[1])  # keep previews of huge fragments viewable
-    if scale < 1:
-        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     tmp = path.with_name(path.stem + ".tmp.png")
-    cv2.imwrite(str(tmp), image)
+    cv2.imwrite(str(tmp), np.hstack(tiles[:-1]))
+    os.replace(tmp, path)
+
+
+def _preview_panel(panel, scale):
+    """A map in 0..1 as uint8 0..255, shrunk by `scale` (area averaging) first when below 1."""
+    if panel.dtype == np.uint8 or panel.dtype == bool:  # 0/1 masks: cheap to scale to 0/255 at full size
+        panel = np.asarray(panel, np.uint8) * np.uint8(255)
+        if scale < 1:
+            panel = cv2.resize(panel, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        return panel
+    if scale < 1:
+        panel = cv2.resize(np.asarray(panel, np.float32), None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return (np.clip(panel, 0, 1) * 255).astype(np.uint8)
+
+
+def save_probability_png(path, prob):
+    """A probability map as an 8-bit greyscale PNG, round(255 p) saturated to 0..255, atomically (temp, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    if not cv2.imwrite(str(tmp), cv2.convertScaleAbs(prob, alpha=255.0)):
+        raise OSError(f"{tmp}: could not write the PNG")
     os.replace(tmp, path)
 
 

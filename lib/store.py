@@ -8,7 +8,10 @@ A store `OUT/<split>/<id>.h5` holds
     percentiles  (Z, P) float32     in-mask intensity percentiles per slice (levels in attrs["percentile_levels"])
     percentiles_all (P,) float32    the same over all kept slices together
 and attributes: fragment_id, split, source, z_start, z_stop, height, width, tile_size, stride,
-fingerprint (of the source files: names, sizes, mtimes) and format_version.
+fingerprint (of the source files: names, sizes, mtimes) and format_version; source_layers (the source layer of
+each kept slice: z_start..z_stop unless the depth was reversed or the window moved to the surface, lib/depth.py),
+layout ("kaggle" or "segments": the source's layout), and from prepare.py reversed and surface (the detected
+surface slice, NaN unless --z-range auto).
 
 Integrity: every dataset's chunks carry HDF5's Fletcher32 checksum (after Blosc, so it covers the stored
 bytes), and the file is written with the 1.10 format, whose metadata (superblock, object headers with the
@@ -142,16 +145,23 @@ def percentiles_from_histogram(histogram):
     return np.searchsorted(cumulative, targets, side="right").astype(np.float32)
 
 
-def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=56, progress=True):
+def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=56, progress=True, layers=None,
+                attrs=None):
     """Write `fragment` (a lib.fragments.Fragment) to the store `path`, atomically; returns a summary dict.
+
+    The store's slices z_range[0]..z_range[1] are the source layers `layers` (default: the same numbers; see
+    lib/depth.py for reversed and surface-centred windows); `attrs` are extra attributes to record.
 
     Peak memory is two bands of rows of the kept slices (one being read, one being compressed) plus the
     fragment's 2-D maps. The file is written as `<path>.tmp` and removed on any failure: a caller that may run
     beside another writer holds lib.lock.exclusive(path) around this (prepare.py does).
     """
     z_start, z_stop = z_range
-    if not 0 <= z_start < z_stop <= fragment.num_slices:
-        raise ValueError(f"{fragment.path}: slice range {z_start}:{z_stop} is outside its {fragment.num_slices} slices")
+    layers = list(range(z_start, z_stop)) if layers is None else [int(z) for z in layers]
+    if not (0 <= z_start < z_stop and len(layers) == z_stop - z_start
+            and all(0 <= z < fragment.num_slices for z in layers)):
+        raise ValueError(f"{fragment.path}: slices {z_start}:{z_stop} from layers {layers} do not fit its "
+                         f"{fragment.num_slices} slices")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -166,7 +176,7 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
             volume = h5.create_dataset(
                 "volume", shape=(num_kept, height, width), dtype="uint16", fletcher32=True,
                 chunks=(num_kept, min(side, height), min(side, width)), **volume_compression())
-            histograms = _copy_volume(fragment, volume, mask, z_start, z_stop, progress)
+            histograms = _copy_volume(fragment, volume, mask, layers, progress)
             _write_map(h5, "mask", mask)
             if fragment.has_labels:
                 labels = fragment.read_labels()
@@ -184,7 +194,8 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
                 fragment_id=fragment.fragment_id, split=fragment.split, source=str(fragment.path.resolve()),
                 z_start=z_start, z_stop=z_stop, height=height, width=width, tile_size=tile_size, stride=stride,
                 fingerprint=fingerprint(fragment.source_files()), format_version=FORMAT_VERSION,
-                source_slices=fragment.num_slices, percentile_levels=np.array(PERCENTILE_LEVELS))
+                source_slices=fragment.num_slices, percentile_levels=np.array(PERCENTILE_LEVELS),
+                source_layers=np.array(layers), layout=fragment.layout, **(attrs or {}))
         except BaseException:
             with contextlib.suppress(Exception):  # closing flushes, which fails again on a full disk: keep the first error
                 h5.close()
@@ -207,8 +218,8 @@ def _close_flushed(h5, path):
         raise OSError(f"{path}: {err}") from None
 
 
-def _copy_volume(fragment, volume, mask, z_start, z_stop, progress):
-    """Stream the kept slices into `volume` band by band; return per-slice in-mask uint16 histograms.
+def _copy_volume(fragment, volume, mask, layers, progress):
+    """Stream the source `layers` into `volume` band by band; return per-slice in-mask uint16 histograms.
 
     A reader thread fills the next band while a pool of threads (one per core) compresses the chunks of this
     band and counts its histograms; this thread stores the compressed chunks in order. The TIFF reads and the
@@ -225,11 +236,11 @@ def _copy_volume(fragment, volume, mask, z_start, z_stop, progress):
     bar = tqdm(total=num_kept * height * width * 2, unit="B", unit_scale=True, disable=not progress,
                desc=f"prepare {fragment.split}/{fragment.fragment_id}")
     with bar, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(len(os.sched_getaffinity(0))) as encoders:
-        reading = reader.submit(_read_band, fragment, z_start, bands[0], buffers[0])
+        reading = reader.submit(_read_band, fragment, layers, bands[0], buffers[0])
         for index, (y0, y1) in enumerate(bands):
             block = reading.result()
             if index + 1 < len(bands):
-                reading = reader.submit(_read_band, fragment, z_start, bands[index + 1], buffers[(index + 1) % 2])
+                reading = reader.submit(_read_band, fragment, layers, bands[index + 1], buffers[(index + 1) % 2])
             inside = mask[y0:y1].astype(bool)
             counts = [encoders.submit(_count_in_mask, block[i], inside) for i in range(num_kept)]
             groups = [(cy, cx) for cy in range(0, y1 - y0, chunk_shape[1]) for cx in range(0, width, group_width)]
@@ -243,11 +254,11 @@ def _copy_volume(fragment, volume, mask, z_start, z_stop, progress):
     return histograms
 
 
-def _read_band(fragment, z_start, band, buffer):
+def _read_band(fragment, layers, band, buffer):
     y0, y1 = band
     block = buffer[:, : y1 - y0]
-    for i in range(len(block)):
-        fragment.read_band(z_start + i, y0, y1, out=block[i])
+    for i, z in enumerate(layers):
+        fragment.read_band(z, y0, y1, out=block[i])
     return block
 
 
@@ -277,11 +288,13 @@ def _write_map(h5, name, image):
                       **hdf5plugin.Blosc(cname="lz4", clevel=5))
 
 
-def store_matches(path, sources_fingerprint, z_range, tile_size, stride):
-    """True when `path` is a store built from these sources with these settings and intact: its file opens (HDF5
+def store_matches(path, sources_fingerprint, z_range, tile_size, stride, layers=None):
+    """True when `path` is a store built from these sources with these settings (and these source layers: default
+    z_range's own numbers, which a store from before source_layers existed holds) and intact: its file opens (HDF5
     checks the size and the metadata checksums) and every dataset but the volume reads back against its checksums
     (check_store). False when it is missing, of another format version, or stale; a store that is there but
     unreadable or corrupt is a StoreError (prepare.py rebuilds it and says why)."""
+    layers = list(range(*z_range)) if layers is None else [int(z) for z in layers]
     if not Path(path).exists():
         return False
     try:
@@ -290,6 +303,8 @@ def store_matches(path, sources_fingerprint, z_range, tile_size, stride):
     except OSError as err:
         raise _store_error(path, None, err) from None
     if a.get("format_version") != FORMAT_VERSION:
+        return False
+    if list(a.get("source_layers", range(*z_range))) != layers:
         return False
     if not (a.get("fingerprint") == sources_fingerprint and (a.get("z_start"), a.get("z_stop")) == tuple(z_range)
             and (a.get("tile_size"), a.get("stride")) == (tile_size, stride)):
@@ -343,6 +358,7 @@ class Store:
         self.tile_size, self.stride = int(a["tile_size"]), int(a["stride"])
         self.has_labels = "labels" in names
         self.has_ir = "ir" in names
+        self.layout = str(a.get("layout", "kaggle"))
         self._h5 = None
         self._pid = None
 

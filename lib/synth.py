@@ -1,9 +1,12 @@
-"""Synthetic fragments in the Kaggle layout, so the pipeline runs and can be scored without real data.
+"""Synthetic fragments in the Kaggle or the segment layout, so the pipeline runs and can be scored without real data.
 
-    python -m lib.synth OUT [--size 640] [--seed 0]
+    python -m lib.synth OUT [--size 640] [--seed 0] [--layout kaggle|segments]
 
 writes OUT/train/{1,2,3}, OUT/test/{a,b} (65 uint16 TIFF slices, mask.png; inklabels.png and ir.png
 for train), OUT/sample_submission.csv, and the test labels apart in OUT/_truth/<id>_inklabels.png.
+With --layout segments the same pixels go to OUT/<id>/layers/00.tif.., <id>_mask.png, <id>_inklabels.png
+(train ids only; no IR, no sample submission), except that segment b is stored with its depth reversed
+(layer 64 - z holds slice z: prepare it with --reverse b) and segment a as 8-bit JPEG layers (slice >> 8).
 
 The physics, in brief: a papyrus sheet fills the slices below a surface whose depth wanders smoothly
 around slice 32; its top layer has horizontal fibres, the layer below vertical ones; density varies
@@ -34,6 +37,9 @@ TEST_IDS = ("a", "b")
 NUM_SLICES = 65
 SURFACE_SLICE = 32
 SAMPLE_SUBMISSION = "Id,Predicted\na,1 1 5 1\nb,10 20\n"  # the Kaggle file, verbatim
+REVERSED_SEGMENT = "b"  # segment layout: stored with z reversed
+EIGHT_BIT_SEGMENT = "a"  # segment layout: 8-bit JPEG layers
+JPEG_QUALITY = 95
 
 PAPYRUS_LEVEL = 20000.0  # uint16 grey value of dense papyrus
 AIR_LEVEL = 1500.0  # the air above the sheet is not quite black in CT
@@ -144,19 +150,43 @@ def fragment_shape(rng, size):
     return int(size * rng.uniform(0.85, 1.2)), int(size * rng.uniform(0.7, 1.05))
 
 
+def generate_slices(folder, fields, rng, num_slices, progress):
+    """(z, file name stem, slice) for z = 0.. in order (the order the random stream is drawn in)."""
+    digits = max(2, len(str(num_slices - 1)))
+    for z in tqdm(range(num_slices), desc=f"synth {Path(folder).name}", unit="slice", disable=not progress, leave=False):
+        yield z, f"{z:0{digits}d}", fields.slice(rng, z)
+
+
 def write_fragment(folder, fields, rng, num_slices, with_labels, progress=True):
     volume_dir = Path(folder) / "surface_volume"
     volume_dir.mkdir(parents=True)
-    digits = max(2, len(str(num_slices - 1)))
-    for z in tqdm(range(num_slices), desc=f"synth {Path(folder).name}", unit="slice", disable=not progress, leave=False):
-        tifffile.imwrite(volume_dir / f"{z:0{digits}d}.tif", fields.slice(rng, z))
+    for _, stem, pixels in generate_slices(folder, fields, rng, num_slices, progress):
+        tifffile.imwrite(volume_dir / f"{stem}.tif", pixels)
     cv2.imwrite(str(Path(folder) / "mask.png"), fields.mask * 255)
     if with_labels:
         cv2.imwrite(str(Path(folder) / "inklabels.png"), fields.labels * 255)
         cv2.imwrite(str(Path(folder) / "ir.png"), fields.ir)
 
 
-def generate(out, size=640, seed=0, num_slices=NUM_SLICES, progress=True):
+def write_segment(folder, fields, rng, num_slices, with_labels, reverse=False, eight_bit=False, progress=True):
+    """The same slices as write_fragment, in the segment layout: layer z (or num_slices - 1 - z when `reverse`)
+    holds slice z, as uint16 TIFF or (`eight_bit`) as the 8-bit JPEG of slice >> 8."""
+    folder = Path(folder)
+    layers_dir = folder / "layers"
+    layers_dir.mkdir(parents=True)
+    for z, stem, pixels in generate_slices(folder, fields, rng, num_slices, progress):
+        layer = f"{num_slices - 1 - z:0{len(stem)}d}" if reverse else stem
+        if eight_bit:
+            cv2.imwrite(str(layers_dir / f"{layer}.jpg"), (pixels >> 8).astype(np.uint8),
+                        [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        else:
+            tifffile.imwrite(layers_dir / f"{layer}.tif", pixels)
+    cv2.imwrite(str(folder / f"{folder.name}_mask.png"), fields.mask * 255)
+    if with_labels:
+        cv2.imwrite(str(folder / f"{folder.name}_inklabels.png"), fields.labels * 255)
+
+
+def generate(out, size=640, seed=0, num_slices=NUM_SLICES, progress=True, layout="kaggle"):
     """Write a whole synthetic dataset to `out` (created atomically: built beside it, then renamed)."""
     out = Path(out)
     if out.exists():
@@ -168,11 +198,18 @@ def generate(out, size=640, seed=0, num_slices=NUM_SLICES, progress=True):
         rng = np.random.default_rng([seed, index])
         fields = FragmentFields(rng, fragment_shape(rng, size))
         split = "train" if fragment_id in TRAIN_IDS else "test"
-        write_fragment(partial / split / fragment_id, fields, rng, num_slices, split == "train", progress)
+        if layout == "segments":
+            write_segment(partial / fragment_id, fields, rng, num_slices, split == "train",
+                          fragment_id == REVERSED_SEGMENT, fragment_id == EIGHT_BIT_SEGMENT, progress)
+        else:
+            write_fragment(partial / split / fragment_id, fields, rng, num_slices, split == "train", progress)
         if split == "test":
             cv2.imwrite(str(partial / "_truth" / f"{fragment_id}_inklabels.png"), fields.labels * 255)
-    (partial / "sample_submission.csv").write_text(SAMPLE_SUBMISSION)
     recipe = {"size": size, "seed": seed, "num_slices": num_slices}
+    if layout == "segments":
+        recipe.update(layout=layout, reversed=[REVERSED_SEGMENT], eight_bit_jpeg=[EIGHT_BIT_SEGMENT])
+    else:
+        (partial / "sample_submission.csv").write_text(SAMPLE_SUBMISSION)
     (partial / "_truth" / "synth.json").write_text(json.dumps(recipe) + "\n")
     os.replace(partial, out)
     return out
@@ -184,13 +221,15 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=640, help="typical fragment side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-slices", type=int, default=NUM_SLICES)
+    parser.add_argument("--layout", choices=("kaggle", "segments"), default="kaggle",
+                        help="segments: <id>/layers/.., with segment b reversed in depth and a as 8-bit JPEG")
     args = parser.parse_args(argv)
     recipe_path = Path(args.out) / "_truth" / "synth.json"
     if recipe_path.is_file():
         print(f"{args.out}: synthetic dataset already there ({recipe_path.read_text().strip()}); leaving it as it is")
         return
     try:
-        generate(args.out, args.size, args.seed, args.num_slices)
+        generate(args.out, args.size, args.seed, args.num_slices, layout=args.layout)
     except FileExistsError as err:
         raise SystemExit(f"error: {err}")
     print(f"wrote synthetic dataset to {args.out}")
