@@ -169,7 +169,7 @@ def write_submission(path, rows):
 def outputs(args, run, stores):
     """(CSV path or None, PNG folder or None): the rule in the docstring. A CSV is wanted when --sample or --out is
     given or a test store comes from the Kaggle layout; PNGs with --png, or when no CSV is wanted."""
-    want_csv = bool(args.sample or args.out) or any(Store(p).layout == "kaggle" for p in stores.values())
+    want_csv = bool(args.sample or args.out) or any(store.layout == "kaggle" for store in stores.values())
     csv_path = (Path(args.out) if args.out else run / "submission.csv") if want_csv else None
     png_dir = Path(args.png) if args.png else run / "predictions"
     return csv_path, png_dir if args.png is not None or not want_csv else None
