@@ -162,12 +162,12 @@ def main(argv=None):
     given = list(sys.argv[1:] if argv is None else argv)
     for key, value in SETTINGS[args.device].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    if args.device == "cpu":  # one torch thread: on a shared CPU more spin against each other (bench/README.md)
+        torch.set_num_threads(1)
     if args.child_loop:
         print(json.dumps(warm_rate(args, int(args.child_loop[1]), new_step(args.child_loop[0], args))))
         return
     cpus = len(os.sched_getaffinity(0))
-    if args.device == "cpu":  # one torch thread: on a shared CPU more spin against each other (bench/README.md)
-        torch.set_num_threads(1)
     workers = cpus - 1 if args.device == "cuda" else 0  # one trial on the whole machine, as Ray would give it
     card = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU (CPU mode)"
     with tempfile.TemporaryDirectory() as tmp:

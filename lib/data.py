@@ -6,9 +6,9 @@ that it learns ink wherever the surface lies. All randomness comes from torch's 
 DataLoader seeds per worker from the main seed, so a run is deterministic given --seed.
 
 Augmentation is split where it is cheapest: the geometric part (flips, rot90, rotation + scale) per
-tile in the loader, one cv2.warpAffine for image and label alike; the photometric part (brightness,
-contrast, Gaussian noise) on the whole batch after it reaches the device (`photometric`), because drawing
-the noise was the largest per-tile CPU cost (bench/README.md, "## loader").
+tile in the loader, the same cv2.warpAffine on image and label; the photometric part (brightness,
+contrast, Gaussian noise) on the whole batch after it reaches the device (`photometric`): drawing the
+noise per tile cost the loader about 1 ms of its ~5 (bench/README.md, "## loader" and the notes after it).
 """
 from dataclasses import dataclass
 

@@ -50,9 +50,9 @@ def read_batches(store, positions, tile_size, batch_size, readers=2, pin=False):
     """Yield (positions, (B, 8, T, T) float32 tensor of normalised centre-slice tiles) batch by batch, in order.
 
     `readers` threads read ahead (at most 2 x readers batches in flight, so memory stays a few batches);
-    0 reads in the calling thread. h5py holds the GIL while it reads, so reads do not run in parallel with each
-    other, but the model and numpy's large operations release it: reading overlaps the model's work. pin=True
-    returns page-locked tensors (fast, asynchronous copies to a GPU).
+    0 reads in the calling thread. h5py releases the GIL while HDF5 reads, so reading overlaps the model's work,
+    but it serialises all HDF5 calls behind one lock: reads do not run in parallel with each other (one core's
+    worth of reading at most). pin=True returns page-locked tensors (fast, asynchronous copies to a GPU).
     """
     intensity_range = store.intensity_range()  # also opens the file here, before any thread touches it
 

@@ -13,6 +13,15 @@ from lib.store import Store, write_store
 HEIGHT, WIDTH = 200, 168
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on 2 cores shared with other work, two OpenMP threads spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def label_store(tmp_path_factory):
     """A train fragment whose every slice is bright exactly where the labels say ink (plus the slice number)."""
