@@ -93,7 +93,7 @@ def test_trials_run_on_both_nodes_of_a_two_node_cluster(cluster, stores, tmp_pat
          "--no-tta", "--no-triplets", "--no-dashboard"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "each trial gets 1 CPUs" in result.stdout  # 2 trials, 2 one-CPU nodes: one trial fits on each node
+    assert "each gets 1 CPUs" in result.stdout  # 2 trials, 2 one-CPU nodes: one trial fits on each node
 
     node_ids = {}  # each finished trial records the node it ran on
     for result_file in (run / "trials" / BACKBONE).glob("fold-*.json"):
