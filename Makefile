@@ -7,12 +7,13 @@ SYNTH := data/synth
 DATA ?= $(SYNTH)
 SIZE ?= 640
 SEED ?= 0
+DIFFICULTY ?= medium
 STORES ?= data/prepared
 RUN ?= runs/demo
 PRESET ?= demo
 TRAIN_ARGS ?=
 
-.PHONY: setup demo synth validate prepare train ensemble submit score test bench bench-prepare bench-train bench-submit clean-data
+.PHONY: setup demo synth validate prepare train ensemble submit score test bench bench-prepare bench-train bench-submit sweep clean-data
 
 setup: $(VENV)/.installed
 
@@ -22,7 +23,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 synth: setup
-	$(PY) -m lib.synth $(SYNTH) --size $(SIZE) --seed $(SEED)
+	$(PY) -m lib.synth $(SYNTH) --size $(SIZE) --seed $(SEED) --difficulty $(DIFFICULTY)
 
 validate: setup
 	$(PY) -m lib.fragments $(DATA)
@@ -56,6 +57,10 @@ bench-train: setup
 
 bench-submit: setup
 	$(PY) bench/bench_submit.py
+
+# The demo recipe at three difficulty levels of the synthetic ink (tens of minutes on 2 cores).
+sweep: setup
+	$(PY) bench/bench_models.py
 
 clean-data:
 	rm -rf $(SYNTH) $(SYNTH).partial

@@ -4,7 +4,7 @@ In:  --run runs/NAME from train.py: oof/<backbone>/<fragment>.h5 (each train fra
      model that did not see it) and models/<backbone>/fold-*.pt; --stores data/prepared for the train
      fragments' labels and masks (train/<fragment>.h5).
 Out: runs/NAME/ensemble.json        members (backbone, weight, model files relative to the run folder, tile
-                                    size, stride), threshold (mode, value) and the scores below
+                                    size, stride, triplet mode of the OOF maps), threshold (mode, value) and the scores below
      runs/NAME/plots/threshold.png  F0.5 against the threshold, per member and for the ensemble
      and a table on stdout: F0.5 of each member, the equal-weight average and the fitted ensemble.
 
@@ -63,7 +63,8 @@ def find_members(run):
 
 
 def member_models(run, backbone):
-    """A member's fold model files and the tile size and stride they were trained and must predict with."""
+    """A member's fold model files, the tile size and stride they were trained and must predict with, and the
+    triplet mode its OOF maps were made with (so that submit.py predicts the test fragments the same way)."""
     folder = run / "models" / backbone
     paths = sorted(folder.glob("fold-*.pt"))
     if not paths:
@@ -72,14 +73,15 @@ def member_models(run, backbone):
     for path in paths:
         try:  # mmap: only the small entries are read, not the weights
             export = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            settings.add((int(export["tile_size"]), int(export["stride"])))
+            # files from before the triplet modes predicted with the mean of the triplets
+            settings.add((int(export["tile_size"]), int(export["stride"]), str(export.get("triplets", "mean"))))
         except Exception as err:  # a truncated or foreign file: name it
             sys.exit(f"error: {path}: not a train.py model file ({type(err).__name__}: {err})")
     if len(settings) > 1:
-        sys.exit(f"error: {folder}: fold models disagree on (tile size, stride): {sorted(settings)}")
-    (tile_size, stride), = settings
+        sys.exit(f"error: {folder}: fold models disagree on (tile size, stride, triplets): {sorted(settings)}")
+    (tile_size, stride, triplets), = settings
     return {"backbone": backbone, "models": [str(p.relative_to(run)) for p in paths],
-            "tile_size": tile_size, "stride": stride}
+            "tile_size": tile_size, "stride": stride, "triplets": triplets}
 
 
 def fragment_ids(run, members):

@@ -10,7 +10,8 @@ Out: --out (default runs/NAME/submission.csv): "Id,Predicted", one row per test 
      with --truth DIR (DIR/<id>_inklabels.png, e.g. data/synth/_truth): F0.5 per fragment and over all of them.
 
 Every fold model of every member predicts each fragment (lib.infer.predict_fragment: rot90 x4 test-time
-augmentation and the three centre-slice triplets, unless --no-tta / --no-triplets); a member is the mean of
+augmentation and the centre-slice triplets combined as the member's OOF maps were, unless --no-tta /
+--triplets MODE); a member is the mean of
 its folds, the ensemble the members' weighted sum with ensemble.json's weights; then its threshold (absolute,
 or percentile: the top q % of the fragment's in-mask pixels), the mask, and optionally --min-component.
 
@@ -28,7 +29,8 @@ import numpy as np
 import torch
 
 from lib.fragments import FragmentError, read_png_binary
-from lib.infer import load_model_file, predict_fragment, remove_small_components, save_preview, save_probability_map
+from lib.infer import (TRIPLET_MODES, load_model_file, predict_fragment, remove_small_components, save_preview,
+                       save_probability_map)
 from lib.metrics import THRESHOLD_MODES, binarise, fbeta_counts
 from lib.rle import rle_decode, rle_encode
 from lib.store import Store
@@ -43,7 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, help="tiles per model call, x12 inputs with TTA and triplets "
                         "(default: 16 on GPU; 4 on CPU, fastest there and 1/4 of the activation memory)")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="no rot90 test-time augmentation")
-    parser.add_argument("--no-triplets", dest="triplets", action="store_false", help="the middle triplet only")
+    parser.add_argument("--triplets", choices=TRIPLET_MODES, help="how to combine the centre-slice triplets (default: "
+                        "each member's mode from ensemble.json, the one its OOF maps and the fitted threshold assumed)")
+    parser.add_argument("--no-triplets", dest="triplets", action="store_const", const="middle", help="--triplets middle")
     parser.add_argument("--min-component", type=int, default=0, help="drop ink components smaller than this (pixels)")
     parser.add_argument("--save-probs", action="store_true", help="also write RUN/probs/<id>.h5")
     parser.add_argument("--truth", help="folder with <id>_inklabels.png of the test fragments: print F0.5")
@@ -72,6 +76,9 @@ def read_ensemble(run):
     if mode not in THRESHOLD_MODES:
         sys.exit(f"error: {path}: unknown threshold mode {mode!r}")
     for member in members:
+        member.setdefault("triplets", "mean")  # ensemble.json from before the triplet modes
+        if member["triplets"] not in TRIPLET_MODES:
+            sys.exit(f"error: {path}: member {member.get('backbone')}: unknown triplet mode {member['triplets']!r}")
         for model in member["models"]:
             if not (run / model).is_file():
                 sys.exit(f"error: {run / model}: model file named in {path} not found")
@@ -132,7 +139,8 @@ def ensemble_probability(run, ensemble, store, args):
         for model_file in member["models"]:
             model, _ = load_model_file(run / model_file, args.device)
             prob = predict_fragment(model, store, member["tile_size"], member["stride"], args.batch_size,
-                                    tta=args.tta, triplets=args.triplets, device=args.device, progress=True)
+                                    tta=args.tta, triplets=args.triplets or member["triplets"], device=args.device,
+                                    progress=True)
             total += np.float32(member["weight"] / len(member["models"])) * prob
     return total
 
@@ -173,9 +181,10 @@ def main(argv=None):
         check_truth(args.truth, ids)
     mode, value = ensemble["threshold"]["mode"], ensemble["threshold"]["value"]
     models = sum(len(m["models"]) for m in ensemble["members"] if m["weight"] > 0)
+    triplets = args.triplets or ",".join(sorted({m["triplets"] for m in ensemble["members"] if m["weight"] > 0}))
     threshold = f"p >= {value:g}" if mode == "absolute" else f"top {value:g} % of each fragment's mask"
     print(f"{len(ids)} test fragments, {models} models, ink where {threshold}, device {args.device}, "
-          f"TTA {args.tta}, triplets {args.triplets}, {args.batch_size} tiles per batch")
+          f"TTA {args.tta}, triplets {triplets}, {args.batch_size} tiles per batch")
 
     rows, totals = [], np.zeros(3, np.int64)  # pooled (tp, fp, fn) for --truth
     for fragment_id in ids:
@@ -191,7 +200,7 @@ def main(argv=None):
         save_preview(run / "previews" / f"{fragment_id}.png", [prob, pred])
         if args.save_probs:
             save_probability_map(run / "probs" / f"{fragment_id}.h5", prob, fragment_id=fragment_id,
-                                 tta=args.tta, triplets=args.triplets)
+                                 tta=args.tta, triplets=triplets)
         line = (f"{fragment_id}: {store.shape[0]} x {store.shape[1]}, ink in {pred.sum() / max(mask.sum(), 1):.1%} "
                 f"of the mask, {time.time() - started:.0f} s")
         if truth is not None:

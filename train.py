@@ -30,7 +30,8 @@ import torch
 from ray import tune
 
 from lib.data import TileDataset, make_folds
-from lib.infer import load_probability_map, predict_fragment, save_preview, save_probability_map
+from lib.infer import (DEFAULT_TRIPLETS, TRIPLET_MODES, load_probability_map, predict_fragment, save_preview,
+                       save_probability_map)
 from lib.losses import LOSS_DEFAULTS, build_loss
 from lib.metrics import best_threshold
 from lib.model import build_model, model_config
@@ -66,7 +67,16 @@ def parse_args(argv=None):
     parser.add_argument("--decoder-channels", help="U-Net decoder widths, e.g. 256,128,64,32,16")
     parser.add_argument("--weights", default=None, help="encoder weights: none, imagenet, or a local file")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="OOF without rot90 test-time augmentation")
-    parser.add_argument("--no-triplets", dest="triplets", action="store_false", help="OOF from the middle triplet only")
+    parser.add_argument("--triplets", choices=TRIPLET_MODES, default=DEFAULT_TRIPLETS,
+                        help="how the OOF maps combine the centre-slice triplets (lib/infer.py; default %(default)s)")
+    parser.add_argument("--no-triplets", dest="triplets", action="store_const", const="middle", help="--triplets middle")
+    parser.add_argument("--z-reverse", type=float, default=0.0, help="trick: share of tiles with the slice order reversed")
+    parser.add_argument("--cutout", type=float, default=0.0, help="trick: share of tiles with coarse dropout")
+    parser.add_argument("--cutmix", type=float, default=0.0, help="trick: share of tiles with a box of another tile pasted in")
+    parser.add_argument("--surface-centred", action="store_true", help="trick: training triplets from the centre "
+                        "slices moved onto each fragment's surface (as --triplets surface predicts)")
+    parser.add_argument("--ema", type=float, default=0.0, help="trick: decay of an EMA of the weights, which is then "
+                        "validated and exported (0: off; e.g. 0.99)")
     for name, value in LOSS_DEFAULTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=value, help=f"loss: {name}")
     parser.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default: 1 if the cluster has GPUs, else 0)")
@@ -98,8 +108,9 @@ def train_fold(config):
     train_paths = [str(Path(config["stores"]) / "train" / f"{i}.h5") for i in config["train_ids"]
                    if i != fragment_id or rows is not None]
     tile_size, stride = config["tile_size"], config["stride"]
+    tricks = {k: config[k] for k in ("z_reverse", "cutout", "cutmix", "surface_centred")}
     train_set = TileDataset(train_paths, tile_size, stride, augment=True,
-                            skip_rows={held_out: rows} if rows else None)
+                            skip_rows={held_out: rows} if rows else None, **tricks)
     val_set = TileDataset([held_out], tile_size, tile_size, augment=False, only_rows={held_out: rows} if rows else None)
     per_epoch = config["max_tiles"] or len(train_set)
     loader = torch.utils.data.DataLoader(
@@ -114,11 +125,15 @@ def train_fold(config):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
     steps = config["epochs"] * len(loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], total_steps=max(steps, 1), pct_start=0.15)
+    ema = weight_average(model, optimizer, config["ema"])
+    scored = ema.module if ema else model  # what is validated, kept as the best and exported
     state = {"epoch": 0, "best_f05": -1.0, "best_threshold": 0.5, "best_model": None}
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             saved = torch.load(Path(folder) / "state.pt", weights_only=True)
+        if ema:
+            ema.load_state_dict(saved.pop("ema"))
         model.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         scheduler.load_state_dict(saved.pop("scheduler"))
@@ -131,23 +146,36 @@ def train_fold(config):
         started = time.time()
         train_loss, tiles = train_epoch(model, loader, loss_fn, optimizer, scheduler, device)
         train_seconds = time.time() - started
-        val_loss = evaluate_loss(model, val_loader, loss_fn, device)
-        prob = predict_fragment(model, store, tile_size, stride, config["infer_batch"], tta=False, triplets=False, device=device)
+        val_loss = evaluate_loss(scored, val_loader, loss_fn, device)
+        prob = predict_fragment(scored, store, tile_size, stride, config["infer_batch"], tta=False, triplets="middle",
+                                device=device)
         val_f05, threshold = best_threshold(band(prob, rows), labels, mask)
         state["epoch"] += 1
         if val_f05 > state["best_f05"]:
             state.update(best_f05=val_f05, best_threshold=threshold,
-                         best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                         best_model={k: v.detach().cpu().clone() for k, v in scored.state_dict().items()})
         metrics = dict(epoch=state["epoch"], train_loss=train_loss, val_loss=val_loss, val_f05=val_f05,
                        threshold=threshold, tiles_per_s=tiles / train_seconds, epoch_s=time.time() - started,
                        best_val_f05=state["best_f05"])
         with tempfile.TemporaryDirectory() as folder:
             torch.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, Path(folder) / "state.pt")
+                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                        **({"ema": ema.state_dict()} if ema else {})}, Path(folder) / "state.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    model.load_state_dict(state["best_model"])
-    tune.report(finish_fold(model, store, config, fold, state, device))
+    scored.load_state_dict(state["best_model"])
+    tune.report(finish_fold(scored, store, config, fold, state, device))
+
+
+def weight_average(model, optimizer, decay):
+    """An exponential moving average of the model's weights and BN statistics, updated after every optimizer
+    step (a hook, so the training loop is unchanged); None when decay is 0."""
+    if not decay:
+        return None
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
+                                               use_buffers=True)
+    optimizer.register_step_post_hook(lambda *_: ema.update_parameters(model))
+    return ema
 
 
 def train_epoch(model, loader, loss_fn, optimizer, scheduler, device):
@@ -195,7 +223,8 @@ def finish_fold(model, store, config, fold, state, device):
     save_probability_map(run / "oof" / backbone / f"{fold_name}.h5", prob, fragment_id=fold["fragment"],
                          rows=rows, backbone=backbone, fold=fold_name, tta=config["tta"], triplets=config["triplets"])
     export = {"config": model_config(backbone, 3, config["decoder_channels"]), "state_dict": model.state_dict(), "fold": fold_name,
-              "tile_size": config["tile_size"], "stride": config["stride"], "val_f05": state["best_f05"],
+              "tile_size": config["tile_size"], "stride": config["stride"], "triplets": config["triplets"],
+              "val_f05": state["best_f05"],
               "oof_f05": oof_f05, "threshold": threshold}
     model_path = run / "models" / backbone / f"fold-{fold_name}.pt"
     model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +313,9 @@ def run_trials(args, train_ids, folds, run):
         stores=str(Path(args.stores).resolve()), run=str(run.resolve()), seed=args.seed, weights=args.weights,
         tile_size=args.tile_size, stride=args.stride, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         workers=args.workers, infer_batch=args.infer_batch, max_tiles=args.max_tiles, tta=args.tta,
-        triplets=args.triplets, decoder_channels=[int(c) for c in args.decoder_channels.split(",")],
+        triplets=args.triplets, z_reverse=args.z_reverse, cutout=args.cutout, cutmix=args.cutmix, ema=args.ema,
+        surface_centred=args.surface_centred,
+        decoder_channels=[int(c) for c in args.decoder_channels.split(",")],
         **{k: getattr(args, k) for k in LOSS_DEFAULTS})
     if args.resume and tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)

@@ -2,7 +2,7 @@
 
 Tiles on a stride grid are read once with the 8 centre slices; each becomes up to 3 triplet inputs
 x 4 rotations (test-time augmentation), all run through the model in one batch, rotated back and
-averaged. Overlapping tiles are blended with smooth weights that fall towards the tile edges, so there
+averaged over rotations, then combined over triplets (TRIPLET_MODES). Overlapping tiles are blended with smooth weights that fall towards the tile edges, so there
 are no seams. Memory is the (H, W) float32 map and its weight sum, never the tiles of a fragment.
 Out-of-fold predictions (train.py) and submissions (submit.py) both go through `predict_fragment`.
 """
@@ -16,8 +16,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.data import CENTRE_SLICES, MIDDLE_TRIPLET, TRIPLETS, normalise
+from lib.data import CENTRE_SLICES, MIDDLE_TRIPLET, TRIPLETS, normalise, surface_shift
 from lib.model import build_from_config
+
+# How the triplets' predictions become one: "mean" of the three (the original solution), their "max", the
+# "middle" triplet alone, or "surface": the mean after moving the 8 centre slices so that they centre on the
+# fragment's own surface (surface_shift), as the 7th-place team did. Which is best: bench/README.md.
+TRIPLET_MODES = ("mean", "max", "middle", "surface")
+DEFAULT_TRIPLETS = "mean"
+
+
+def triplet_inputs(store, mode):
+    """(absolute slices to read, triplets as indices into them, how to combine) for a TRIPLET_MODES mode."""
+    if mode not in TRIPLET_MODES:
+        raise ValueError(f"unknown triplet mode {mode!r}: choose one of {', '.join(TRIPLET_MODES)}")
+    shift = surface_shift(store) if mode == "surface" else 0
+    slices = [z + shift for z in CENTRE_SLICES]
+    if mode == "middle":
+        return slices, (MIDDLE_TRIPLET,), "mean"
+    return slices, TRIPLETS, "max" if mode == "max" else "mean"
 
 
 def blend_weights(tile_size):
@@ -33,22 +50,25 @@ def tta_inputs(tiles, triplets, rotations):
     return torch.stack(inputs, dim=1).flatten(0, 1)
 
 
-def merge_tta(probs, num_tiles, triplets, rotations):
-    """(B * G * R, 1, T, T) probabilities -> (B, T, T): rotate each back, average over triplets and rotations."""
+def merge_tta(probs, num_tiles, triplets, rotations, combine="mean"):
+    """(B * G * R, 1, T, T) probabilities -> (B, T, T): rotate each back, average over rotations, then the
+    mean or the max over triplets (`combine`)."""
     probs = probs.view(num_tiles, len(triplets), len(rotations), *probs.shape[-2:])
     unrotated = [torch.rot90(probs[:, :, j], -k, (2, 3)) for j, k in enumerate(rotations)]
-    return torch.stack(unrotated, dim=2).mean(dim=(1, 2))
+    per_triplet = torch.stack(unrotated, dim=2).mean(dim=2)
+    return per_triplet.amax(dim=1) if combine == "max" else per_triplet.mean(dim=1)
 
 
 @torch.inference_mode()
-def predict_fragment(model, store, tile_size, stride, batch_size=16, tta=True, triplets=True,
+def predict_fragment(model, store, tile_size, stride, batch_size=16, tta=True, triplets=DEFAULT_TRIPLETS,
                      device="cpu", progress=False):
     """Probability map (H, W) float32 of one store, 0 outside its mask.
 
-    batch_size counts tiles; each tile adds (3 if triplets) x (4 if tta) inputs to the model's batch.
+    `triplets`: one of TRIPLET_MODES. batch_size counts tiles; each tile adds (1 if triplets is "middle" else 3)
+    x (4 if tta) inputs to the model's batch.
     """
     device = torch.device(device)
-    groups = TRIPLETS if triplets else (MIDDLE_TRIPLET,)
+    slices, groups, combine = triplet_inputs(store, triplets)
     rotations = (0, 1, 2, 3) if tta else (0,)
     height, width = store.shape
     total = np.zeros((height, width), np.float32)
@@ -63,12 +83,12 @@ def predict_fragment(model, store, tile_size, stride, batch_size=16, tta=True, t
     with bar:
         for start in range(0, len(positions), batch_size):
             batch = positions[start: start + batch_size]
-            tiles = np.stack([normalise(store.read_tile(y, x, tile_size, tile_size, CENTRE_SLICES), intensity_range)
+            tiles = np.stack([normalise(store.read_tile(y, x, tile_size, tile_size, slices), intensity_range)
                               for y, x in batch])
             inputs = tta_inputs(torch.from_numpy(tiles), groups, rotations).to(device, memory_format=memory_format)
             with autocast:
                 probs = torch.sigmoid(model(inputs).float())
-            merged = merge_tta(probs, len(batch), groups, rotations).cpu().numpy()
+            merged = merge_tta(probs, len(batch), groups, rotations, combine).cpu().numpy()
             for (y, x), prob in zip(batch, merged):
                 h, w = min(tile_size, height - y), min(tile_size, width - x)
                 total[y: y + h, x: x + w] += prob[:h, :w] * weights[:h, :w]
