@@ -9,7 +9,9 @@ F0.5, submission F0.5, training minutes, and the triplet-mode table.
     python bench/bench_models.py [--levels easy,medium,hard] [--seed 1] [--work runs/sweep] [-- TRAIN.PY ARGS]
 
 --tricks runs train.py instead once per trick (off, then each on alone) at each level and writes "## tricks".
-Datasets and stores under --work are reused when present; run folders are replaced.
+Datasets and stores under --work are reused when present; run folders are replaced. Each level's numbers are
+kept in WORK/result-<level>-s<seed>.json and the table shows every level measured at that seed, so levels can
+also be run by separate invocations side by side (--levels medium, --levels hard, ...).
 """
 import argparse
 import csv
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lib.infer import TRIPLET_MODES, load_model_file, predict_fragment  # noqa: E402
+from lib.synth import LEVELS  # noqa: E402
 from lib.metrics import DEFAULT_THRESHOLDS, fbeta_from_counts, threshold_counts  # noqa: E402
 from lib.store import Store  # noqa: E402
 from bench_common import machine  # noqa: E402
@@ -72,7 +75,8 @@ def train(stores, run_dir, extra):
 
 
 def triplet_scores(run_dir, stores):
-    """{mode: pooled OOF F0.5 at the mode's best threshold}: every fold model re-predicts its held-out fragment."""
+    """{mode: pooled OOF F0.5 at the mode's best threshold}: every fold model re-predicts its held-out fragment
+    (no TTA: the modes are compared with each other, at a quarter of the cost)."""
     counts = {mode: 0 for mode in TRIPLET_MODES}
     torch.set_num_threads(os.cpu_count())
     for model_path in sorted((run_dir / "models").glob("*/fold-*.pt")):
@@ -80,7 +84,7 @@ def triplet_scores(run_dir, stores):
         store = Store(Path(stores) / "train" / f"{export['fold']}.h5")
         labels, mask = store.read_map("labels"), store.read_map("mask")
         for mode in TRIPLET_MODES:
-            prob = predict_fragment(model, store, export["tile_size"], export["stride"], 4, tta=True, triplets=mode)
+            prob = predict_fragment(model, store, export["tile_size"], export["stride"], 4, tta=False, triplets=mode)
             tp, predicted, n_ink = threshold_counts(prob, labels, mask, DEFAULT_THRESHOLDS)
             counts[mode] = counts[mode] + np.array([tp, predicted, np.full(len(tp), n_ink)], np.float64)
         store.close()
@@ -100,17 +104,21 @@ def sweep(args, work):
         per_fragment = dict(re.findall(r"^(\w+): .*F0\.5 ([0-9.]+)$", submitted, re.M))
         total = float(re.search(r"F0\.5 over all test pixels: ([0-9.]+)", submitted).group(1))
         modes = triplet_scores(run_dir, stores)
-        rows.append(dict(level=level, folds=folds, minutes=minutes, load=load, ensemble=ensemble["scores"],
-                         submission=total, per_fragment=per_fragment, modes=modes))
+        row = dict(level=level, folds=folds, minutes=minutes, load=load, ensemble=ensemble["scores"],
+                   submission=total, per_fragment=per_fragment, modes=modes, train_args=args.train_args)
+        (work / f"result-{level}-s{args.seed}.json").write_text(json.dumps(row) + "\n")
         print(f"{level}: OOF {folds}, submission {total:.3f}, {minutes:.1f} min, triplets {modes}", flush=True)
+    # every level measured at this seed so far, so that levels run by separate invocations share one table
+    rows = [json.loads(p.read_text()) for p in (work / f"result-{level}-s{args.seed}.json" for level in LEVELS)
+            if p.is_file()]
     write_section("models", models_section(args, rows))
 
 
 def models_section(args, rows):
     extra = " ".join(args.train_args)
     lines = [
-        f"`make sweep` (`python bench/bench_models.py --levels {','.join(args.levels)} --seed {args.seed}"
-        f"{' -- ' + extra if extra else ''}`), run {date.today()} on {machine()}. Each level: a fresh synthetic "
+        f"`make sweep` (`python bench/bench_models.py --seed {args.seed}{' -- ' + extra if extra else ''}`; "
+        f"here levels run side by side, one `--levels` each), run {date.today()} on {machine()}. Each level: a fresh synthetic "
         f"dataset ({args.size} px, seed {args.seed}), `train.py --preset demo` (all folds), `ensemble.py`, "
         "`submit.py --truth`. Minutes: the whole `train.py` process (Ray start included), with the load average "
         "at its start and end (other work shares the cores, so they are upper bounds).",
@@ -126,7 +134,7 @@ def models_section(args, rows):
         lines.append(f"| {r['level']} | {folds} | {fitted:.3f} / {lofo:.3f} | {r['submission']:.3f} ({parts}) "
                      f"| {r['minutes']:.1f} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
     lines += ["", "Triplet modes (lib.infer.TRIPLET_MODES) on the same fold models: OOF F0.5 pooled over the folds at "
-              "each mode's best absolute threshold, rot90 TTA on.", "",
+              "each mode's best absolute threshold, without rot90 TTA (a quarter of the cost).", "",
               "| level | " + " | ".join(TRIPLET_MODES) + " |", "|---|" + "---|" * len(TRIPLET_MODES)]
     lines += [f"| {r['level']} | " + " | ".join(f"{r['modes'][m]:.3f}" for m in TRIPLET_MODES) + " |" for r in rows]
     return "\n".join(lines)

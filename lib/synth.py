@@ -17,7 +17,8 @@ from it with a hand's errors (a little wide, shifted a pixel or two, faint lette
 --difficulty sets how hidden the ink is, from 0 ("easy": the strongest letters can be made out in one
 contrast-stretched slice where the surface crosses it) to 1 ("hard": a full-strength letter's density
 excess equals the per-voxel noise, most letters are fainter, so no single raw slice shows them; the
-surface sits up to +-4 slices off 32). Between them the ink's excess falls geometrically, and each
+surface sits up to +-4 slices off 32). Between them the ink's excess falls as (noise / easy excess) ** d**2
+(at 0.5, "medium", about half the easy strength), and each
 fragment draws its own surface offset, letter height and stroke width from ranges that widen with the
 difficulty (at 1: letters 20-80 px tall, strokes 2-8 px). Level 0 is the generator as it was before
 the knob existed, byte for byte.
@@ -84,7 +85,8 @@ class FragmentLevel:
         base_height = max(8, shape[0] // 16)
         base_stroke = max(2, base_height // 6)
         lerp = lambda a, b: a + (b - a) * d  # noqa: E731
-        excess = INK_EXCESS * (NOISE_STD / INK_EXCESS) ** d * rng.uniform(1 - 0.2 * d, 1)
+        # the ink fades slowly at first, then fast: half of the easy level's strength at 0.5, the noise at 1
+        excess = INK_EXCESS * (NOISE_STD / INK_EXCESS) ** (d * d) * rng.uniform(1 - 0.2 * d, 1)
         height = round(rng.uniform(lerp(base_height, HARD_LETTER_HEIGHTS[0]), lerp(base_height, HARD_LETTER_HEIGHTS[1])))
         stroke = round(rng.uniform(lerp(base_stroke, HARD_STROKES[0]), lerp(base_stroke, HARD_STROKES[1])))
         return cls(ink_excess=float(excess), depth_offset=float(rng.uniform(-1, 1) * HARD_OFFSET * d),
