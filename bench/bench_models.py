@@ -117,8 +117,8 @@ def sweep(args, work):
 def models_section(args, rows):
     extra = " ".join(args.train_args)
     lines = [
-        f"`make sweep` (`python bench/bench_models.py --seed {args.seed}{' -- ' + extra if extra else ''}`; "
-        f"here levels run side by side, one `--levels` each), run {date.today()} on {machine()}. Each level: a fresh synthetic "
+        f"`make sweep` (`python bench/bench_models.py --seed {args.seed}{' -- ' + extra if extra else ''}`; levels "
+        f"may also run side by side, one `--levels` each), run {date.today()} on {machine()}. Each level: a fresh synthetic "
         f"dataset ({args.size} px, seed {args.seed}), `train.py --preset demo` (all folds), `ensemble.py`, "
         "`submit.py --truth`. Minutes: the whole `train.py` process (Ray start included), with the load average "
         "at its start and end (other work shares the cores, so they are upper bounds).",

@@ -86,7 +86,7 @@ class FragmentLevel:
         base_stroke = max(2, base_height // 6)
         lerp = lambda a, b: a + (b - a) * d  # noqa: E731
         # the ink fades slowly at first, then fast: half of the easy level's strength at 0.5, the noise at 1
-        excess = INK_EXCESS * (NOISE_STD / INK_EXCESS) ** (d * d) * rng.uniform(1 - 0.2 * d, 1)
+        excess = INK_EXCESS ** (1 - d * d) * NOISE_STD ** (d * d) * rng.uniform(1 - 0.2 * d, 1)
         height = round(rng.uniform(lerp(base_height, HARD_LETTER_HEIGHTS[0]), lerp(base_height, HARD_LETTER_HEIGHTS[1])))
         stroke = round(rng.uniform(lerp(base_stroke, HARD_STROKES[0]), lerp(base_stroke, HARD_STROKES[1])))
         return cls(ink_excess=float(excess), depth_offset=float(rng.uniform(-1, 1) * HARD_OFFSET * d),
