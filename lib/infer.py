@@ -21,9 +21,10 @@ from lib.model import build_from_config
 
 # How the triplets' predictions become one: "mean" of the three (the original solution), their "max", the
 # "middle" triplet alone, or "surface": the mean after moving the 8 centre slices so that they centre on the
-# fragment's own surface (surface_shift), as the 7th-place team did. Which is best: bench/README.md.
+# fragment's own surface (surface_shift), as the 7th-place team did. "surface" scored best on the out-of-fold maps
+# of the demo runs (bench/README.md, "## models").
 TRIPLET_MODES = ("mean", "max", "middle", "surface")
-DEFAULT_TRIPLETS = "mean"
+DEFAULT_TRIPLETS = "surface"
 
 
 def triplet_inputs(store, mode):

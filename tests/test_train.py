@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import prepare
+from lib.infer import DEFAULT_TRIPLETS
 from lib.model import build_from_config
 from lib.store import Store
 
@@ -44,7 +45,7 @@ def test_two_trials_write_oof_maps_models_previews_and_summary(stores, tmp_path)
         store = Store(stores / "train" / f"{fold}.h5")
         with h5py.File(run / "oof" / BACKBONE / f"{fold}.h5", "r") as h5:
             prob = h5["prob"][()]
-            assert h5.attrs["fragment_id"] == fold and bool(h5.attrs["tta"]) and h5.attrs["triplets"] == "mean"
+            assert h5.attrs["fragment_id"] == fold and bool(h5.attrs["tta"]) and h5.attrs["triplets"] == DEFAULT_TRIPLETS
         assert prob.shape == store.shape and prob.dtype == "float16"
         assert prob.min() >= 0 and prob.max() <= 1
         assert (prob[store.read_map("mask") == 0] == 0).all()
