@@ -44,6 +44,7 @@ TRICKS = {
     "cutmix": ["--cutmix", "0.5"],
     "label smoothing 0.2": ["--label-smoothing", "0.2"],
     "EMA 0.99": ["--ema", "0.99"],
+    "surface-centred triplets": ["--surface-centred"],
 }
 
 
@@ -97,8 +98,8 @@ def sweep(args, work):
         data, stores = dataset(work, level, args.size, args.seed)
         run_dir = work / f"run-{level}-s{args.seed}"
         folds, minutes, load = train(stores, run_dir, args.train_args)
-        ensemble = json.loads((lambda: (run([ROOT / "ensemble.py", "--run", run_dir, "--stores", stores],
-                                            f"{run_dir}-ensemble.log"), (run_dir / "ensemble.json").read_text())[1])())
+        run([ROOT / "ensemble.py", "--run", run_dir, "--stores", stores], f"{run_dir}-ensemble.log")
+        ensemble = json.loads((run_dir / "ensemble.json").read_text())
         submitted = run([ROOT / "submit.py", "--run", run_dir, "--stores", stores, "--truth", data / "_truth",
                          "--sample", data / "sample_submission.csv"], f"{run_dir}-submit.log")
         per_fragment = dict(re.findall(r"^(\w+): .*F0\.5 ([0-9.]+)$", submitted, re.M))

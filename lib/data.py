@@ -2,8 +2,10 @@
 
 The model sees 3 channels, as in the original solution: three consecutive slices drawn from the 8
 centre slices (28..35, around the nominal surface 32), moved up or down by a random depth shift so
-that it learns ink wherever the surface lies. All randomness comes from torch's generator, which the
-DataLoader seeds per worker from the main seed, so a run is deterministic given --seed.
+that it learns ink wherever the surface lies. Optional tricks of the top Kaggle solutions (z-reversal,
+cutout, cutmix, surface-centred triplets) are TileDataset arguments, all off by default. All randomness
+comes from torch's generator, which the DataLoader seeds per worker from the main seed, so a run is
+deterministic given --seed.
 """
 import numpy as np
 import torch
