@@ -13,6 +13,7 @@ SYNTH := data/synth$(if $(SEG),-segments)
 DATA ?= $(SYNTH)
 SIZE ?= 640
 SEED ?= 0
+DIFFICULTY ?= medium
 STORES ?= data/prepared$(if $(SEG),-segments)
 RUN ?= runs/demo$(if $(SEG),-segments)
 PRESET ?= demo
@@ -39,7 +40,7 @@ ifneq ($(shell grep -s -l '^Unfinished:' $(SUMMARY)),)
 SUMMARY_DEP := FORCE
 endif
 
-.PHONY: setup demo synth validate prepare train ensemble submit test bench bench-prepare bench-train bench-submit bench-loader bench-gpu clean-data FORCE
+.PHONY: setup demo synth validate prepare train ensemble submit test bench bench-prepare bench-train bench-submit bench-loader bench-gpu sweep clean-data FORCE
 
 setup: $(VENV)/.installed
 
@@ -51,7 +52,7 @@ $(VENV)/.installed: requirements.txt
 synth: $(SYNTH_DONE)
 
 $(SYNTH_DONE): | $(VENV)/.installed
-	$(PY) -m lib.synth $(SYNTH) --size $(SIZE) --seed $(SEED) --layout $(LAYOUT)
+	$(PY) -m lib.synth $(SYNTH) --size $(SIZE) --seed $(SEED) --difficulty $(DIFFICULTY) --layout $(LAYOUT)
 
 validate: $(if $(IS_SYNTH),$(SYNTH_DONE)) | $(VENV)/.installed
 	$(PY) -m lib.fragments $(DATA)
@@ -114,6 +115,10 @@ bench-loader: setup
 # On a GPU machine (at most ~5 minutes); without a GPU it runs a tiny CPU version.
 bench-gpu: setup
 	$(PY) bench/bench_gpu.py
+
+# The demo recipe at three difficulty levels of the synthetic ink (tens of minutes on 2 cores).
+sweep: setup
+	$(PY) bench/bench_models.py
 
 clean-data:
 	rm -rf $(SYNTH) $(SYNTH).partial

@@ -6,7 +6,7 @@ In:  --run runs/NAME from train.py: run.json (which backbones and folds the run 
      run was trained on (--stores overrides). A fold the record names whose model, result or OOF map is missing
      is an error, unless --allow-missing, which fits on what is there and prints what is not.
 Out: runs/NAME/ensemble.json        members (backbone, weight, model files relative to the run folder, tile
-                                    size, stride), threshold (mode, value) and the scores below
+                                    size, stride, triplet mode of the OOF maps), threshold (mode, value) and the scores below
      runs/NAME/plots/threshold.png  F0.5 against the threshold, per member and for the ensemble
      and a table on stdout: F0.5 of each member, the equal-weight average and the fitted ensemble.
 
@@ -95,18 +95,21 @@ def find_members(run, allow_missing):
 
 
 def member_models(run, backbone, options, paths):
-    """A member's fold model files, each checked to have the tile size and stride the run trained with."""
-    expected = (options["tile_size"], options["stride"])
+    """A member's fold model files, each checked to have the tile size, stride and triplet mode the run trained
+    with (the mode its OOF maps were made with, so that submit.py predicts the test fragments the same way)."""
+    expected = (options["tile_size"], options["stride"], options.get("triplets", "mean"))
     for path in paths:
         try:  # mmap: only the small entries are read, not the weights
             export = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            found = (int(export["tile_size"]), int(export["stride"]))
+            # files from before the triplet modes predicted with the mean of the triplets
+            found = (int(export["tile_size"]), int(export["stride"]), str(export.get("triplets", "mean")))
         except Exception as err:  # a truncated or foreign file: name it
             sys.exit(f"error: {path}: not a train.py model file ({type(err).__name__}: {err})")
         if found != expected:
-            sys.exit(f"error: {path}: tile size and stride {found} differ from the run's {expected} ({RECORD_NAME})")
+            sys.exit(f"error: {path}: tile size, stride and triplets {found} differ from the run's {expected} "
+                     f"({RECORD_NAME})")
     return {"backbone": backbone, "models": sorted(str(p.relative_to(run)) for p in paths),
-            "tile_size": expected[0], "stride": expected[1]}
+            "tile_size": expected[0], "stride": expected[1], "triplets": expected[2]}
 
 
 def train_store(stores, fragment_id):

@@ -38,7 +38,8 @@ import torch
 from ray import tune
 
 from lib.data import Fold, TileDataset, loader_worker_init, make_folds, photometric
-from lib.infer import load_probability_map, predict_fragment, save_preview, save_probability_map
+from lib.infer import (DEFAULT_TRIPLETS, TRIPLET_MODES, load_probability_map, predict_fragment, save_preview,
+                       save_probability_map)
 from lib.lock import LockedError, exclusive
 from lib.losses import LOSS_DEFAULTS, build_loss
 from lib.metrics import best_threshold
@@ -86,7 +87,16 @@ def build_parser():
     parser.add_argument("--decoder-channels", help="U-Net decoder widths, e.g. 256,128,64,32,16")
     parser.add_argument("--weights", default=None, help="encoder weights: none, imagenet, or a local file")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="OOF without rot90 test-time augmentation")
-    parser.add_argument("--no-triplets", dest="triplets", action="store_false", help="OOF from the middle triplet only")
+    parser.add_argument("--triplets", choices=TRIPLET_MODES, default=DEFAULT_TRIPLETS,
+                        help="how the OOF maps combine the centre-slice triplets (lib/infer.py; default %(default)s)")
+    parser.add_argument("--no-triplets", dest="triplets", action="store_const", const="middle", help="--triplets middle")
+    parser.add_argument("--z-reverse", type=float, default=0.0, help="trick: share of tiles with the slice order reversed")
+    parser.add_argument("--cutout", type=float, default=0.0, help="trick: share of tiles with coarse dropout")
+    parser.add_argument("--cutmix", type=float, default=0.0, help="trick: share of tiles with a box of another tile pasted in")
+    parser.add_argument("--surface-centred", action="store_true", help="trick: training triplets from the centre "
+                        "slices moved onto each fragment's surface (as --triplets surface predicts)")
+    parser.add_argument("--ema", type=float, default=0.0, help="trick: decay of an EMA of the weights, which is then "
+                        "validated and exported (0: off; e.g. 0.99)")
     for name, value in LOSS_DEFAULTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=value, help=f"loss: {name}")
     parser.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default: 1 if the cluster has GPUs, else 0)")
@@ -161,8 +171,9 @@ def train_fold(config):
     held_out = str(stores / f"{fold.fragment_id}.h5")
     train_paths = [str(stores / f"{i}.h5") for i in config["train_ids"] if i != fold.fragment_id or fold.rows]
     tile_size, stride = config["tile_size"], config["stride"]
+    tricks = {k: config[k] for k in ("z_reverse", "cutout", "cutmix", "surface_centred")}
     train_set = TileDataset(train_paths, tile_size, stride, augment=True,
-                            skip_rows={held_out: fold.rows} if fold.rows else None)
+                            skip_rows={held_out: fold.rows} if fold.rows else None, **tricks)
     val_set = TileDataset([held_out], tile_size, tile_size, augment=False,
                           only_rows={held_out: fold.rows} if fold.rows else None)
     loader = train_loader(train_set, config["batch_size"], config["max_tiles"] or len(train_set), config["workers"], device)
@@ -173,6 +184,8 @@ def train_fold(config):
     step = TrainStep(model, config["lr"], config["epochs"] * len(loader), resolve_precision(config["precision"], device),
                      compile=config["compile"])
     loss_fn = build_loss(**{k: config[k] for k in LOSS_DEFAULTS})
+    ema = weight_average(model, step.optimizer, config["ema"])
+    scored = ema.module if ema else model  # what is validated, kept as the best and exported
     state = {"epoch": 0, "best_f05": -1.0, "best_threshold": 0.5, "best_model": None, "seconds": 0.0}
     checkpoint = trial_path(config, "checkpoints", ".pt")
     if checkpoint.exists():
@@ -181,6 +194,8 @@ def train_fold(config):
         except Exception as err:  # truncated or foreign: name the file, say the way out
             raise RuntimeError(f"{checkpoint}: unreadable trial checkpoint ({type(err).__name__}); "
                                "delete it to train this fold from the start") from None
+        if ema:
+            ema.load_state_dict(saved.pop("ema"))
         model.load_state_dict(saved.pop("model"))
         step.load_state_dict(saved.pop("step"))
         torch.set_rng_state(saved.pop("rng"))
@@ -192,23 +207,35 @@ def train_fold(config):
         started = time.time()
         train_loss, tiles = train_epoch(step, loader, loss_fn, device)
         train_seconds = time.time() - started
-        val_loss = evaluate_loss(model, val_loader, loss_fn, device, step.autocast)
-        prob = predict_fragment(model, store, tile_size, stride, config["infer_batch"], tta=False, triplets=False, device=device)
+        val_loss = evaluate_loss(scored, val_loader, loss_fn, device, step.autocast)
+        prob = predict_fragment(scored, store, tile_size, stride, config["infer_batch"], tta=False, triplets="middle",
+                                device=device)
         val_f05, threshold = best_threshold(band(prob, fold.rows), labels, mask)
         state["epoch"] += 1
         state["seconds"] += time.time() - started
         if val_f05 > state["best_f05"]:
             state.update(best_f05=val_f05, best_threshold=threshold,
-                         best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                         best_model={k: v.detach().cpu().clone() for k, v in scored.state_dict().items()})
         save_atomically(checkpoint, {**state, "model": model.state_dict(), "step": step.state_dict(),
-                                     "rng": torch.get_rng_state()})
+                                     "rng": torch.get_rng_state(), **({"ema": ema.state_dict()} if ema else {})})
         tune.report(dict(epoch=state["epoch"], train_loss=train_loss, val_loss=val_loss, val_f05=val_f05,
                          threshold=threshold, tiles_per_s=tiles / train_seconds, epoch_s=time.time() - started,
                          best_val_f05=state["best_f05"]))
 
-    model.load_state_dict(state["best_model"])
-    tune.report(finish_fold(model, store, config, fold, state, device))
+    scored.load_state_dict(state["best_model"])
+    tune.report(finish_fold(scored, store, config, fold, state, device))
     checkpoint.unlink(missing_ok=True)  # the model file and the trial's result replace it
+
+
+def weight_average(model, optimizer, decay):
+    """An exponential moving average of the model's weights and BN statistics, updated after every optimizer
+    step (a hook, so the training loop is unchanged); None when decay is 0."""
+    if not decay:
+        return None
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
+                                               use_buffers=True)
+    optimizer.register_step_post_hook(lambda *_: ema.update_parameters(model))
+    return ema
 
 
 def trial_path(config, folder, suffix):
@@ -335,6 +362,7 @@ def finish_fold(model, store, config, fold, state, device):
     save_model_file(trial_path(config, "models", ".pt"), model,
                     config=model_config(backbone, 3, config["decoder_channels"]), fold=fold.name,
                     fragment_id=fold.fragment_id, tile_size=config["tile_size"], stride=config["stride"],
+                    triplets=config["triplets"],
                     val_f05=state["best_f05"], oof_f05=oof_f05, threshold=threshold)
     predicted = band(prob, fold.rows) >= threshold
     save_preview(trial_path(config, "previews", ".png"), [band(prob, fold.rows), predicted, labels])

@@ -2,13 +2,15 @@
 
 The model sees 3 channels, as in the original solution: three consecutive slices drawn from the 8
 centre slices (28..35, around the nominal surface 32), moved up or down by a random depth shift so
-that it learns ink wherever the surface lies. All randomness comes from torch's generator, which the
-DataLoader seeds per worker from the main seed, so a run is deterministic given --seed.
+that it learns ink wherever the surface lies. Optional tricks of the top Kaggle solutions (z-reversal,
+cutout, cutmix, surface-centred triplets) are TileDataset arguments, all off by default. All randomness
+comes from torch's generator, which the DataLoader seeds per worker from the main seed, so a run is
+deterministic given --seed.
 
 Augmentation is split where it is cheapest: the geometric part (flips, rot90, rotation + scale) per
 tile in the loader, the same cv2.warpAffine on image and label; the photometric part (brightness,
 contrast, Gaussian noise) on the whole batch after it reaches the device (`photometric`): drawing the
-noise per tile cost the loader about 1 ms of its ~5 (bench/README.md, "## loader" and the notes after it).
+noise per tile was the loader's largest cost (bench/README.md, "## loader" and the notes after it).
 """
 from dataclasses import dataclass
 
@@ -16,12 +18,29 @@ import cv2
 import numpy as np
 import torch
 
-from lib.store import Store, mask_coverage
+from lib.store import PERCENTILE_LEVELS, Store, mask_coverage
 
 CENTRE_SLICES = tuple(range(28, 36))  # the 8 centre slices; slice 32 is nominally the surface
 # Inference averages three triplets of the 8 centre slices: (1,2,3), (4,5,6), (6,7,8), 1-indexed.
 TRIPLETS = ((0, 1, 2), (3, 4, 5), (5, 6, 7))
 MIDDLE_TRIPLET = (2, 3, 4)  # slices 30..32: used when triplet averaging is off
+NOMINAL_SURFACE = 32  # the slice CENTRE_SLICES are centred on
+
+
+def surface_shift(store):
+    """Slices to move CENTRE_SLICES by so that they centre on this fragment's surface: where the in-mask median
+    intensity along z crosses halfway between its first and last kept slice (papyrus one side, air the other);
+    0 when it never does. Kept inside the store's slices."""
+    profile = store.h5["percentiles"][:, list(PERCENTILE_LEVELS).index(50)].astype(np.float64)
+    side = np.sign(profile - (profile[0] + profile[-1]) / 2)
+    crossings = np.flatnonzero(side[:-1] * side[1:] < 0)
+    if len(crossings) == 0:
+        return 0
+    z = crossings[np.argmin(np.abs(crossings + store.z_start - NOMINAL_SURFACE))]
+    a, b = profile[z] - (profile[0] + profile[-1]) / 2, profile[z + 1] - (profile[0] + profile[-1]) / 2
+    surface = store.z_start + z + a / (a - b)  # linear interpolation between slices z and z + 1
+    shift = int(round(surface - NOMINAL_SURFACE))
+    return int(np.clip(shift, store.z_start - CENTRE_SLICES[0], store.z_stop - 1 - CENTRE_SLICES[-1]))
 
 
 def triplet_slices(triplet):
@@ -82,15 +101,22 @@ class TileDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, store_paths, tile_size, stride, augment=True, max_depth_shift=2, min_mask_fraction=0.25,
-                 skip_rows=None, only_rows=None):
+                 skip_rows=None, only_rows=None, z_reverse=0.0, cutout=0.0, cutmix=0.0, surface_centred=False):
         """`skip_rows` / `only_rows`: {store_path: (y0, y1)}: drop tiles overlapping those rows (a held-out
-        band), or keep only tiles whose centre row lies in them (validating on that band)."""
+        band), or keep only tiles whose centre row lies in them (validating on that band).
+        Training tricks of the top Kaggle solutions, each the probability that a tile gets it (augment only):
+        `z_reverse` reverses the order of the 3 slices, `cutout` blanks up to 2 rectangles of the image
+        (coarse dropout), `cutmix` pastes a rectangle of another random tile, image and label.
+        `surface_centred`: training triplets are drawn from the 8 centre slices moved onto each fragment's own
+        surface (surface_shift), as the "surface" triplet mode predicts."""
         skip_rows, only_rows = skip_rows or {}, only_rows or {}
         self.stores = [Store(p) for p in store_paths]
         self.tile_size = tile_size
         self.augment = augment
         self.max_depth_shift = max_depth_shift
+        self.z_reverse, self.cutout, self.cutmix = z_reverse, cutout, cutmix
         self.ranges = [s.intensity_range() for s in self.stores]
+        self.shifts = [surface_shift(s) if surface_centred else 0 for s in self.stores]
         self.packed_labels = [np.packbits(s.read_map("labels"), axis=1) for s in self.stores]
         items = []
         for index, (path, store) in enumerate(zip(store_paths, self.stores)):
@@ -119,23 +145,57 @@ class TileDataset(torch.utils.data.Dataset):
         out[: y1 - y, : x1 - x] = bits[:, x % 8: x % 8 + x1 - x]
         return out
 
-    def choose_slices(self, store):
-        """A random triplet start in the 8 centre slices plus a random depth shift (training), or the middle triplet."""
+    def choose_slices(self, store, surface=0):
+        """A random triplet start in the 8 centre slices (moved by `surface` slices) plus a random depth shift
+        (training), or the middle triplet."""
         if not self.augment:
-            return triplet_slices(MIDDLE_TRIPLET)
+            return [z + surface for z in triplet_slices(MIDDLE_TRIPLET)]
         start = int(torch.randint(0, len(CENTRE_SLICES) - 2, ()))
-        shift = int(torch.randint(-self.max_depth_shift, self.max_depth_shift + 1, ()))
+        shift = surface + int(torch.randint(-self.max_depth_shift, self.max_depth_shift + 1, ()))
         first = min(max(CENTRE_SLICES[start] + shift, store.z_start), store.z_stop - 3)
-        return [first, first + 1, first + 2]
+        slices = [first, first + 1, first + 2]
+        return slices[::-1] if torch.rand(()) < self.z_reverse else slices
 
-    def __getitem__(self, i):
+    def read_item(self, i):
         index, y, x = self.items[i]
         store, size = self.stores[index], self.tile_size
-        image = normalise(store.read_tile(y, x, size, size, self.choose_slices(store)), self.ranges[index])
-        label = self.label_window(index, y, x)
+        image = normalise(store.read_tile(y, x, size, size, self.choose_slices(store, self.shifts[index])),
+                          self.ranges[index])
+        return image, self.label_window(index, y, x)
+
+    def __getitem__(self, i):
+        image, label = self.read_item(i)
+        if self.augment and torch.rand(()) < self.cutmix:
+            image, label = paste_box(image, label, *self.read_item(int(torch.randint(0, len(self.items), ()))))
+        if self.augment and torch.rand(()) < self.cutout:
+            image = coarse_dropout(image)
         if self.augment:
-            image, label = apply_geometry(image, label, random_geometry(size))
+            image, label = apply_geometry(image, label, random_geometry(self.tile_size))
         return torch.from_numpy(image), torch.from_numpy(label[None].astype(np.float32))
+
+
+def random_box(size, low, high):
+    """(y0, y1, x0, x1) of a random rectangle with sides between low and high fractions of `size`."""
+    h, w = (int(size * (low + (high - low) * float(torch.rand(())))) for _ in range(2))
+    y0, x0 = int(torch.randint(0, size - h + 1, ())), int(torch.randint(0, size - w + 1, ()))
+    return y0, y0 + h, x0, x0 + w
+
+
+def paste_box(image, label, other_image, other_label):
+    """CutMix for segmentation: a random rectangle (1/4 to 3/4 of the side) of another tile, image and label."""
+    y0, y1, x0, x1 = random_box(image.shape[-1], 0.25, 0.75)
+    image, label = image.copy(), label.copy()
+    image[:, y0:y1, x0:x1], label[y0:y1, x0:x1] = other_image[:, y0:y1, x0:x1], other_label[y0:y1, x0:x1]
+    return image, label
+
+
+def coarse_dropout(image, holes=2):
+    """Cutout: up to `holes` rectangles (1/10 to 1/4 of the side) set to the tile's mean; the label is kept."""
+    image = image.copy()
+    for _ in range(int(torch.randint(1, holes + 1, ()))):
+        y0, y1, x0, x1 = random_box(image.shape[-1], 0.1, 0.25)
+        image[:, y0:y1, x0:x1] = image.mean()
+    return image
 
 
 def loader_worker_init(_):

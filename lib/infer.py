@@ -2,7 +2,7 @@
 
 Tiles on a stride grid are read once with the 8 centre slices; each becomes up to 3 triplet inputs
 x 4 rotations (test-time augmentation), all run through the model in one batch, rotated back and
-averaged. Overlapping tiles are blended with smooth weights that fall towards the tile edges, so there
+averaged over rotations, then combined over triplets (TRIPLET_MODES). Overlapping tiles are blended with smooth weights that fall towards the tile edges, so there
 are no seams. Memory is the (H, W) float32 map and a band of a few tile rows, never the tiles of a fragment.
 Out-of-fold predictions (train.py) and submissions (submit.py) both go through `predict_fragment`, which
 also runs an ensemble: every model sees each batch of tiles, read once.
@@ -23,7 +23,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.data import CENTRE_SLICES, MIDDLE_TRIPLET, TRIPLETS, normalise
+from lib.data import CENTRE_SLICES, MIDDLE_TRIPLET, TRIPLETS, normalise, surface_shift
+
+# How the triplets' predictions become one: "mean" of the three (the original solution), their "max", the
+# "middle" triplet alone, or "surface": the mean after moving the 8 centre slices so that they centre on the
+# fragment's own surface (surface_shift), as the 7th-place team did. "surface" scored best on the out-of-fold maps
+# of the demo runs (bench/README.md, "## models").
+TRIPLET_MODES = ("mean", "max", "middle", "surface")
+DEFAULT_TRIPLETS = "surface"
+
+
+def triplet_inputs(store, mode):
+    """(absolute slices to read, triplets as indices into them, how to combine) for a TRIPLET_MODES mode."""
+    if mode not in TRIPLET_MODES:
+        raise ValueError(f"unknown triplet mode {mode!r}: choose one of {', '.join(TRIPLET_MODES)}")
+    shift = surface_shift(store) if mode == "surface" else 0
+    slices = [z + shift for z in CENTRE_SLICES]
+    if mode == "middle":
+        return slices, (MIDDLE_TRIPLET,), "mean"
+    return slices, TRIPLETS, "max" if mode == "max" else "mean"
 
 
 def blend_weights(tile_size):
@@ -39,15 +57,17 @@ def tta_inputs(tiles, triplets, rotations):
     return torch.stack(inputs, dim=1).flatten(0, 1)
 
 
-def merge_tta(probs, num_tiles, triplets, rotations):
-    """(B * G * R, 1, T, T) probabilities -> (B, T, T): rotate each back, average over triplets and rotations."""
+def merge_tta(probs, num_tiles, triplets, rotations, combine="mean"):
+    """(B * G * R, 1, T, T) probabilities -> (B, T, T): rotate each back, average over rotations, then the
+    mean or the max over triplets (`combine`)."""
     probs = probs.view(num_tiles, len(triplets), len(rotations), *probs.shape[-2:])
     unrotated = [torch.rot90(probs[:, :, j], -k, (2, 3)) for j, k in enumerate(rotations)]
-    return torch.stack(unrotated, dim=2).mean(dim=(1, 2))
+    per_triplet = torch.stack(unrotated, dim=2).mean(dim=2)
+    return per_triplet.amax(dim=1) if combine == "max" else per_triplet.mean(dim=1)
 
 
-def read_batches(store, positions, tile_size, batch_size, readers=2, pin=False):
-    """Yield (positions, (B, 8, T, T) float32 tensor of normalised centre-slice tiles) batch by batch, in order.
+def read_batches(store, positions, tile_size, batch_size, slices=CENTRE_SLICES, readers=2, pin=False):
+    """Yield (positions, (B, len(slices), T, T) float32 tensor of normalised tiles) batch by batch, in order.
 
     `readers` threads read ahead (at most 2 x readers batches in flight, so memory stays a few batches);
     0 reads in the calling thread. h5py releases the GIL while HDF5 reads, so reading overlaps the model's work,
@@ -57,7 +77,7 @@ def read_batches(store, positions, tile_size, batch_size, readers=2, pin=False):
     intensity_range = store.intensity_range()  # also opens the file here, before any thread touches it
 
     def read(batch):
-        tiles = np.stack([normalise(store.read_tile(y, x, tile_size, tile_size, CENTRE_SLICES), intensity_range)
+        tiles = np.stack([normalise(store.read_tile(y, x, tile_size, tile_size, slices), intensity_range)
                           for y, x in batch])
         return torch.from_numpy(tiles).pin_memory() if pin else torch.from_numpy(tiles)
 
@@ -83,20 +103,21 @@ def as_weighted_models(models):
 
 
 @torch.inference_mode()
-def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, triplets=True,
+def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, triplets=DEFAULT_TRIPLETS,
                      device="cpu", progress=False, readers=2, out=None, scale=1.0):
     """Probability map (H, W) float32 of one store, 0 outside its mask; with `out` ((H, W) float32), adds
     `scale` x the map into it instead (an ensemble's running sum) and returns it.
 
     `models`: one model, or a list of (model, weight) pairs sharing tile_size and stride: the map is then
     sum(weight x the model's map), each batch of tiles read once and run through every model.
-    batch_size counts tiles; each tile adds (3 if triplets) x (4 if tta) inputs to a model's batch.
+    `triplets`: one of TRIPLET_MODES. batch_size counts tiles; each tile adds (1 if triplets is "middle" else 3)
+    x (4 if tta) inputs to a model's batch.
     `readers`: threads reading tiles ahead (read_batches). Tiles are blended in a band of rows (BlendBand), so
     the memory beyond `out` is a few tile rows, not a second map.
     """
     device = torch.device(device)
     models = as_weighted_models(models)
-    groups = TRIPLETS if triplets else (MIDDLE_TRIPLET,)
+    slices, groups, combine = triplet_inputs(store, triplets)
     rotations = (0, 1, 2, 3) if tta else (0,)
     out = np.zeros(store.shape, np.float32) if out is None else out
     band = BlendBand(store, tile_size, out, scale)
@@ -119,13 +140,13 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
     previous = None
     bar = tqdm(total=len(positions), unit="tile", desc=f"predict {store.fragment_id}", disable=not progress)
     with bar:
-        for batch, tiles in read_batches(store, positions, tile_size, batch_size, readers, pin=on_gpu):
+        for batch, tiles in read_batches(store, positions, tile_size, batch_size, slices, readers, pin=on_gpu):
             inputs = tta_inputs(tiles.to(device, non_blocking=True), groups, rotations).contiguous(memory_format=memory_format)
             merged = torch.zeros((len(batch), tile_size, tile_size), device=device)
             for model, weight in models:
                 with autocast:
                     probs = torch.sigmoid(model(inputs).float())
-                merged += weight * merge_tta(probs, len(batch), groups, rotations)
+                merged += weight * merge_tta(probs, len(batch), groups, rotations, combine)
             weighted = (merged * device_weights).to("cpu", non_blocking=on_gpu)
             arrived = torch.cuda.Event() if on_gpu else None  # on a GPU the copy lands later: blend the
             if arrived is not None:                             # previous batch while this one runs

@@ -15,6 +15,8 @@ LOSS_DEFAULTS = {
     # in smp 0.6 soft_tversky_score is TP / (TP + alpha*FP + beta*FN): alpha weights false positives
     "tversky_alpha": 0.7,
     "tversky_beta": 0.3,
+    # label smoothing epsilon of the BCE term: targets become eps/2 and 1 - eps/2 (0: off)
+    "label_smoothing": 0.0,
 }
 
 
@@ -36,10 +38,11 @@ def build_loss(
     tversky: float = LOSS_DEFAULTS["tversky"],
     tversky_alpha: float = LOSS_DEFAULTS["tversky_alpha"],
     tversky_beta: float = LOSS_DEFAULTS["tversky_beta"],
+    label_smoothing: float = LOSS_DEFAULTS["label_smoothing"],
 ) -> WeightedLoss:
     """Loss on logits (N,1,H,W) and float targets (N,1,H,W); terms with weight 0 are left out."""
     makers = {
-        "bce": SoftBCEWithLogitsLoss,
+        "bce": lambda: SoftBCEWithLogitsLoss(smooth_factor=label_smoothing / 2 or None),
         "dice": lambda: DiceLoss("binary", from_logits=True),
         "tversky": lambda: TverskyLoss("binary", from_logits=True, alpha=tversky_alpha, beta=tversky_beta),
     }

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from lib.data import Fold
+from lib.infer import TRIPLET_MODES
 from lib.metrics import THRESHOLD_MODES
 from lib.model import load_model_file
 
@@ -149,6 +150,9 @@ def read_ensemble(run):
         if not models or not all(isinstance(m, str) for m in models):
             raise RunFileError(f"{path}: {where}.models: must be a non-empty list of file names")
         member["paths"] = [inside_run(run, m, f"{path}: {where}.models") for m in models]
+        member.setdefault("triplets", "mean")  # ensemble.json from before the triplet modes
+        if member["triplets"] not in TRIPLET_MODES:
+            raise RunFileError(f"{path}: {where}.triplets: {member['triplets']!r} is not one of {', '.join(TRIPLET_MODES)}")
     total = sum(m["weight"] for m in members)
     if not math.isclose(total, 1.0, abs_tol=1e-3):
         raise RunFileError(f"{path}: members[].weight: the weights sum to {total:g}, not 1")

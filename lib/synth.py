@@ -1,6 +1,6 @@
 """Synthetic fragments in the Kaggle or the segment layout, so the pipeline runs and can be scored without real data.
 
-    python -m lib.synth OUT [--size 640] [--seed 0] [--layout kaggle|segments]
+    python -m lib.synth OUT [--size 640] [--seed 0] [--difficulty easy|medium|hard|0..1] [--layout kaggle|segments]
 
 writes OUT/train/{1,2,3}, OUT/test/{a,b} (65 uint16 TIFF slices, mask.png; inklabels.png and ir.png
 for train), OUT/sample_submission.csv, and the test labels apart in OUT/_truth/<id>_inklabels.png.
@@ -14,17 +14,24 @@ slowly across the sheet; the scanner adds noise; dense specks (minerals) sit at 
 rows of letters adding a patchy density excess in the few slices at the surface. The wandering
 surface and the density variation swamp it in any average over slices (a threshold on the smoothed
 centre slices scores no better than calling everything ink); a model must find the thin strokes at
-the right depth. In one contrast-stretched slice the strongest letters can be made out where the
-surface crosses that slice: fainter than that, a small model on 2 CPU cores cannot learn the ink
-in the minutes `make demo` has. ir.png shows the ink plainly, like the real infrared photo; the
-labels are drawn from it with a hand's errors (a little wide, shifted a pixel or two, faint
-letters missed).
+the right depth. ir.png shows the ink plainly, like the real infrared photo; the labels are drawn
+from it with a hand's errors (a little wide, shifted a pixel or two, faint letters missed).
+
+--difficulty sets how hidden the ink is, from 0 ("easy": the strongest letters can be made out in one
+contrast-stretched slice where the surface crosses it) to 1 ("hard": a full-strength letter's density
+excess equals the per-voxel noise, most letters are fainter, so no single raw slice shows them; the
+surface sits up to +-4 slices off 32). Between them the ink's excess falls as (noise / easy excess) ** d**2
+(at 0.5, "medium", about half the easy strength), and each
+fragment draws its own surface offset, letter height and stroke width from ranges that widen with the
+difficulty (at 1: letters 20-80 px tall, strokes 2-8 px). Level 0 is the generator as it was before
+the knob existed, byte for byte.
 Fragments are generated slice by slice from 2-D fields, so memory is a few (H, W) float arrays.
 """
 import argparse
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -51,6 +58,45 @@ INK_EXCESS = 0.5  # peak ink density excess of a full-strength letter (most are 
 INK_HEIGHT = 0.5  # ink sits on the papyrus surface ...
 INK_SPREAD = 2.0  # ... spread over about this many slices (it soaks into the rough surface)
 FAINT_LETTER = 0.45  # letters fainter than this are missed by the labeller
+MAX_WANDER = 4.0  # slices: the surface never sits further than this from SURFACE_SLICE
+LEVELS = {"easy": 0.0, "medium": 0.5, "hard": 1.0}  # named difficulties
+DEFAULT_DIFFICULTY = "medium"
+HARD_OFFSET = 2.5  # slices: at difficulty 1 a fragment's whole surface sits up to this far off SURFACE_SLICE
+HARD_LETTER_HEIGHTS = (20, 80)  # px, the range letter heights are drawn from at difficulty 1 ...
+HARD_STROKES = (2, 8)  # ... and stroke widths (px)
+
+
+def parse_difficulty(value):
+    """A level name or a number in [0, 1] -> float; ValueError otherwise."""
+    difficulty = LEVELS[value] if value in LEVELS else float(value)
+    if not 0 <= difficulty <= 1:
+        raise ValueError(f"difficulty {value!r} is outside 0..1")
+    return difficulty
+
+
+@dataclass(frozen=True)
+class FragmentLevel:
+    """What the difficulty sets for one fragment (its own draw within the level's ranges)."""
+
+    ink_excess: float  # density excess of a full-strength letter, relative to PAPYRUS_LEVEL
+    depth_offset: float  # slices: where the fragment's surface sits on average, relative to SURFACE_SLICE
+    letter_height: int  # px
+    stroke_width: int  # px
+
+    @classmethod
+    def draw(cls, difficulty, rng, shape):
+        """This fragment's level. At difficulty 0 it is the fixed recipe of the original generator (and draws
+        nothing from `rng`'s stream that matters: it is a separate generator)."""
+        d = difficulty
+        base_height = max(8, shape[0] // 16)
+        base_stroke = max(2, base_height // 6)
+        lerp = lambda a, b: a + (b - a) * d  # noqa: E731
+        # the ink fades slowly at first, then fast: half of the easy level's strength at 0.5, the noise at 1
+        excess = INK_EXCESS ** (1 - d * d) * NOISE_STD ** (d * d) * rng.uniform(1 - 0.2 * d, 1)
+        height = round(rng.uniform(lerp(base_height, HARD_LETTER_HEIGHTS[0]), lerp(base_height, HARD_LETTER_HEIGHTS[1])))
+        stroke = round(rng.uniform(lerp(base_stroke, HARD_STROKES[0]), lerp(base_stroke, HARD_STROKES[1])))
+        return cls(ink_excess=float(excess), depth_offset=float(rng.uniform(-1, 1) * HARD_OFFSET * d),
+                   letter_height=int(height), stroke_width=int(max(2, min(stroke, height // 3))))
 
 
 def smooth_noise(rng, shape, scale_y, scale_x=None):
@@ -76,14 +122,12 @@ def fragment_mask(rng, shape):
     return (labels == largest).astype(np.uint8)
 
 
-def letter_strengths(rng, shape):
+def letter_strengths(rng, shape, letter_height, thickness):
     """Rows of letters; each pixel holds the strength (0..1) of the letter drawn there."""
     h, w = shape
     canvas = np.zeros(shape, np.uint8)
     font = cv2.FONT_HERSHEY_DUPLEX
-    letter_height = max(8, h // 16)
     scale = letter_height / cv2.getTextSize("H", font, 1.0, 1)[0][1]
-    thickness = max(2, letter_height // 6)
     y = int(letter_height * 1.4)
     while y < h - letter_height * 0.2:
         x = int(rng.uniform(0.02, 0.08) * w)
@@ -106,19 +150,22 @@ def hand_labels(rng, strengths, mask):
 
 
 class FragmentFields:
-    """The 2-D fields one fragment's slices are computed from."""
+    """The 2-D fields one fragment's slices are computed from (`level`: FragmentLevel; default difficulty 0)."""
 
-    def __init__(self, rng, shape):
+    def __init__(self, rng, shape, level=None):
         h, w = shape
+        level = level or FragmentLevel.draw(0.0, np.random.default_rng(0), shape)
         self.shape = shape
+        self.level = level
         self.mask = fragment_mask(rng, shape)
-        self.depth = SURFACE_SLICE + DEPTH_STD * smooth_noise(rng, shape, min(h, w) / 3)
+        wander = level.depth_offset + DEPTH_STD * smooth_noise(rng, shape, min(h, w) / 3)
+        self.depth = SURFACE_SLICE + np.clip(wander, -MAX_WANDER, MAX_WANDER)
         self.density = 1 + DENSITY_STD * smooth_noise(rng, shape, min(h, w) / 3)
         self.fibres_top = FIBRE_STD * smooth_noise(rng, shape, 1.5, 40)  # horizontal streaks
         self.fibres_below = FIBRE_STD * smooth_noise(rng, shape, 40, 1.5)  # vertical streaks
-        self.strengths = letter_strengths(rng, shape)
+        self.strengths = letter_strengths(rng, shape, level.letter_height, level.stroke_width)
         patches = np.clip(0.75 + 0.25 * smooth_noise(rng, shape, h / 40), 0.3, 1.0)
-        self.ink = INK_EXCESS * cv2.GaussianBlur(self.strengths, (0, 0), 0.8) * patches
+        self.ink = level.ink_excess * cv2.GaussianBlur(self.strengths, (0, 0), 0.8) * patches
         specks = (rng.random(shape) < 3e-4).astype(np.float32)
         self.specks = cv2.dilate(specks, np.ones((3, 3), np.uint8)) * rng.uniform(0.3, 0.8)
         self.speck_depth = SURFACE_SLICE + rng.uniform(-12, 4, size=shape).astype(np.float32)
@@ -186,17 +233,30 @@ def write_segment(folder, fields, rng, num_slices, with_labels, reverse=False, e
         cv2.imwrite(str(folder / f"{folder.name}_inklabels.png"), fields.labels * 255)
 
 
-def generate(out, size=640, seed=0, num_slices=NUM_SLICES, progress=True, layout="kaggle"):
+def recipe(size, seed, num_slices, difficulty, layout="kaggle"):
+    """What synth.json records and what a rerun must match."""
+    return {"size": size, "seed": seed, "num_slices": num_slices, "difficulty": parse_difficulty(difficulty),
+            "layout": layout}
+
+
+def generate(out, size=640, seed=0, num_slices=NUM_SLICES, progress=True, difficulty=DEFAULT_DIFFICULTY,
+             layout="kaggle"):
     """Write a whole synthetic dataset to `out` (created atomically: built beside it, then renamed)."""
     out = Path(out)
+    settings = recipe(size, seed, num_slices, difficulty, layout)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; not overwriting")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted run, never a finished dataset
     (partial / "_truth").mkdir(parents=True)
+    levels = {}
     for index, fragment_id in enumerate(TRAIN_IDS + TEST_IDS):
         rng = np.random.default_rng([seed, index])
-        fields = FragmentFields(rng, fragment_shape(rng, size))
+        shape = fragment_shape(rng, size)
+        # the level's draws come from their own generator, so difficulty 0 leaves `rng`'s stream as it was
+        level = FragmentLevel.draw(settings["difficulty"], np.random.default_rng([seed, index, 1]), shape)
+        levels[fragment_id] = asdict(level)
+        fields = FragmentFields(rng, shape, level)
         split = "train" if fragment_id in TRAIN_IDS else "test"
         if layout == "segments":
             write_segment(partial / fragment_id, fields, rng, num_slices, split == "train",
@@ -205,12 +265,11 @@ def generate(out, size=640, seed=0, num_slices=NUM_SLICES, progress=True, layout
             write_fragment(partial / split / fragment_id, fields, rng, num_slices, split == "train", progress)
         if split == "test":
             cv2.imwrite(str(partial / "_truth" / f"{fragment_id}_inklabels.png"), fields.labels * 255)
-    recipe = {"size": size, "seed": seed, "num_slices": num_slices}
     if layout == "segments":
-        recipe.update(layout=layout, reversed=[REVERSED_SEGMENT], eight_bit_jpeg=[EIGHT_BIT_SEGMENT])
+        settings.update(reversed=[REVERSED_SEGMENT], eight_bit_jpeg=[EIGHT_BIT_SEGMENT])
     else:
         (partial / "sample_submission.csv").write_text(SAMPLE_SUBMISSION)
-    (partial / "_truth" / "synth.json").write_text(json.dumps(recipe) + "\n")
+    (partial / "_truth" / "synth.json").write_text(json.dumps({**settings, "fragments": levels}) + "\n")
     os.replace(partial, out)
     return out
 
@@ -221,18 +280,31 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=640, help="typical fragment side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-slices", type=int, default=NUM_SLICES)
+    parser.add_argument("--difficulty", default=DEFAULT_DIFFICULTY,
+                        help=f"how hidden the ink is: {', '.join(LEVELS)} or a number in 0..1 (default {DEFAULT_DIFFICULTY})")
     parser.add_argument("--layout", choices=("kaggle", "segments"), default="kaggle",
                         help="segments: <id>/layers/.., with segment b reversed in depth and a as 8-bit JPEG")
     args = parser.parse_args(argv)
+    try:
+        wanted = recipe(args.size, args.seed, args.num_slices, args.difficulty, args.layout)
+    except ValueError as err:
+        raise SystemExit(f"error: --difficulty: {err}")
     recipe_path = Path(args.out) / "_truth" / "synth.json"
     if recipe_path.is_file():
-        print(f"{args.out}: synthetic dataset already there ({recipe_path.read_text().strip()}); leaving it as it is")
+        try:
+            found = {"layout": "kaggle", **{k: v for k, v in json.loads(recipe_path.read_text()).items() if k in wanted}}
+        except ValueError:
+            found = None
+        if found != wanted:
+            raise SystemExit(f"error: {recipe_path}: the dataset there was made with {found}, not {wanted}; "
+                             f"remove {args.out} (make clean-data) or choose another folder")
+        print(f"{args.out}: synthetic dataset already there ({wanted}); leaving it as it is")
         return
     try:
-        generate(args.out, args.size, args.seed, args.num_slices, layout=args.layout)
+        generate(args.out, args.size, args.seed, args.num_slices, difficulty=args.difficulty, layout=args.layout)
     except FileExistsError as err:
         raise SystemExit(f"error: {err}")
-    print(f"wrote synthetic dataset to {args.out}")
+    print(f"wrote synthetic dataset to {args.out} (difficulty {wanted['difficulty']:g})")
 
 
 if __name__ == "__main__":

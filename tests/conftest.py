@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
-    """One small synthetic dataset (lib.synth, size 256, seed 0, 65 slices) shared by the session. Read only:
+    """One small synthetic dataset (lib.synth, size 256, seed 0, 65 slices, easy) shared by the session. Read only:
     copy a fragment into tmp_path before changing anything."""
     from lib.synth import generate
 
-    return generate(tmp_path_factory.mktemp("synth") / "synth", size=256, seed=0, progress=False)
+    return generate(tmp_path_factory.mktemp("synth") / "synth", size=256, seed=0, progress=False, difficulty="easy")

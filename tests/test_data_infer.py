@@ -5,9 +5,10 @@ import tifffile
 import torch
 import cv2
 
-from lib.data import CENTRE_SLICES, Fold, TileDataset, equal_area_bands, make_folds, photometric
+from lib.data import CENTRE_SLICES, TRIPLETS, Fold, TileDataset, coarse_dropout, equal_area_bands, make_folds, photometric
 from lib.fragments import Fragment
-from lib.infer import blend_weights, predict_fragment
+from lib.infer import TRIPLET_MODES, blend_weights, merge_tta, predict_fragment, surface_shift, triplet_inputs
+from lib.synth import FragmentFields, FragmentLevel, write_fragment
 from lib.store import Store, write_store
 
 HEIGHT, WIDTH = 200, 168
@@ -119,8 +120,8 @@ class ConstantModel(torch.nn.Module):
 def test_tta_on_an_equivariant_model_changes_nothing(label_store):
     path, labels, mask = label_store
     store = Store(path)
-    plain = predict_fragment(PointwiseModel(), store, 64, 32, tta=False, triplets=True)
-    tta = predict_fragment(PointwiseModel(), store, 64, 32, batch_size=3, tta=True, triplets=True)
+    plain = predict_fragment(PointwiseModel(), store, 64, 32, tta=False, triplets="mean")
+    tta = predict_fragment(PointwiseModel(), store, 64, 32, batch_size=3, tta=True, triplets="mean")
     assert plain.shape == (HEIGHT, WIDTH) and plain.dtype == np.float32
     np.testing.assert_allclose(tta, plain, atol=1e-5)
     # the volume spells the labels, so even this toy model separates ink from papyrus
@@ -130,7 +131,7 @@ def test_tta_on_an_equivariant_model_changes_nothing(label_store):
 
 def test_blending_leaves_no_seams_and_masks_the_map(label_store):
     path, _, mask = label_store
-    prob = predict_fragment(ConstantModel(), Store(path), 64, 24, tta=True, triplets=True)
+    prob = predict_fragment(ConstantModel(), Store(path), 64, 24, tta=True, triplets="mean")
     np.testing.assert_allclose(prob[mask > 0], 0.7, atol=1e-5)  # every pixel, overlap or not
     assert (prob[mask == 0] == 0).all()
 
@@ -165,8 +166,8 @@ def test_an_ensemble_in_one_pass_equals_the_weighted_sum_of_its_models(label_sto
     path, _, _ = label_store
     store = Store(path)
     first, second = PointwiseModel(), ConstantModel()
-    together = predict_fragment([(first, 0.25), (second, 0.75)], store, 64, 32, batch_size=2, tta=True, triplets=True)
-    apart = [predict_fragment(m, store, 64, 32, batch_size=5, tta=True, triplets=True, readers=0) for m in (first, second)]
+    together = predict_fragment([(first, 0.25), (second, 0.75)], store, 64, 32, batch_size=2, tta=True, triplets="mean")
+    apart = [predict_fragment(m, store, 64, 32, batch_size=5, tta=True, triplets="mean", readers=0) for m in (first, second)]
     np.testing.assert_allclose(together, 0.25 * apart[0] + 0.75 * apart[1], atol=1e-5)
 
 
@@ -181,3 +182,70 @@ def test_augmentation_is_deterministic_given_the_seed(label_store):
         assert torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
     torch.manual_seed(4)
     assert not all(torch.equal(dataset[i][0], image) for i, (image, _) in enumerate(draws[0]))
+
+
+def test_tricks_z_reversal_cutmix_and_cutout(label_store):
+    path, _, _ = label_store
+    torch.manual_seed(0)
+    reversed_ = TileDataset([path], 64, 32, augment=True, z_reverse=1.0)
+    slices = reversed_.choose_slices(reversed_.stores[0])
+    assert slices == sorted(slices, reverse=True) and slices[0] - slices[2] == 2
+    # cutmix pastes image and label together: they stay aligned
+    mixed = TileDataset([path], 64, 32, augment=True, cutmix=1.0)
+    agree = 0.0
+    for i in range(len(mixed)):
+        image, label = mixed[i]
+        agree += ((image.mean(0) > 0.5) == (label[0] > 0)).float().mean().item()
+    assert agree / len(mixed) > 0.97
+    # cutout blanks boxes of the image (the label is left alone)
+    image = np.random.default_rng(0).random((3, 64, 64), dtype=np.float32)
+    cut = coarse_dropout(image)
+    blanked = (cut != image).any(0)
+    assert 0.01 < blanked.mean() < 0.15  # 1-2 boxes of 1/10 to 1/4 of the side
+    assert np.allclose(cut[:, blanked], image.mean()) and np.array_equal(cut[:, ~blanked], image[:, ~blanked])
+
+
+def test_merge_tta_mean_and_max_over_triplets():
+    rotations = (0, 1, 2, 3)
+    per_triplet = torch.tensor([0.2, 0.5, 0.8])  # tile 0; tile 1 gets 1 - these
+    probs = torch.stack([torch.stack([torch.full((1, 8, 8), float(v if b == 0 else 1 - v)) for _ in rotations])
+                         for b in range(2) for v in per_triplet]).flatten(0, 1)
+    assert probs.shape == (2 * 3 * 4, 1, 8, 8)
+    mean = merge_tta(probs, 2, TRIPLETS, rotations, "mean")
+    maximum = merge_tta(probs, 2, TRIPLETS, rotations, "max")
+    np.testing.assert_allclose(mean[:, 0, 0], [0.5, 0.5], atol=1e-6)
+    np.testing.assert_allclose(maximum[:, 0, 0], [0.8, 0.8], atol=1e-6)
+
+
+def flat_surface_store(folder, offset):
+    """A store (slices 24:40) of a small synthetic fragment whose surface is flat at slice 32 + offset."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("lib.synth.DEPTH_STD", 0.0)
+        rng = np.random.default_rng(0)
+        fields = FragmentFields(rng, (96, 96), FragmentLevel(0.1, offset, 16, 3))
+        write_fragment(folder / "frag", fields, rng, 65, with_labels=True, progress=False)
+    write_store(Fragment(folder / "frag"), folder / "frag.h5", z_range=(24, 40), tile_size=64, stride=32, progress=False)
+    return Store(folder / "frag.h5")
+
+
+@pytest.mark.parametrize("offset, shift", [(3.0, 3), (-2.2, -2), (0.0, 0), (-9.0, -4), (9.0, 4)])
+def test_surface_shift_finds_the_fragment_surface(tmp_path, offset, shift):
+    """From the in-mask median intensity along z; never past the store's slices (28..35 can move -4..+4 in 24:40)."""
+    store = flat_surface_store(tmp_path, offset)
+    assert surface_shift(store) == shift
+    slices, groups, combine = triplet_inputs(store, "surface")
+    assert slices == [z + shift for z in CENTRE_SLICES] and len(groups) == 3 and combine == "mean"
+
+
+def test_triplet_modes_on_a_real_store(label_store):
+    path, _, mask = label_store
+    store = Store(path)
+    assert triplet_inputs(store, "middle")[1:] == (((2, 3, 4),), "mean")
+    assert triplet_inputs(store, "max")[2] == "max" and triplet_inputs(store, "mean")[0] == list(CENTRE_SLICES)
+    maps = {mode: predict_fragment(PointwiseModel(), store, 64, 32, tta=False, triplets=mode) for mode in TRIPLET_MODES}
+    for mode, prob in maps.items():
+        assert prob.shape == (HEIGHT, WIDTH) and (prob[mask == 0] == 0).all() and 0 <= prob.min() <= prob.max() <= 1, mode
+    # the max of the triplets is never below their mean
+    assert (maps["max"] >= maps["mean"] - 1e-6).all() and (maps["max"] > maps["mean"] + 1e-6).any()
+    with pytest.raises(ValueError, match="unknown triplet mode"):
+        predict_fragment(PointwiseModel(), store, 64, 32, triplets=True)

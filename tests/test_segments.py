@@ -112,8 +112,8 @@ def test_reversed_segment_predicts_like_its_twin(layouts, tmp_path):
     model = build_model("tu-mobilenetv3_small_050").eval()
     twin = Store(store_path(layouts["kaggle_stores"], REVERSED_SEGMENT))
     reversed_ = Store(store_path(layouts["segment_stores"], REVERSED_SEGMENT))
-    expected = predict_fragment(model, twin, TILE, STRIDE, 4, tta=False, triplets=False)
-    got = predict_fragment(model, reversed_, TILE, STRIDE, 4, tta=False, triplets=False)
+    expected = predict_fragment(model, twin, TILE, STRIDE, 4, tta=False, triplets="middle")
+    got = predict_fragment(model, reversed_, TILE, STRIDE, 4, tta=False, triplets="middle")
     assert expected.any() and np.array_equal(got, expected)
     # without --reverse (and a fixed window: auto refuses air below papyrus) the prediction is another one
     message = run_prepare("--data", layouts["segments"], "--out", tmp_path, "--ids", REVERSED_SEGMENT,
@@ -123,7 +123,7 @@ def test_reversed_segment_predicts_like_its_twin(layouts, tmp_path):
     assert run_prepare("--data", layouts["segments"], "--out", tmp_path, "--ids", REVERSED_SEGMENT,
                        "--z-range", "24:40", "--tile-size", TILE, "--stride", STRIDE) == ""
     unflipped = predict_fragment(model, Store(store_path(tmp_path, REVERSED_SEGMENT)), TILE, STRIDE, 4,
-                                 tta=False, triplets=False)
+                                 tta=False, triplets="middle")
     assert np.abs(unflipped - expected).max() > 0.01
 
 
@@ -329,7 +329,7 @@ def test_banded_blend_equals_the_whole_map_blend(tmp_path):
             return x[:, :1] * 4 - 2
 
     tile, stride = 32, 16
-    got = predict_fragment(Constant(), store, tile, stride, 8, tta=False, triplets=False)
+    got = predict_fragment(Constant(), store, tile, stride, 8, tta=False, triplets="middle")
     from lib.data import CENTRE_SLICES, normalise
     total, weight_sum = np.zeros(store.shape, np.float32), np.zeros(store.shape, np.float32)
     weights = blend_weights(tile)
@@ -342,7 +342,7 @@ def test_banded_blend_equals_the_whole_map_blend(tmp_path):
     expected = np.divide(total, weight_sum, out=total, where=weight_sum > 0) * store.read_map("mask")
     np.testing.assert_allclose(got, expected, atol=1e-5)
     out = np.ones(store.shape, np.float32)
-    predict_fragment(Constant(), store, tile, stride, 8, tta=False, triplets=False, out=out, scale=0.25)
+    predict_fragment(Constant(), store, tile, stride, 8, tta=False, triplets="middle", out=out, scale=0.25)
     np.testing.assert_allclose(out, 1 + 0.25 * got, atol=1e-6)
 
 
@@ -372,7 +372,7 @@ def test_submit_writes_probability_pngs_and_csv_by_rule(layouts, tmp_path):
         png = cv2.imread(str(run / "predictions" / f"{fragment_id}_prediction.png"), cv2.IMREAD_UNCHANGED)
         model = build_model("tu-mobilenetv3_small_050")
         model.load_state_dict(torch.load(next(run.glob("models/*/*.pt")))["state_dict"])
-        prob = predict_fragment(model.eval(), store, TILE, STRIDE, 4, tta=False, triplets=False)
+        prob = predict_fragment(model.eval(), store, TILE, STRIDE, 4, tta=False, triplets="middle")
         assert png.dtype == np.uint8 and png.shape == store.shape
         assert np.abs(png.astype(int) - np.rint(prob * 255)).max() <= 1  # 8-bit probability
         assert not png[store.read_map("mask") == 0].any() and png.any()

@@ -148,12 +148,40 @@ def test_flags_weights_and_folds(tiny, default_rows):
     store = Store(tiny["stores"] / "test" / "a.h5")
     expected = 0
     for member in members:
-        folds = [predict_fragment(load_model_file(tiny["run"] / path)[0], store, 64, 32, tta=False, triplets=False)
+        folds = [predict_fragment(load_model_file(tiny["run"] / path)[0], store, 64, 32, tta=False, triplets="middle")
                  for path in member["models"]]
         expected = expected + member["weight"] * np.mean(folds, axis=0)
     prob, attrs = load_probability_map(tiny["run"] / "probs" / "a.h5")
-    assert (attrs["tta"], attrs["triplets"]) == (False, False)
+    assert (attrs["tta"], attrs["triplets"]) == (False, "middle")
     np.testing.assert_allclose(prob, expected, atol=1e-3)  # the file holds float16
+
+
+def test_triplet_mode_comes_from_ensemble_json(tiny, tmp_path, capsys):
+    """submit.py combines the triplets as the member's OOF maps did (ensemble.json), unless --triplets overrides."""
+    members = json.loads((tiny["run"] / "ensemble.json").read_text())["members"]
+    assert all(m["triplets"] == "mean" for m in members)  # model files without the key: the original mean
+    copy = tmp_path / "max"
+    shutil.copytree(tiny["run"] / "models", copy / "models")
+    ensemble_json = json.loads((tiny["run"] / "ensemble.json").read_text())
+    for member in ensemble_json["members"]:
+        member["triplets"] = "max"
+    (copy / "ensemble.json").write_text(json.dumps(ensemble_json))
+    run_submit(tiny, "--no-tta", "--save-probs", run=copy)
+    assert "triplets max," in capsys.readouterr().out
+    store = Store(tiny["stores"] / "test" / "b.h5")
+    expected = sum(m["weight"] * np.mean([predict_fragment(load_model_file(copy / p)[0], store, 64, 32, tta=False,
+                                                           triplets="max") for p in m["models"]], axis=0)
+                   for m in ensemble_json["members"])
+    prob, attrs = load_probability_map(copy / "probs" / "b.h5")
+    assert attrs["triplets"] == "max"
+    np.testing.assert_allclose(prob, expected, atol=1e-3)
+    run_submit(tiny, "--no-tta", "--triplets", "middle", run=copy)
+    assert "triplets middle," in capsys.readouterr().out
+
+    ensemble_json["members"][0]["triplets"] = "sideways"
+    (copy / "ensemble.json").write_text(json.dumps(ensemble_json))
+    message = exit_message(["--run", str(copy), "--stores", str(tiny["stores"])])
+    assert message.startswith("error: ") and str(copy / "ensemble.json") in message and "'sideways'" in message
 
 
 def test_copied_run_folder_works(tiny, tmp_path):

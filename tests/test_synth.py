@@ -76,7 +76,9 @@ def test_layout(synth_root):
         mask = read_png(folder / "mask.png")
         assert truth.shape == mask.shape and truth.any() and not truth[mask == 0].any()
     assert (root / "sample_submission.csv").read_text() == "Id,Predicted\na,1 1 5 1\nb,10 20\n"
-    assert json.loads((root / "_truth" / "synth.json").read_text()) == {"size": 256, "seed": 0, "num_slices": 65}
+    recipe = json.loads((root / "_truth" / "synth.json").read_text())
+    assert {k: v for k, v in recipe.items() if k != "fragments"} == {"size": 256, "seed": 0, "num_slices": 65, "difficulty": 0.0}
+    assert sorted(recipe["fragments"]) == ["1", "2", "3", "a", "b"]
     assert not (root.parent / (root.name + ".partial")).exists()
 
 
@@ -123,7 +125,8 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
 
 @pytest.fixture(scope="module")
 def root384(tmp_path_factory):
-    return synth.generate(tmp_path_factory.mktemp("synth384") / "synth", size=384, seed=0, progress=False)
+    return synth.generate(tmp_path_factory.mktemp("synth384") / "synth", size=384, seed=0, progress=False,
+                          difficulty="easy")
 
 
 def fragment_features(root, split, fid):
@@ -244,7 +247,7 @@ def test_ink_contrast_vanishes_without_ink(tmp_path):
     """Control: the same statistic on an ink-free twin (same seed, INK_EXCESS = 0) finds nothing."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(synth, "INK_EXCESS", 0.0)
-        root = synth.generate(tmp_path / "no_ink", size=384, seed=0, progress=False)
+        root = synth.generate(tmp_path / "no_ink", size=384, seed=0, progress=False, difficulty="easy")
     features = [fragment_features(root, split, fid) for split, ids in (("train", "123"), ("test", "ab")) for fid in ids]
     _, pooled, se = ink_contrast(features)
     print(f"ink-free twin: pooled {pooled:.1f} +- {se:.1f}")
@@ -296,18 +299,29 @@ def run_synth(*args):
 
 def test_cli_writes_once_then_leaves_the_dataset_alone(tmp_path):
     out = tmp_path / "data"
-    result = run_synth(out, "--size", 96, "--seed", 1, "--num-slices", 8)
+    result = run_synth(out, "--size", 96, "--seed", 1, "--num-slices", 8, "--difficulty", "hard")
     assert result.returncode == 0, result.stderr
     assert list_fragments(out, "train") == ["1", "2", "3"] and list_fragments(out, "test") == ["a", "b"]
     fragment = Fragment.open(out, "test", "b").validate()
     assert fragment.num_slices == 8
-    assert json.loads((out / "_truth" / "synth.json").read_text()) == {"size": 96, "seed": 1, "num_slices": 8}
+    recipe = json.loads((out / "_truth" / "synth.json").read_text())
+    assert {k: v for k, v in recipe.items() if k != "fragments"} == {"size": 96, "seed": 1, "num_slices": 8, "difficulty": 1.0}
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
 
-    again = run_synth(out, "--size", 96, "--seed", 2)
+    again = run_synth(out, "--size", 96, "--seed", 1, "--num-slices", 8, "--difficulty", "1")
     assert again.returncode == 0, again.stderr
     assert "already there" in again.stdout
+    # another recipe asked of the same folder: refused, naming the recipe file, the dataset left alone
+    other = run_synth(out, "--size", 96, "--seed", 1, "--num-slices", 8)
+    assert other.returncode != 0 and str(out / "_truth" / "synth.json") in other.stderr and "make clean-data" in other.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+
+
+@pytest.mark.parametrize("value", ["impossible", "1.5", "-0.1"])
+def test_cli_rejects_a_bad_difficulty(tmp_path, value):
+    result = run_synth(tmp_path / "data", "--size", 96, "--num-slices", 8, "--difficulty", value)
+    assert result.returncode != 0 and "error: --difficulty" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_cli_refuses_a_folder_that_is_not_a_dataset(tmp_path):
@@ -319,3 +333,94 @@ def test_cli_refuses_a_folder_that_is_not_a_dataset(tmp_path):
     assert str(out) in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------- the difficulty knob
+
+
+def test_levels_by_name_and_number():
+    assert [synth.parse_difficulty(v) for v in ("easy", "medium", "hard", "0.25", 1)] == [0.0, 0.5, 1.0, 0.25, 1.0]
+    assert synth.DEFAULT_DIFFICULTY == "medium"
+
+
+def test_level_zero_is_the_original_recipe():
+    """Difficulty 0 draws exactly the constants of the generator before the knob (the byte-for-byte promise)."""
+    for side in (96, 256, 640):
+        level = synth.FragmentLevel.draw(0.0, np.random.default_rng(7), (side, side))
+        height = max(8, side // 16)
+        assert level == synth.FragmentLevel(synth.INK_EXCESS, 0.0, height, max(2, height // 6))
+
+
+def test_levels_draw_per_fragment_within_their_ranges():
+    shape = (640, 560)
+    draws = {d: [synth.FragmentLevel.draw(d, np.random.default_rng([s, 1]), shape) for s in range(40)] for d in (0.5, 1.0)}
+    hard, medium = draws[1.0], draws[0.5]
+    assert all(lv.ink_excess <= synth.NOISE_STD for lv in hard)  # at or below the per-voxel noise
+    assert all(synth.NOISE_STD < lv.ink_excess < synth.INK_EXCESS for lv in medium)
+    for levels in draws.values():  # randomised per fragment
+        assert len({lv.letter_height for lv in levels}) > 5 and len({lv.stroke_width for lv in levels}) > 2
+        assert len({lv.depth_offset for lv in levels}) == len(levels)
+    assert min(lv.letter_height for lv in hard) < 30 and max(lv.letter_height for lv in hard) > 70
+    assert all(20 <= lv.letter_height <= 80 and 2 <= lv.stroke_width <= 8 for lv in hard)
+    assert all(abs(lv.depth_offset) <= synth.MAX_WANDER for lv in hard)
+    assert max(abs(lv.depth_offset) for lv in hard) > max(abs(lv.depth_offset) for lv in medium) > 0.5
+
+
+@pytest.fixture(scope="module")
+def hard384(tmp_path_factory):
+    root = synth.generate(tmp_path_factory.mktemp("hard384") / "synth", size=384, seed=0, progress=False, difficulty="hard")
+    return root, {(split, fid): fragment_features(root, split, fid) for split, ids in (("train", "123"), ("test", "ab")) for fid in ids}
+
+
+def test_hard_surface_wanders_up_to_four_slices(hard384):
+    root, features = hard384
+    recipe = json.loads((root / "_truth" / "synth.json").read_text())
+    assert recipe["difficulty"] == 1.0
+    offsets = [recipe["fragments"][fid]["depth_offset"] for fid in "123ab"]
+    assert max(offsets) - min(offsets) > 1.5, offsets  # fragments sit at different depths
+    for key, f in features.items():
+        depth = f["depth"][cv2.erode(f["mask"].astype(np.uint8), np.ones((31, 31), np.uint8)).astype(bool)]
+        assert np.abs(depth - synth.SURFACE_SLICE).max() <= synth.MAX_WANDER + 1, key  # +1: the estimate's own error
+
+
+def test_hard_ink_is_not_separable_by_the_classical_baseline(hard384):
+    """The issue's check: the smoothed centre-slice mean, threshold fitted on train, F0.5 < 0.35 on every test fragment."""
+    _, features = hard384
+    naive = NAIVE_FEATURES["centre_mean_sigma3"]
+    train = [features[("train", fid)] for fid in "123"]
+    _, threshold, sign = fit_threshold([naive(f) for f in train], [f["mask"] for f in train], [f["truth"] for f in train])
+    for fid in "ab":
+        f = features[("test", fid)]
+        score = f05((sign * naive(f) > sign * threshold) & f["mask"], f["truth"])
+        print(f"hard: naive test {fid}: F0.5 {score:.3f}")
+        assert score < 0.35, (fid, score)
+
+
+def test_hard_ink_is_invisible_in_every_single_raw_slice(hard384):
+    """No slice alone shows it: a threshold on one raw slice minus its local background, fitted on train for each
+    slice 24..39, stays far from finding the ink on the test fragments."""
+    root, features = hard384
+    slices = {(split, fid): Fragment.open(root, split, fid) for split, fid in features}
+    best = 0.0
+    for z in range(24, 40):
+        highpass = {}
+        for key, f in features.items():
+            image = slices[key].read_slice(z).astype(np.float32)
+            highpass[key] = image - masked_blur(image, 8, f["mask"])
+        train = [("train", fid) for fid in "123"]
+        _, threshold, sign = fit_threshold([highpass[k] for k in train], [features[k]["mask"] for k in train],
+                                           [features[k]["truth"] for k in train])
+        for fid in "ab":
+            f = features[("test", fid)]
+            best = max(best, f05((sign * highpass[("test", fid)] > sign * threshold) & f["mask"], f["truth"]))
+    print(f"hard: best single-slice threshold F0.5 on test {best:.3f}")
+    assert best < 0.35
+
+
+def test_hard_ink_is_still_in_the_volume(hard384):
+    """Faint is not absent: pooled over the fragments the slice just above the surface is denser under the ink."""
+    _, features = hard384
+    per_fragment, pooled, se = ink_contrast(features.values())
+    print(f"hard: ink contrast per fragment {np.round(per_fragment, 1)}, pooled {pooled:.1f} +- {se:.1f}")
+    assert pooled > 4 * se, (pooled, se)
+    assert pooled < synth.NOISE_STD * (synth.PAPYRUS_LEVEL - synth.AIR_LEVEL)  # below the per-voxel noise

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import prepare
+from lib.infer import DEFAULT_TRIPLETS
 from lib.model import build_from_config
 from lib.store import Store
 
@@ -45,7 +46,7 @@ def test_two_trials_write_oof_maps_models_previews_and_summary(stores, tmp_path)
         store = Store(stores / "train" / f"{fold}.h5")
         with h5py.File(run / "oof" / BACKBONE / f"{fold}.h5", "r") as h5:
             prob = h5["prob"][()]
-            assert h5.attrs["fragment_id"] == fold and bool(h5.attrs["tta"]) and bool(h5.attrs["triplets"])
+            assert h5.attrs["fragment_id"] == fold and bool(h5.attrs["tta"]) and h5.attrs["triplets"] == DEFAULT_TRIPLETS
         assert prob.shape == store.shape and prob.dtype == "float16"
         assert prob.min() >= 0 and prob.max() <= 1
         assert (prob[store.read_map("mask") == 0] == 0).all()
@@ -80,6 +81,25 @@ class PlantedPickle:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.marker),))
+
+
+def test_tricks_and_triplet_mode_reach_the_model_files_and_ensemble_json(stores, tmp_path):
+    """Every training trick switched on at once trains; the triplet mode travels: OOF map, model file, ensemble.json."""
+    import ensemble
+
+    run = tmp_path / "run"
+    result = run_train(stores, run, "--folds", "2", "--num-cpus", "1", "--triplets", "max", "--z-reverse", "1",
+                       "--cutout", "1", "--cutmix", "1", "--label-smoothing", "0.2", "--ema", "0.9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = torch.load(run / "models" / BACKBONE / "fold-2.pt", weights_only=True)
+    assert exported["triplets"] == "max" and 0 <= exported["oof_f05"] <= 1
+    model = build_from_config(exported["config"])
+    model.load_state_dict(exported["state_dict"])  # the EMA's weights, in the plain model's layout
+    with h5py.File(run / "oof" / BACKBONE / "2.h5", "r") as h5:
+        assert h5.attrs["triplets"] == "max"
+    ensemble.main(["--run", str(run), "--stores", str(stores)])
+    members = json.loads((run / "ensemble.json").read_text())["members"]
+    assert [m["triplets"] for m in members] == ["max"]
 
 
 def test_resume_after_interrupt_does_not_redo_finished_trials(stores, tmp_path):
