@@ -51,7 +51,7 @@ def layouts(synth_root, tmp_path_factory):
     """{kaggle, segments: dataset roots; kaggle_stores, segment_stores: prepared with --z-range auto (the segment
     b with --reverse b), 64 px tiles}."""
     work = tmp_path_factory.mktemp("segments")
-    segments = generate(work / "segments", size=256, seed=0, progress=False, layout="segments")
+    segments = generate(work / "segments", size=256, seed=0, progress=False, layout="segments", difficulty="easy")
     tiles = ("--tile-size", TILE, "--stride", STRIDE)
     assert run_prepare("--data", synth_root, "--out", work / "kaggle_stores", "--z-range", "auto", *tiles) == ""
     assert run_prepare("--data", segments, "--out", work / "segment_stores", "--reverse", REVERSED_SEGMENT,
