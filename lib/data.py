@@ -18,13 +18,13 @@ import cv2
 import numpy as np
 import torch
 
+from lib.depth import NOMINAL_SURFACE  # the slice CENTRE_SLICES are centred on
 from lib.store import PERCENTILE_LEVELS, Store, mask_coverage
 
 CENTRE_SLICES = tuple(range(28, 36))  # the 8 centre slices; slice 32 is nominally the surface
 # Inference averages three triplets of the 8 centre slices: (1,2,3), (4,5,6), (6,7,8), 1-indexed.
 TRIPLETS = ((0, 1, 2), (3, 4, 5), (5, 6, 7))
 MIDDLE_TRIPLET = (2, 3, 4)  # slices 30..32: used when triplet averaging is off
-NOMINAL_SURFACE = 32  # the slice CENTRE_SLICES are centred on
 
 
 def surface_shift(store):

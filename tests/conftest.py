@@ -18,3 +18,15 @@ def synth_root(tmp_path_factory):
     from lib.synth import generate
 
     return generate(tmp_path_factory.mktemp("synth") / "synth", size=256, seed=0, progress=False, difficulty="easy")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: tiny models on a 2-core machine shared with other work run many times
+    slower when two OpenMP threads spin against each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

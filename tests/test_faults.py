@@ -22,7 +22,9 @@ import submit
 import train
 from lib.store import check_store
 from test_prepare import SLOW_PREPARE, make_fragment, prepare_here, run_prepare
-from test_submit import one_thread, tiny  # noqa: F401 (fixtures: a tiny run with models, ensemble.json, stores)
+from test_submit import tiny  # noqa: F401 (a fixture: a tiny run with models, ensemble.json, stores)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 

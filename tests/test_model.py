@@ -5,14 +5,7 @@ from safetensors.torch import save_file
 
 from lib.model import BACKBONES, build_from_config, build_model, model_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the other test suites and jobs on this machine need the second core
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def logits_of(model, x):

@@ -27,14 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TILE, STRIDE = 64, 32
 COMPARED = ("volume", "mask", "labels", "tiles", "percentiles", "percentiles_all")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: two spin against other work on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_prepare(*args):

@@ -26,15 +26,7 @@ from lib.synth import TEST_IDS, TRAIN_IDS, generate
 # happen (the run has all three folds of each; the fixture trims ensemble.json to these, to keep the tests short)
 MEMBERS = {"tu-mobilenetv3_small_050": ("1", "2"), "tu-mobilenetv3_small_075": ("3",)}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on 2 cores shared with other work, two OpenMP threads spin against each other and
-    small batches run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +215,6 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     (broken / "models" / "tu-mobilenetv3_small_050" / "fold-2.pt").unlink()
     assert_names(broken / "models" / "tu-mobilenetv3_small_050" / "fold-2.pt", ["--run", str(broken), *stores])
     assert_names(tmp_path / "test", ["--run", str(tiny["run"]), "--stores", str(tmp_path)])
-
 
 
 def edited_run(tiny, folder, edit):

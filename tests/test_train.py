@@ -173,15 +173,6 @@ def test_workers_follow_the_trials_share_of_the_cpus():
     assert train.trial_resources(args, {"CPU": 16, "GPU": 1}, 6) == {"cpu": 4, "gpu": 1}
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared 2-core machine: 2 torch threads spin against each other (40x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_step_learns_at_each_precision(precision, one_thread):
     import train
