@@ -20,8 +20,10 @@ def make(work, *targets):
                 "PREPARE_ARGS": "--tile-size 64 --stride 32",
                 "TRAIN_ARGS": "--epochs 1 --max-tiles 16 --batch-size 8 --no-dashboard --num-cpus 2",
                 "SUBMIT_ARGS": "--no-tta --no-triplets --threads 1"}
+    # as a user types it: not a sub-make of `make test` (which would print "make[1]:" and pass its flags down)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     result = subprocess.run(["make", "--no-print-directory", *targets, *[f"{k}={v}" for k, v in settings.items()]],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return result.returncode, (result.stdout + result.stderr).splitlines()
 
 
