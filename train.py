@@ -37,7 +37,7 @@ import ray
 import torch
 from ray import tune
 
-from lib.data import Fold, TileDataset, loader_worker_init, make_folds, photometric
+from lib.data import INPUT_VERSION, Fold, TileDataset, loader_worker_init, make_folds, photometric
 from lib.infer import (DEFAULT_TRIPLETS, TRIPLET_MODES, load_probability_map, predict_fragment, save_preview,
                        save_probability_map)
 from lib.lock import LockedError, exclusive
@@ -54,7 +54,7 @@ PRESETS = {
     "full": dict(backbones="resnet34,efficientnet-b3,mit_b2", tile_size=224, stride=56, epochs=15, batch_size=64,
                  lr=2e-4, workers=None, infer_batch=32, max_tiles=0, decoder_channels="256,128,64,32,16"),
     # Fits `make train` on a 2-core CPU in minutes: tiny encoder and decoder, small tiles, short epochs.
-    "demo": dict(backbones="tu-mobilenetv3_small_050", tile_size=64, stride=32, epochs=20, batch_size=16,
+    "demo": dict(backbones="tu-mobilenetv3_small_050", tile_size=64, stride=32, epochs=30, batch_size=16,
                  lr=3e-3, workers=0, infer_batch=16, max_tiles=512, decoder_channels="64,32,16,16,8"),
 }
 # Options that say where and how to run, not what to train: a resumed run may change them.
@@ -208,8 +208,8 @@ def train_fold(config):
         train_loss, tiles = train_epoch(step, loader, loss_fn, device)
         train_seconds = time.time() - started
         val_loss = evaluate_loss(scored, val_loader, loss_fn, device, step.autocast)
-        prob = predict_fragment(scored, store, tile_size, stride, config["infer_batch"], tta=False, triplets="middle",
-                                device=device)
+        prob = predict_fragment(scored, store, tile_size, stride, config["infer_batch"], tta=False,
+                                triplets=config["triplets"], device=device)
         val_f05, threshold = best_threshold(band(prob, fold.rows), labels, mask)
         state["epoch"] += 1
         state["seconds"] += time.time() - started
@@ -362,7 +362,7 @@ def finish_fold(model, store, config, fold, state, device):
     save_model_file(trial_path(config, "models", ".pt"), model,
                     config=model_config(backbone, 3, config["decoder_channels"]), fold=fold.name,
                     fragment_id=fold.fragment_id, tile_size=config["tile_size"], stride=config["stride"],
-                    triplets=config["triplets"],
+                    triplets=config["triplets"], inputs=INPUT_VERSION,
                     val_f05=state["best_f05"], oof_f05=oof_f05, threshold=threshold)
     predicted = band(prob, fold.rows) >= threshold
     save_preview(trial_path(config, "previews", ".png"), [band(prob, fold.rows), predicted, labels])

@@ -44,7 +44,6 @@ TRICKS = {
     "cutmix": ["--cutmix", "0.5"],
     "label smoothing 0.2": ["--label-smoothing", "0.2"],
     "EMA 0.99": ["--ema", "0.99"],
-    "surface-centred triplets": ["--surface-centred"],
 }
 
 

@@ -48,6 +48,11 @@ def triplet_slices(triplet):
     return [CENTRE_SLICES[i] for i in triplet]
 
 
+# What the models' inputs are: 1, the fragment's percentile range mapped to 0..1 (until 2026-11); 2, InputReader.
+# Model files record it; a model is never fed inputs of another version (lib.runs.check_model_file).
+INPUT_VERSION = 2
+
+
 def normalise(volume, intensity_range):
     """uint16 -> float32 with the fragment's robust (1st, 99th percentile) range mapped to 0..1."""
     low, high = intensity_range
@@ -55,6 +60,52 @@ def normalise(volume, intensity_range):
     out -= low  # in place: one float32 array per call, not four
     out *= 1 / max(high - low, 1.0)
     return np.clip(out, -0.5, 1.5, out=out)
+
+
+class PackedMap:
+    """A 0/1 (H, W) map held bit-packed (1 bit a pixel: 18 MB for the largest Kaggle fragment), whose windows cost
+    next to nothing, where reading one from the store decodes up to four 512 x 512 chunks."""
+
+    def __init__(self, image):
+        self.shape = image.shape
+        self.bits = np.packbits(np.asarray(image, np.uint8) > 0, axis=1)
+
+    def window(self, y, x, size):
+        """(size, size) uint8 of the map at (y, x) (both >= 0), 0 outside it."""
+        height, width = self.shape
+        out = np.zeros((size, size), np.uint8)
+        y1, x1 = min(y + size, height), min(x + size, width)
+        if y1 > y and x1 > x:
+            bits = np.unpackbits(self.bits[y:y1, x // 8: (x1 + 7) // 8], axis=1)
+            out[: y1 - y, : x1 - x] = bits[:, x % 8: x % 8 + x1 - x]
+        return out
+
+
+class InputReader:
+    """Model inputs of one store (INPUT_VERSION 2): tiles of chosen slices, normalised (`normalise`); outside the
+    mask each slice is set to its own in-mask median; then each slice of the tile is moved so that its median
+    sits at 0.5. Without the fill, the step from the zeros outside a fragment to the papyrus inside looks like a
+    bright stroke, and the model calls the fragment's border and holes ink. Without the centring, the slow
+    density variation across a sheet and the wandering surface change a tile's level as much as ink does, and
+    the model calls the denser parts of a sheet ink. Training (TileDataset) and prediction (lib.infer) both read
+    through it, so they see the same inputs."""
+
+    def __init__(self, store):
+        self.store = store
+        self.intensity_range = store.intensity_range()
+        self.mask = PackedMap(store.read_map("mask"))
+        profile = store.read_dataset("percentiles")[:, list(PERCENTILE_LEVELS).index(50)]
+        self.medians = normalise(profile.astype(np.float32), self.intensity_range)  # by slice - z_start
+
+    def read(self, y, x, size, slices):
+        """(len(slices), size, size) float32 input at (y, x)."""
+        tile = normalise(self.store.read_tile(y, x, size, size, slices), self.intensity_range)
+        outside = self.mask.window(y, x, size) == 0
+        if outside.any():
+            tile[:, outside] = self.medians[[z - self.store.z_start for z in slices]][:, None]
+        # every 4th pixel each way is plenty for a median and 16x cheaper than all of them
+        tile += 0.5 - np.median(tile[:, ::4, ::4].reshape(len(tile), -1), axis=1)[:, None, None]
+        return tile
 
 
 def random_geometry(tile_size, scale=(0.9, 1.1), degrees=10, affine_p=0.5):
@@ -96,8 +147,7 @@ class TileDataset(torch.utils.data.Dataset):
     Items are (image (3, T, T) float32, label (1, T, T) float32). augment=True moves image and label alike
     (random_geometry); the photometric augmentation is left to the batch (`photometric`). Tiles less than
     `min_mask_fraction` inside the mask are skipped. Stores are opened lazily in whichever process reads them.
-    The labels are held in memory bit-packed (1 bit a pixel, 18 MB for the largest Kaggle fragment): a window
-    of them costs next to nothing, where reading it from the store decoded up to four 512 x 512 chunks.
+    Inputs come from InputReader (as prediction's); the labels are held in memory bit-packed (PackedMap).
     """
 
     def __init__(self, store_paths, tile_size, stride, augment=True, max_depth_shift=2, min_mask_fraction=0.25,
@@ -115,9 +165,9 @@ class TileDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.max_depth_shift = max_depth_shift
         self.z_reverse, self.cutout, self.cutmix = z_reverse, cutout, cutmix
-        self.ranges = [s.intensity_range() for s in self.stores]
+        self.readers = [InputReader(s) for s in self.stores]
         self.shifts = [surface_shift(s) if surface_centred else 0 for s in self.stores]
-        self.packed_labels = [np.packbits(s.read_map("labels"), axis=1) for s in self.stores]
+        self.labels = [PackedMap(s.read_map("labels")) for s in self.stores]
         items = []
         for index, (path, store) in enumerate(zip(store_paths, self.stores)):
             positions = store.tiles(tile_size, stride)
@@ -136,15 +186,6 @@ class TileDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def label_window(self, index, y, x):
-        """(T, T) uint8 labels of store `index` at (y, x), 0 outside the fragment."""
-        size, (height, width) = self.tile_size, self.stores[index].shape
-        out = np.zeros((size, size), np.uint8)
-        y1, x1 = min(y + size, height), min(x + size, width)
-        bits = np.unpackbits(self.packed_labels[index][y:y1, x // 8: (x1 + 7) // 8], axis=1)
-        out[: y1 - y, : x1 - x] = bits[:, x % 8: x % 8 + x1 - x]
-        return out
-
     def choose_slices(self, store, surface=0):
         """A random triplet start in the 8 centre slices (moved by `surface` slices) plus a random depth shift
         (training), or the middle triplet."""
@@ -158,10 +199,8 @@ class TileDataset(torch.utils.data.Dataset):
 
     def read_item(self, i):
         index, y, x = self.items[i]
-        store, size = self.stores[index], self.tile_size
-        image = normalise(store.read_tile(y, x, size, size, self.choose_slices(store, self.shifts[index])),
-                          self.ranges[index])
-        return image, self.label_window(index, y, x)
+        slices = self.choose_slices(self.stores[index], self.shifts[index])
+        return self.readers[index].read(y, x, self.tile_size, slices), self.labels[index].window(y, x, self.tile_size)
 
     def __getitem__(self, i):
         image, label = self.read_item(i)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.data import CENTRE_SLICES, MIDDLE_TRIPLET, TRIPLETS, normalise, surface_shift
+from lib.data import CENTRE_SLICES, MIDDLE_TRIPLET, TRIPLETS, InputReader, surface_shift
 
 # How the triplets' predictions become one: "mean" of the three (the original solution), their "max", the
 # "middle" triplet alone, or "surface": the mean after moving the 8 centre slices so that they centre on the
@@ -74,11 +74,10 @@ def read_batches(store, positions, tile_size, batch_size, slices=CENTRE_SLICES, 
     but it serialises all HDF5 calls behind one lock: reads do not run in parallel with each other (one core's
     worth of reading at most). pin=True returns page-locked tensors (fast, asynchronous copies to a GPU).
     """
-    intensity_range = store.intensity_range()  # also opens the file here, before any thread touches it
+    reader = InputReader(store)  # also opens the file here, before any thread touches it
 
     def read(batch):
-        tiles = np.stack([normalise(store.read_tile(y, x, tile_size, tile_size, slices), intensity_range)
-                          for y, x in batch])
+        tiles = np.stack([reader.read(y, x, tile_size, slices) for y, x in batch])
         return torch.from_numpy(tiles).pin_memory() if pin else torch.from_numpy(tiles)
 
     batches = [positions[start: start + batch_size] for start in range(0, len(positions), batch_size)]

@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lib.data import Fold
+from lib.data import INPUT_VERSION, Fold
 from lib.infer import TRIPLET_MODES
 from lib.metrics import THRESHOLD_MODES
 from lib.model import load_model_file
@@ -197,6 +197,9 @@ def check_model_file(path, member, device="cpu"):
         raise RunFileError(f"{path}: not a train.py model file (no field {err})") from None
     except Exception as err:  # truncated zip, foreign pickle, weights of another architecture: name the file
         raise RunFileError(f"{path}: unreadable model file ({type(err).__name__}: {_first_line(err)})") from None
+    if export.get("inputs", 1) != INPUT_VERSION:
+        raise RunFileError(f"{path}: trained on model inputs of version {export.get('inputs', 1)}, this inkseg makes "
+                           f"version {INPUT_VERSION} (lib/data.py): retrain it, or predict with the inkseg that trained it")
     for key in ("tile_size", "stride"):
         if export.get(key) != member[key]:
             raise RunFileError(f"{path}: {key} {export.get(key)} differs from its member's {key} {member[key]} "

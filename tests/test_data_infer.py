@@ -5,7 +5,8 @@ import tifffile
 import torch
 import cv2
 
-from lib.data import CENTRE_SLICES, TRIPLETS, Fold, TileDataset, coarse_dropout, equal_area_bands, make_folds, photometric
+from lib.data import (CENTRE_SLICES, TRIPLETS, Fold, InputReader, TileDataset, coarse_dropout, equal_area_bands,
+                      make_folds, normalise, photometric)
 from lib.fragments import Fragment
 from lib.infer import TRIPLET_MODES, blend_weights, merge_tta, predict_fragment, surface_shift, triplet_inputs
 from lib.synth import FragmentFields, FragmentLevel, write_fragment
@@ -135,12 +136,31 @@ def test_blend_weights_are_positive_and_peak_in_the_centre():
     np.testing.assert_allclose(weights, weights.T)
 
 
-def test_label_windows_match_the_store_at_every_offset(label_store):
+def test_packed_windows_match_the_store_at_every_offset(label_store):
     path, labels, _ = label_store
     dataset = TileDataset([path], tile_size=64, stride=32, augment=False)
     store = Store(path)
     for y, x in [(0, 0), (13, 5), (150, 117), (HEIGHT - 64, WIDTH - 64), (HEIGHT - 30, WIDTH - 21)]:
-        np.testing.assert_array_equal(dataset.label_window(0, y, x), store.read_window("labels", y, x, 64, 64))
+        np.testing.assert_array_equal(dataset.labels[0].window(y, x, 64), store.read_window("labels", y, x, 64, 64))
+        np.testing.assert_array_equal(dataset.readers[0].mask.window(y, x, 64), store.read_window("mask", y, x, 64, 64))
+
+
+def test_inputs_outside_the_mask_hold_each_slices_in_mask_median(label_store):
+    """No step at the fragment's border: outside the mask each slice reads as its in-mask median."""
+    path, _, mask = label_store
+    store = Store(path)
+    reader = InputReader(store)
+    y, x = HEIGHT - 30, WIDTH - 21  # a corner tile, partly past the image and outside the mask
+    slices = [30, 31, 32]
+    tile = reader.read(y, x, 64, slices)
+    outside = store.read_window("mask", y, x, 64, 64) == 0
+    assert outside.any() and (~outside).any()
+    median = np.median(store.read_tile(0, 0, HEIGHT, WIDTH, slices)[:, mask > 0], axis=1)
+    expected = normalise(median.astype(np.float32), store.intensity_range())
+    for k in range(3):
+        np.testing.assert_allclose(tile[k][outside], expected[k], atol=0.02)
+    inside = normalise(store.read_tile(y, x, 64, 64, slices), store.intensity_range())
+    np.testing.assert_array_equal(tile[:, ~outside], inside[:, ~outside])
 
 
 def test_photometric_draws_per_tile_and_keeps_the_shape():

@@ -11,6 +11,7 @@ import torch
 
 import ensemble
 from helpers import record_run
+from lib.data import INPUT_VERSION
 from lib.fragments import Fragment
 from lib.infer import save_probability_map
 from lib.lock import exclusive
@@ -53,7 +54,7 @@ def make_run(run, stores, members, model_state, seed=0, train_ids=TRAIN_IDS):
             folder = run / "models" / name
             folder.mkdir(parents=True, exist_ok=True)
             torch.save({"config": model_config(BACKBONE, 3), "state_dict": model_state, "fold": fragment_id,
-                        "tile_size": 64, "stride": 32, "val_f05": 0.0, "oof_f05": 0.0, "threshold": 0.5},
+                        "tile_size": 64, "stride": 32, "inputs": INPUT_VERSION, "val_f05": 0.0, "oof_f05": 0.0, "threshold": 0.5},
                        folder / f"fold-{fragment_id}.pt")
     return record_run(run, stores, list(members), train_ids)
 

@@ -11,6 +11,7 @@ import torch
 
 import ensemble
 from helpers import record_run
+from lib.data import INPUT_VERSION
 import submit
 from lib.fragments import Fragment
 from lib.lock import exclusive
@@ -59,7 +60,7 @@ def write_models(run):
             path = run / "models" / backbone / f"fold-{fold}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"config": model_config(backbone, 3), "state_dict": model.state_dict(), "fold": fold,
-                        "tile_size": 64, "stride": 32, "val_f05": 0.0, "oof_f05": 0.0, "threshold": 0.5}, path)
+                        "tile_size": 64, "stride": 32, "inputs": INPUT_VERSION, "val_f05": 0.0, "oof_f05": 0.0, "threshold": 0.5}, path)
 
 
 def write_oof_maps(run, stores):
@@ -273,6 +274,19 @@ def test_truncated_model_file_is_named_before_any_prediction(tiny, tmp_path):
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     message = exit_message(["--run", str(run), "--stores", str(tiny["stores"])])
     assert message.startswith(f"error: {model}: unreadable model file") and "\n" not in message
+    assert not (run / "previews").exists()
+
+
+def test_a_model_trained_on_older_inputs_is_refused(tiny, tmp_path):
+    """A model file from before INPUT_VERSION 2 (no "inputs" entry) would be fed inputs it never saw: refused."""
+    run = edited_run(tiny, tmp_path / "run", lambda d: None)
+    model = run / "models" / "tu-mobilenetv3_small_075" / "fold-3.pt"
+    export = torch.load(model, weights_only=True)
+    del export["inputs"]
+    torch.save(export, model)
+    message = exit_message(["--run", str(run), "--stores", str(tiny["stores"])])
+    assert message == (f"error: {model}: trained on model inputs of version 1, this inkseg makes version "
+                       f"{INPUT_VERSION} (lib/data.py): retrain it, or predict with the inkseg that trained it")
     assert not (run / "previews").exists()
 
 
