@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from lib.fragments import FragmentError, read_png_binary
-from lib.infer import (TRIPLET_MODES, predict_fragment, remove_small_components, save_preview,
-                       save_probability_map, save_probability_png)
+from lib.infer import TRIPLET_MODES, predict_fragment
 from lib.lock import LockedError, exclusive
-from lib.metrics import binarise, confusion_counts, fbeta_counts
+from lib.maps import save_preview, save_probability_map, save_probability_png
+from lib.metrics import binarise, confusion_counts, fbeta_counts, remove_small_components
 from lib.rle import rle_decode, rle_encode
 from lib.runs import RunFileError, load_members, read_ensemble, recorded_stores
 from lib.store import Store, StoreError, check_store

@@ -38,9 +38,9 @@ import torch
 from ray import tune
 
 from lib.data import Fold, TileDataset, loader_worker_init, make_folds, photometric
-from lib.infer import (DEFAULT_TRIPLETS, TRIPLET_MODES, load_probability_map, predict_fragment, save_preview,
-                       save_probability_map)
+from lib.infer import DEFAULT_TRIPLETS, TRIPLET_MODES, predict_fragment
 from lib.lock import LockedError, exclusive
+from lib.maps import load_probability_map, save_preview, save_probability_map
 from lib.losses import LOSS_DEFAULTS, build_loss
 from lib.metrics import best_threshold
 from lib.model import build_model, model_config, save_model_file

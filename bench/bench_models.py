@@ -30,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib.infer import TRIPLET_MODES, load_model_file, predict_fragment  # noqa: E402
+from lib.infer import TRIPLET_MODES, predict_fragment  # noqa: E402
+from lib.model import load_model_file  # noqa: E402
 from lib.synth import LEVELS  # noqa: E402
 from lib.metrics import DEFAULT_THRESHOLDS, fbeta_from_counts, threshold_counts  # noqa: E402
 from lib.store import Store  # noqa: E402
