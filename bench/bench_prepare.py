@@ -5,7 +5,7 @@ bands can merely be read, prepare.py's rate and peak RSS (a fresh process), the 
 tile reads on one core; on the first size, each volume codec and chunk side (write_store's codec= and side=).
 Rates are MB/s of kept volume (slices x H x W x 2 bytes, 1 MB = 10^6 B).
 
-    python bench/bench_prepare.py [--sizes 2048x2048,4096x2048] [--tiles 600]
+    python bench/bench_prepare.py [--sizes 2048x2048,4096x2048] [--slices 65] [--tiles 600]
 """
 import os
 import tempfile
@@ -14,8 +14,6 @@ from pathlib import Path
 
 from bench_common import machine, main_or_child, maxrss_mb, parser, run_child, write_fragment, write_table
 
-SLICES = 65
-Z_RANGES = ((24, 40), (0, 65))
 TILE = 224
 LZ4 = {"compressor": "lz4", "level": 5}
 CODECS = {  # name: (write_store's codec, chunk side; None: lib.store.chunk_side, one tile stride)
@@ -84,6 +82,8 @@ def child_codec(data, out, name, count):
 def main():
     options = parser(__doc__)
     options.add_argument("--sizes", default="2048x2048,4096x2048", help="fragment shapes HxW")
+    options.add_argument("--slices", type=int, default=65, help="slices of each fragment (>= 40); prepare keeps "
+                         "the default 24:40, then all of them")
     options.add_argument("--tiles", type=int, default=600, help="random tile reads per measurement")
     args = options.parse_args()
     header, started = machine(), time.time()
@@ -92,8 +92,8 @@ def main():
         for index, size in enumerate(args.sizes.split(",")):
             height, width = map(int, size.split("x"))
             data = Path(work) / size
-            write_fragment(data / "train" / "frag", height, width, SLICES, labels=True)
-            for z0, z1 in Z_RANGES:
+            write_fragment(data / "train" / "frag", height, width, args.slices, labels=True)
+            for z0, z1 in dict.fromkeys([(24, 40), (0, args.slices)]):
                 out, mb = Path(work) / f"stores-{size}-{z0}", (z1 - z0) * height * width * 2 / 1e6
                 raw, p = raw_read(data, z0, z1), run_child(__file__, "prepare", data, out, z0, z1, args.tiles)
                 ratio = mb * 1e6 / (out / "train" / "frag.h5").stat().st_size
@@ -104,8 +104,8 @@ def main():
                 c = run_child(__file__, "codec", data, Path(work) / "codec.h5", name, args.tiles)
                 codecs.append(f"| {name} | {c['ratio']:.2f} | {c['copy']:.0f} | {c['tiles'][0]:.0f} / {c['tiles'][1]:.0f} |")
     write_table(args.readme, "prepare", "\n".join([
-        f"`python bench/bench_prepare.py --sizes {args.sizes} --tiles {args.tiles}`, {time.strftime('%Y-%m-%d')}, "
-        f"{header}; {time.time() - started:.0f} s in all.", "",
+        f"`python bench/bench_prepare.py --sizes {args.sizes} --slices {args.slices} --tiles {args.tiles}`, "
+        f"{time.strftime('%Y-%m-%d')}, {header}; {time.time() - started:.0f} s in all.", "",
         "| fragment | slices | volume MB | raw read MB/s | prepare MB/s | prepare / raw | peak RSS MiB | store ratio "
         "| tile reads/s on one core, wall / CPU |", "|---|---|---|---|---|---|---|---|---|", *rows, "",
         "| codec (first fragment, slices 24:40) | size ratio | copy MB/s | tile reads/s wall / CPU |", "|---|---|---|---|",
