@@ -436,6 +436,22 @@ def chunk_offset(path, dataset, index=0):
     return info.byte_offset, info.size
 
 
+def test_another_codec_and_chunk_side_hold_the_same_voxels(data_root, stores, tmp_path):
+    """write_store's codec= and side= (what bench_prepare.py compares): the declared filter and chunks change,
+    the voxels and the tiles read back do not."""
+    path = tmp_path / "zstd.h5"
+    codec = {"compressor": "zstd", "level": 1, "shuffle": 1}
+    summary = write_store(Fragment.open(data_root, "train", "1"), path, progress=False, codec=codec, side=64)
+    assert summary["copy_seconds"] > 0
+    with h5py.File(path, "r") as h5, h5py.File(stores["1", (24, 40)], "r") as default:
+        assert h5["volume"].chunks == (16, 64, 64) and default["volume"].chunks == (16, 56, 56)
+        blosc = h5["volume"].id.get_create_plist().get_filter(0)
+        assert blosc[0] == 32001 and blosc[2][4:7] == (1, 1, 5)  # Blosc: level 1, byte shuffle, zstd (code 5)
+        np.testing.assert_array_equal(h5["volume"][()], default["volume"][()])
+    tiles = [Store(p).read_tile(30, 40, 64, 64) for p in (path, stores["1", (24, 40)])]
+    np.testing.assert_array_equal(*tiles)
+
+
 def test_every_dataset_checksummed_and_readable_by_plain_hdf5(stores):
     with h5py.File(stores["1", (24, 40)], "r") as h5:
         for name in ("volume", "mask", "labels", "tiles", "percentiles", "percentiles_all"):
