@@ -11,6 +11,7 @@ in its own process. SETTINGS: the full preset on a GPU; on a CPU a tiny run, one
 """
 import argparse
 import os
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -123,7 +124,7 @@ def main():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     if args.device == "cpu":  # one torch thread: on a shared CPU more spin against each other (bench/README.md)
         torch.set_num_threads(1)
-    cpus = len(os.sched_getaffinity(0))
+    header, cpus = machine(), len(os.sched_getaffinity(0))
     args.layout = torch.channels_last if args.device == "cuda" else torch.contiguous_format
     workers = cpus - 1 if args.device == "cuda" else 0  # one trial on the whole machine, as Ray would give it
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,8 +148,8 @@ def main():
                     rates = list(pool.map(lambda _: run_child(__file__, "loop", settings, backbone, each), range(trials)))
                 packed.append(f"| {backbone} | {trials} | {sum(rates):.4g} |")
     write_table(args.readme, "gpu" if args.device == "cuda" else "gpu (CPU mode)", "\n".join([
-        f"`python bench/bench_gpu.py`, {time.strftime('%Y-%m-%d')}, "
-        f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'no GPU'}, {machine()}. {args.tile_size} px tiles, "
+        f"`{' '.join(['python bench/bench_gpu.py', *sys.argv[1:]])}`, {time.strftime('%Y-%m-%d')}, "
+        f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'no GPU'}, {header}. {args.tile_size} px tiles, "
         f"train batch {args.batch_size}, {args.steps} steps, precision {train.resolve_precision(args.precision, args.device)}, "
         f"{workers} loader workers; inference {args.infer_batch} tiles x 12 inputs a call. Train tiles/s, inference inputs/s.",
         "", "| backbone | train: model only | real trial loop | ratio | infer: model only | predict_fragment | ratio "
