@@ -40,7 +40,7 @@ ifneq ($(shell grep -s -l '^Unfinished:' $(SUMMARY)),)
 SUMMARY_DEP := FORCE
 endif
 
-.PHONY: setup demo synth validate prepare train ensemble submit test bench bench-prepare bench-train bench-submit bench-loader bench-gpu sweep clean-data FORCE
+.PHONY: setup demo synth validate prepare train ensemble submit test bench bench-prepare bench-submit bench-gpu sweep clean-data FORCE
 
 setup: $(VENV)/.installed
 
@@ -98,21 +98,15 @@ demo: validate submit
 test: setup
 	$(PY) -m pytest -q tests
 
-bench: bench-prepare bench-train bench-submit bench-loader
+# Each writes its table into bench/README.md. bench-gpu measures on a GPU when there is one, else a tiny CPU version.
+bench: bench-prepare bench-submit bench-gpu
 
 bench-prepare: setup
 	$(PY) bench/bench_prepare.py
 
-bench-train: setup
-	$(PY) bench/bench_train.py
-
 bench-submit: setup
 	$(PY) bench/bench_submit.py
 
-bench-loader: setup
-	$(PY) bench/bench_loader.py
-
-# On a GPU machine (at most ~5 minutes); without a GPU it runs a tiny CPU version.
 bench-gpu: setup
 	$(PY) bench/bench_gpu.py
 

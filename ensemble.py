@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display, no pyplot state
 
-from lib.infer import load_probability_map
+from lib.maps import load_probability_map
 from lib.metrics import (DEFAULT_PERCENTS, THRESHOLD_MODES, binarise, confusion_counts, fbeta_counts,
                          fbeta_from_counts, percentile_counts, threshold_counts)
 from lib.lock import LockedError, exclusive

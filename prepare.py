@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 
 from lib.depth import find_surface, intensity_profile, kept_layers
-from lib.fragments import (LAYOUTS, SPLITS, Fragment, FragmentError, check_labels, detect_layout, list_fragments,
-                           open_segments)
+from lib.fragments import LAYOUTS, FragmentError, check_labels, detect_layout, open_fragments
 from lib.lock import LockedError, exclusive
 from lib.store import DEFAULT_Z_RANGE, StoreError, check_store, fingerprint, store_matches, write_store
 
@@ -51,37 +50,6 @@ def parse_ids(text):
     return None if text is None else [i for i in text.split(",") if i]
 
 
-def select_fragments(root, ids):
-    """Every fragment of every split present (or only `ids`), opened and validated before any writing;
-    also the line that says how many each split holds."""
-    fragments, counts = [], []
-    splits = [s for s in SPLITS if (Path(root) / s).is_dir()]
-    if not splits:
-        raise FragmentError(f"{root}: no train/ or test/ folder: not a dataset root in the Kaggle layout")
-    for split in splits:
-        found = list_fragments(root, split)
-        counts.append(f"{len(found)} {split}")
-        for fragment_id in found:
-            if ids is None or fragment_id in ids:
-                fragments.append(Fragment.open(root, split, fragment_id).validate())
-    if ids is not None:
-        missing = set(ids) - {f.fragment_id for f in fragments}
-        if missing:
-            raise FragmentError(f"{root}: no fragment named {', '.join(sorted(missing))}")
-    return fragments, f"{root}: {' and '.join(counts)} fragments; preparing {len(fragments)}"
-
-
-def label_warnings(fragments, strict):
-    """The labels' warnings (check_labels) as lines; with `strict` the first one is an error."""
-    lines = []
-    for fragment in fragments:
-        for warning in check_labels(fragment)[1]:
-            if strict:
-                raise FragmentError(f"{warning} (--strict)")
-            lines.append(f"warning: {warning}")
-    return lines
-
-
 def remove_stale_temps(out):
     """Remove the temporary stores (<id>.h5.tmp) that no running prepare is writing: a killed run's. One line each."""
     lines = []
@@ -93,19 +61,6 @@ def remove_stale_temps(out):
             continue
         lines.append(f"removed {tmp}, left by an interrupted run")
     return lines
-
-
-def select_segments(root, ids, train_ids, test_ids):
-    """Segments (or only `ids`) as train or test fragments, opened and validated before any writing; also the
-    line that says how many there are in each role."""
-    segments = open_segments(root, train_ids, test_ids)
-    counts = " and ".join(f"{sum(s.split == split for s in segments)} {split}" for split in SPLITS)
-    if ids is not None:
-        missing = set(ids) - {s.fragment_id for s in segments}
-        if missing:
-            raise FragmentError(f"{root}: no segment named {', '.join(sorted(missing))} among those selected")
-        segments = [s for s in segments if s.fragment_id in ids]
-    return segments, f"{root}: {counts} segments; preparing {len(segments)}"
 
 
 def depth_window(fragment, z_range, reverse):
@@ -206,19 +161,17 @@ def main(argv=None):
             if args.train is not None or args.test is not None:
                 raise FragmentError(f"{args.data}: --train / --test choose the roles of segments; the Kaggle "
                                     f"layout's roles are its train/ and test/ folders")
-            fragments, found = select_fragments(args.data, None if ids is None else set(ids))
-        else:
-            fragments, found = select_segments(args.data, ids, parse_ids(args.train), parse_ids(args.test))
+        fragments, found = open_fragments(args.data, layout, ids, parse_ids(args.train), parse_ids(args.test))
         unknown = reverse - {f.fragment_id for f in fragments}
         if unknown:
             raise FragmentError(f"{args.data}: --reverse names {', '.join(sorted(unknown))}, "
                                 f"not among the fragments prepared")
         z_range = args.z_range or (DEFAULT_Z_RANGE if layout == "kaggle" else "auto")
         windows = [depth_window(f, z_range, f.fragment_id in reverse) for f in fragments]
-        warnings = label_warnings(fragments, args.strict)
+        warnings = [w for fragment in fragments for w in check_labels(fragment, args.strict)[1]]
         print(found, flush=True)
-        for line in warnings:
-            print(line, file=sys.stderr, flush=True)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         for line in remove_stale_temps(args.out):
             print(line, flush=True)
         for fragment, window in zip(fragments, windows):  # each line as its store is done: a later failure loses none

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from lib.fragments import FragmentError, read_png_binary
-from lib.infer import (TRIPLET_MODES, predict_fragment, remove_small_components, save_preview,
-                       save_probability_map, save_probability_png)
+from lib.infer import TRIPLET_MODES, predict_fragment
 from lib.lock import LockedError, exclusive
-from lib.metrics import binarise, confusion_counts, fbeta_counts
+from lib.maps import save_preview, save_probability_map, save_probability_png
+from lib.metrics import binarise, confusion_counts, fbeta_counts, remove_small_components
 from lib.rle import rle_decode, rle_encode
 from lib.runs import RunFileError, load_members, read_ensemble, recorded_stores
 from lib.store import Store, StoreError, check_store
@@ -52,7 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="submission CSV (default: RUN/submission.csv)")
     parser.add_argument("--sample", help="sample_submission.csv: its Id order is kept and its ids must be the test ids")
     parser.add_argument("--batch-size", type=int, help="tiles per model call, x12 inputs with TTA and triplets "
-                        "(default: 32 on GPU; 4 on CPU, fastest there and 1/4 of the activation memory)")
+                        "(default: 32 on GPU; 4 on CPU, where more tiles a call run slower and take more memory: "
+                        "bench/README.md, \"## submit\")")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="no rot90 test-time augmentation")
     parser.add_argument("--triplets", choices=TRIPLET_MODES, help="how to combine the centre-slice triplets (default: "
                         "each member's mode from ensemble.json, the one its OOF maps and the fitted threshold assumed)")
@@ -63,8 +64,8 @@ def parse_args(argv=None):
                         "8-bit probability (default DIR: RUN/predictions); segment stores alone imply it, no CSV")
     parser.add_argument("--truth", help="folder with <id>_inklabels.png of the test fragments: print F0.5")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core); 1 is "
-                        "much faster when other work shares the cores (bench/README.md, \"## submit\")")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core); 1 keeps "
+                        "threads from spinning against other work on shared cores (bench/README.md, \"## submit\")")
     args = parser.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 4 if args.device == "cpu" else 32

@@ -38,9 +38,9 @@ import torch
 from ray import tune
 
 from lib.data import INPUT_VERSION, Fold, TileDataset, loader_worker_init, make_folds, photometric
-from lib.infer import (DEFAULT_TRIPLETS, TRIPLET_MODES, load_probability_map, predict_fragment, save_preview,
-                       save_probability_map)
+from lib.infer import DEFAULT_TRIPLETS, TRIPLET_MODES, predict_fragment
 from lib.lock import LockedError, exclusive
+from lib.maps import load_probability_map, save_preview, save_probability_map
 from lib.losses import LOSS_DEFAULTS, build_loss
 from lib.metrics import best_threshold
 from lib.model import build_model, model_config, save_model_file
@@ -167,64 +167,79 @@ def train_fold(config):
     np.random.seed(config["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fold = Fold.from_dict(config["fold"])
-    stores = Path(config["stores"]) / "train"
-    held_out = str(stores / f"{fold.fragment_id}.h5")
-    train_paths = [str(stores / f"{i}.h5") for i in config["train_ids"] if i != fold.fragment_id or fold.rows]
-    tile_size, stride = config["tile_size"], config["stride"]
-    tricks = {k: config[k] for k in ("z_reverse", "cutout", "cutmix", "surface_centred")}
-    train_set = TileDataset(train_paths, tile_size, stride, augment=True,
-                            skip_rows={held_out: fold.rows} if fold.rows else None, **tricks)
-    val_set = TileDataset([held_out], tile_size, tile_size, augment=False,
-                          only_rows={held_out: fold.rows} if fold.rows else None)
-    loader = train_loader(train_set, config["batch_size"], config["max_tiles"] or len(train_set), config["workers"], device)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=config["batch_size"])
-
+    held_out = Path(config["stores"]) / "train" / f"{fold.fragment_id}.h5"
+    loader, val_loader = fold_loaders(config, fold, held_out, device)
     model = build_model(config["backbone"], 3, config["weights"], config["decoder_channels"])
     model = model.to(device, memory_format=torch.channels_last if device == "cuda" else torch.contiguous_format)
     step = TrainStep(model, config["lr"], config["epochs"] * len(loader), resolve_precision(config["precision"], device),
                      compile=config["compile"])
-    loss_fn = build_loss(**{k: config[k] for k in LOSS_DEFAULTS})
     ema = weight_average(model, step.optimizer, config["ema"])
     scored = ema.module if ema else model  # what is validated, kept as the best and exported
-    state = {"epoch": 0, "best_f05": -1.0, "best_threshold": 0.5, "best_model": None, "seconds": 0.0}
+    loss_fn = build_loss(**{k: config[k] for k in LOSS_DEFAULTS})
     checkpoint = trial_path(config, "checkpoints", ".pt")
-    if checkpoint.exists():
-        try:
-            saved = torch.load(checkpoint, weights_only=True)  # tensors and plain data only
-        except Exception as err:  # truncated or foreign: name the file, say the way out
-            raise RuntimeError(f"{checkpoint}: unreadable trial checkpoint ({type(err).__name__}); "
-                               "delete it to train this fold from the start") from None
-        if ema:
-            ema.load_state_dict(saved.pop("ema"))
-        model.load_state_dict(saved.pop("model"))
-        step.load_state_dict(saved.pop("step"))
-        torch.set_rng_state(saved.pop("rng"))
-        state = saved
-
+    state = restore_checkpoint(checkpoint, model, step, ema)
     store = Store(held_out)
-    labels, mask = band_maps(store, fold.rows)
     while state["epoch"] < config["epochs"]:
-        started = time.time()
-        train_loss, tiles = train_epoch(step, loader, loss_fn, device)
-        train_seconds = time.time() - started
-        val_loss = evaluate_loss(scored, val_loader, loss_fn, device, step.autocast)
-        prob = predict_fragment(scored, store, tile_size, stride, config["infer_batch"], tta=False,
-                                triplets=config["triplets"], device=device)
-        val_f05, threshold = best_threshold(band(prob, fold.rows), labels, mask)
-        state["epoch"] += 1
-        state["seconds"] += time.time() - started
-        if val_f05 > state["best_f05"]:
-            state.update(best_f05=val_f05, best_threshold=threshold,
-                         best_model={k: v.detach().cpu().clone() for k, v in scored.state_dict().items()})
+        metrics = run_epoch(step, scored, loss_fn, (loader, val_loader), store, fold, config, state, device)
         save_atomically(checkpoint, {**state, "model": model.state_dict(), "step": step.state_dict(),
                                      "rng": torch.get_rng_state(), **({"ema": ema.state_dict()} if ema else {})})
-        tune.report(dict(epoch=state["epoch"], train_loss=train_loss, val_loss=val_loss, val_f05=val_f05,
-                         threshold=threshold, tiles_per_s=tiles / train_seconds, epoch_s=time.time() - started,
-                         best_val_f05=state["best_f05"]))
-
+        tune.report(metrics)
     scored.load_state_dict(state["best_model"])
     tune.report(finish_fold(scored, store, config, fold, state, device))
     checkpoint.unlink(missing_ok=True)  # the model file and the trial's result replace it
+
+
+def fold_loaders(config, fold, held_out, device):
+    """(training loader over every fold but `fold`, with augmentation; validation loader over `fold`'s tiles)."""
+    stores = held_out.parent
+    train_paths = [str(stores / f"{i}.h5") for i in config["train_ids"] if i != fold.fragment_id or fold.rows]
+    held_out, tile_size = str(held_out), config["tile_size"]
+    tricks = {k: config[k] for k in ("z_reverse", "cutout", "cutmix", "surface_centred")}
+    train_set = TileDataset(train_paths, tile_size, config["stride"], augment=True,
+                            skip_rows={held_out: fold.rows} if fold.rows else None, **tricks)
+    val_set = TileDataset([held_out], tile_size, tile_size, augment=False,
+                          only_rows={held_out: fold.rows} if fold.rows else None)
+    loader = train_loader(train_set, config["batch_size"], config["max_tiles"] or len(train_set), config["workers"], device)
+    return loader, torch.utils.data.DataLoader(val_set, batch_size=config["batch_size"])
+
+
+def restore_checkpoint(checkpoint, model, step, ema):
+    """The trial's state (epoch, best score and weights, seconds), restored with the model, optimizer, EMA and RNG
+    from its checkpoint when there is one; a fresh state otherwise."""
+    if not checkpoint.exists():
+        return {"epoch": 0, "best_f05": -1.0, "best_threshold": 0.5, "best_model": None, "seconds": 0.0}
+    try:
+        saved = torch.load(checkpoint, weights_only=True)  # tensors and plain data only
+    except Exception as err:  # truncated or foreign: name the file, say the way out
+        raise RuntimeError(f"{checkpoint}: unreadable trial checkpoint ({type(err).__name__}); "
+                           "delete it to train this fold from the start") from None
+    if ema:
+        ema.load_state_dict(saved.pop("ema"))
+    model.load_state_dict(saved.pop("model"))
+    step.load_state_dict(saved.pop("step"))
+    torch.set_rng_state(saved.pop("rng"))
+    return saved
+
+
+def run_epoch(step, scored, loss_fn, loaders, store, fold, config, state, device):
+    """Train one epoch, validate `scored` (loss, and F0.5 of the held-out fold's map: the run's triplet mode, no TTA), keep
+    its weights in `state` when it scores best; returns the epoch's metrics for Tune."""
+    started = time.time()
+    loader, val_loader = loaders
+    train_loss, tiles = train_epoch(step, loader, loss_fn, device)
+    train_seconds = time.time() - started
+    val_loss = evaluate_loss(scored, val_loader, loss_fn, device, step.autocast)
+    prob = predict_fragment(scored, store, config["tile_size"], config["stride"], config["infer_batch"], tta=False,
+                            triplets=config["triplets"], device=device)
+    labels, mask = band_maps(store, fold.rows)
+    val_f05, threshold = best_threshold(band(prob, fold.rows), labels, mask)
+    state["epoch"] += 1
+    state["seconds"] += time.time() - started
+    if val_f05 > state["best_f05"]:
+        state.update(best_f05=val_f05, best_threshold=threshold,
+                     best_model={k: v.detach().cpu().clone() for k, v in scored.state_dict().items()})
+    return dict(epoch=state["epoch"], train_loss=train_loss, val_loss=val_loss, val_f05=val_f05, threshold=threshold,
+                tiles_per_s=tiles / train_seconds, epoch_s=time.time() - started, best_val_f05=state["best_f05"])
 
 
 def weight_average(model, optimizer, decay):

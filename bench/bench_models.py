@@ -35,8 +35,7 @@ from lib.model import load_model_file  # noqa: E402
 from lib.synth import LEVELS  # noqa: E402
 from lib.metrics import DEFAULT_THRESHOLDS, fbeta_from_counts, threshold_counts  # noqa: E402
 from lib.store import Store  # noqa: E402
-from bench_common import machine  # noqa: E402
-from bench_readme import write_section  # noqa: E402
+from bench_common import machine, write_section  # noqa: E402
 
 # trick name -> train.py arguments that turn it on (the values the top solutions used, scaled to the demo)
 TRICKS = {

@@ -10,7 +10,7 @@ deterministic given --seed.
 Augmentation is split where it is cheapest: the geometric part (flips, rot90, rotation + scale) per
 tile in the loader, the same cv2.warpAffine on image and label; the photometric part (brightness,
 contrast, Gaussian noise) on the whole batch after it reaches the device (`photometric`): drawing the
-noise per tile was the loader's largest cost (bench/README.md, "## loader" and the notes after it).
+noise per tile was the loader's largest cost (bench/README.md, "## gpu", "feeding the GPU").
 """
 from dataclasses import dataclass
 

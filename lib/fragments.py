@@ -67,14 +67,6 @@ def read_png_binary(path):
     return (_read_png_first_channel(path) != 0).astype(np.uint8)
 
 
-def read_png_gray(path):
-    """A greyscale PNG (the infrared photo) as uint8; 16-bit photos are rescaled to 0..255."""
-    pixels = _read_png_first_channel(path)
-    if pixels.dtype != np.uint8:
-        pixels = (pixels.astype(np.uint32) * 255 // max(int(pixels.max()), 1)).astype(np.uint8)
-    return pixels
-
-
 def _read_png_first_channel(path):
     """Decode a PNG; a multi-channel PNG gives its first channel."""
     image = _open_png(path)
@@ -140,24 +132,12 @@ class Fragment:
         return self.path / "inklabels.png"
 
     @property
-    def ir_path(self):
-        return self.path / "ir.png"
-
-    @property
     def has_labels(self):
         return self.labels_path.is_file()
-
-    @property
-    def has_ir(self):
-        return self.ir_path.is_file()
 
     def read_rows(self, z, rows):
         """The rows `rows` (sorted row numbers) of slice `z` as (len(rows), W), each row read on its own."""
         return np.concatenate([self.read_band(z, y, y + 1) for y in rows])
-
-    def read_slice(self, z):
-        """Slice `z` as a full (H, W) uint16 array."""
-        return self.read_band(z, 0, self.shape[0])
 
     def read_band(self, z, y0, y1, out=None):
         """Rows [y0, y1) of slice `z` as native uint16 (into `out` when given), decoding only what holds them.
@@ -202,12 +182,10 @@ class Fragment:
     def read_labels(self):
         return read_png_binary(self.labels_path)
 
-    def read_ir(self):
-        return read_png_gray(self.ir_path)
-
     def source_files(self):
-        """Every file this fragment is made of (slices, mask, labels, IR when present)."""
-        extras = [p for p in (self.mask_path, self.labels_path, self.ir_path) if p.is_file()]
+        """Every file this fragment's store is made of (slices, mask, labels when present); the infrared photo is
+        not one: nothing reads it."""
+        extras = [p for p in (self.mask_path, self.labels_path) if p.is_file()]
         return list(self.slice_paths) + extras
 
     def validate(self, need_labels=None):
@@ -215,7 +193,7 @@ class Fragment:
 
         Reads every slice header and the mask; slice pixel data are checked for truncation by
         comparing the byte ranges the header promises with the file size (cheap for 18 GB volumes), and the
-        labels and IR PNGs by PIL's verify (every chunk present, CRCs right).
+        labels PNG by PIL's verify (every chunk present, CRCs right).
         """
         for z, path in enumerate(self.slice_paths):
             shape, dtype = self._header(z)
@@ -228,7 +206,6 @@ class Fragment:
         if need_labels is None:
             need_labels = self.split == "train"
         pngs = [self.mask_path] + ([self.labels_path] if need_labels else [])
-        pngs += [self.ir_path] if self.has_ir else []
         for path in pngs:
             shape = png_shape(path)
             if shape != self.shape:
@@ -240,10 +217,10 @@ class Fragment:
         return self
 
 
-def check_labels(fragment):
+def check_labels(fragment, strict=False):
     """(fraction of the mask that is ink, one-line warnings) of a fragment's labels against its mask; the warnings:
     no ink inside the mask, or ink more than LABEL_MARGIN px outside it (labels and mask of different fragments,
-    or shifted). (None, []) without labels."""
+    or shifted). (None, []) without labels. With `strict` the first warning is a FragmentError."""
     if not fragment.has_labels:
         return None, []
     labels, mask = fragment.read_labels(), fragment.read_mask()
@@ -257,6 +234,8 @@ def check_labels(fragment):
     if outside:
         warnings.append(f"{fragment.labels_path}: {outside} ink pixels ({outside / np.count_nonzero(labels):.1%} of "
                         f"the ink) lie more than {LABEL_MARGIN} px outside the mask {fragment.mask_path.name}")
+    if warnings and strict:
+        raise FragmentError(f"{warnings[0]} (--strict)")
     return ink_in_mask, warnings
 
 
@@ -265,6 +244,29 @@ def open_split(root, split, ids=None):
     available = list_fragments(root, split)
     chosen = available if ids is None else [i for i in available if i in ids]
     return [Fragment.open(root, split, i).validate() for i in chosen]
+
+
+def open_fragments(root, layout, ids=None, train_ids=None, test_ids=None):
+    """(fragments, a line saying how many each split holds): every fragment of `root` (of every split present in
+    the Kaggle layout; segments in the roles open_segments gives them), or only those in `ids`, opened and
+    validated before anything is written."""
+    if layout == "kaggle":
+        splits = [s for s in SPLITS if (Path(root) / s).is_dir()]
+        if not splits:
+            raise FragmentError(f"{root}: no train/ or test/ folder: not a dataset root in the Kaggle layout")
+        counts = {split: len(list_fragments(root, split)) for split in splits}
+        fragments = [f for split in splits for f in open_split(root, split, ids)]
+        kind, among = "fragment", ""
+    else:
+        segments = open_segments(root, train_ids, test_ids)
+        counts = {split: sum(s.split == split for s in segments) for split in SPLITS}
+        fragments = [s for s in segments if ids is None or s.fragment_id in ids]
+        kind, among = "segment", " among those selected"
+    missing = set(ids or ()) - {f.fragment_id for f in fragments}
+    if missing:
+        raise FragmentError(f"{root}: no {kind} named {', '.join(sorted(missing))}{among}")
+    found = " and ".join(f"{count} {split}" for split, count in counts.items())
+    return fragments, f"{root}: {found} {kind}s; preparing {len(fragments)}"
 
 
 def _numbered_slices(volume_dir):
@@ -373,10 +375,6 @@ class Segment(Fragment):
     @property
     def labels_path(self):
         return self.path / f"{self.fragment_id}_inklabels.png"
-
-    @property
-    def ir_path(self):
-        return self.path / f"{self.fragment_id}_ir.png"
 
     def _header(self, z):
         """(shape, dtype) of layer `z` from its header; every layer must have the first one's format."""
@@ -496,9 +494,7 @@ def main(argv=None):
             print(f"{split}: {len(fragments)} fragments", flush=True)
             for fragment in fragments:
                 h, w = fragment.shape
-                ink_in_mask, warnings = check_labels(fragment)
-                if warnings and args.strict:
-                    raise FragmentError(warnings[0] + " (--strict)")
+                ink_in_mask, warnings = check_labels(fragment, args.strict)
                 for warning in warnings:
                     print(f"warning: {warning}", file=sys.stderr, flush=True)
                 ink = "" if ink_in_mask is None else f", ink {ink_in_mask:.1%} of the mask"

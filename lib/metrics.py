@@ -1,4 +1,6 @@
-"""Micro F-beta (the competition scores F0.5 over all pixels) and a fast threshold sweep."""
+"""Micro F-beta (the competition scores F0.5 over all pixels), a fast threshold sweep, and the binary ink mask a
+threshold makes of a probability map (binarise, remove_small_components)."""
+import cv2
 import numpy as np
 
 DEFAULT_THRESHOLDS = np.arange(0.05, 0.96, 0.05)
@@ -123,3 +125,11 @@ def binarise(prob, mask, mode: str, value: float) -> np.ndarray:
     else:
         raise ValueError(f"unknown threshold mode {mode!r}; expected one of {THRESHOLD_MODES}")
     return ((prob >= cutoff) & inside).astype(np.uint8)
+
+
+def remove_small_components(binary, min_pixels):
+    """A 0/1 uint8 mask without its 8-connected components of fewer than `min_pixels` pixels."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(np.asarray(binary, np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_pixels
+    keep[0] = False  # label 0 is the background
+    return keep[labels].astype(np.uint8)

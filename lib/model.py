@@ -29,7 +29,7 @@ BACKBONES = {
 WHOLE_MODEL_PREFIXES = ("encoder.", "decoder.", "segmentation_head.")
 
 
-DEFAULT_DECODER = (256, 128, 64, 32, 16)  # smp's; a slimmer decoder trains 2x faster on a CPU
+DEFAULT_DECODER = (256, 128, 64, 32, 16)  # smp's; the demo preset's slimmer decoder is for CPUs
 
 
 def unet(backbone: str, in_channels: int, encoder_weights, decoder_channels=DEFAULT_DECODER) -> smp.Unet:
@@ -116,7 +116,8 @@ def load_model_file(path, device="cpu"):
     config, fold, tile_size, stride, scores).
 
     The weights are made channels_last: convolutions then run channels_last on CPU too (oneDNN), which is faster
-    for the conv encoders (bench/README.md, "## submit"); on GPU predict_fragment feeds channels_last inputs anyway."""
+    for the conv encoders (measured: bench/README.md, "## submit"); on GPU predict_fragment feeds channels_last
+    inputs anyway."""
     export = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code
     model = build_from_config(export["config"])
     model.load_state_dict(export.pop("state_dict"))

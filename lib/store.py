@@ -3,7 +3,7 @@
 A store `OUT/<split>/<id>.h5` holds
     volume       (Z, H, W) uint16   the kept slices, lossless; chunk (Z, 56, 56), Blosc LZ4 + bitshuffle
     mask         (H, W) uint8 0/1
-    labels, ir   (H, W) uint8       train fragments only (ir when the fragment has one)
+    labels       (H, W) uint8       train fragments only
     tiles        (N, 2) int32       top-left (y, x) of every tile_size tile on the stride grid touching the mask
     percentiles  (Z, P) float32     in-mask intensity percentiles per slice (levels in attrs["percentile_levels"])
     percentiles_all (P,) float32    the same over all kept slices together
@@ -18,10 +18,10 @@ bytes), and the file is written with the 1.10 format, whose metadata (superblock
 attributes, chunk indexes) is checksummed too. HDF5 checks them on every read; a mismatch, a truncated file or
 a missing dataset is a `StoreError` naming the store and the dataset (check_store reads a whole store).
 
-Why this layout (numbers in bench/README.md): every training and inference read takes a window of several
-kept slices, so a chunk spans all of Z; in-plane a chunk is one tile stride (56 px for 224 px tiles), so a tile on
-the grid decodes exactly its 4 x 4 chunks (see chunk_side); Blosc LZ4 with bitshuffle keeps almost all of zstd's
-size ratio at about 1.5x its tile read rate and write rate.
+Why this layout (measured in bench/README.md, "## prepare"): every training and inference read takes a window of
+several kept slices, so a chunk spans all of Z; in-plane a chunk is one tile stride (56 px for 224 px tiles), so a
+tile on the grid decodes exactly its 4 x 4 chunks (see chunk_side); Blosc LZ4 with bitshuffle keeps almost all of
+zstd's size ratio and reads and writes faster. write_store takes another codec or chunk side, for benchmarks.
 
 Writing: the volume goes in row bands of whole chunks (slice by slice would recompress every chunk Z times).
 The chunks of a band are compressed here, on every core, and stored with write_direct_chunk: HDF5's own
@@ -32,6 +32,7 @@ appends (numcodecs computes it exactly as HDF5 does), so it is a plain HDF5 file
 import contextlib
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -67,14 +68,14 @@ def _store_error(path, dataset, err):
     return StoreError(f"{where}: unreadable, truncated or corrupt ({reason})")
 
 
-def volume_compression():
+def volume_compression(codec=VOLUME_CODEC):
     """The HDF5 filter the volume is declared with (what any other HDF5 reader decodes it with)."""
-    return hdf5plugin.Blosc(cname=VOLUME_CODEC["compressor"], clevel=VOLUME_CODEC["level"], shuffle=VOLUME_CODEC["shuffle"])
+    return hdf5plugin.Blosc(cname=codec["compressor"], clevel=codec["level"], shuffle=codec["shuffle"])
 
 
-def encode_chunk(chunk):
+def encode_chunk(chunk, codec=VOLUME_CODEC):
     """One volume chunk as the filters above store it: a c-blosc 1 frame and its Fletcher32 checksum."""
-    return _CHECKSUM.encode(imagecodecs.blosc_encode(chunk, typesize=chunk.itemsize, numthreads=1, **VOLUME_CODEC))
+    return _CHECKSUM.encode(imagecodecs.blosc_encode(chunk, typesize=chunk.itemsize, numthreads=1, **codec))
 
 
 def fingerprint(paths):
@@ -126,7 +127,7 @@ def tile_positions(mask, tile_size, stride):
 
 def chunk_side(tile_size, stride):
     """Chunk height and width: the tile stride when a tile is a whole number of strides, so that a tile on the
-    grid decodes exactly its own chunks (1.3-1.9x the tile reads of unaligned 64 px chunks); else CHUNK_SIDE."""
+    grid decodes exactly its own chunks (unaligned chunks would decode more bytes a tile); else CHUNK_SIDE."""
     return stride if 32 <= stride <= 128 and tile_size % stride == 0 else CHUNK_SIDE
 
 
@@ -146,11 +147,14 @@ def percentiles_from_histogram(histogram):
 
 
 def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=56, progress=True, layers=None,
-                attrs=None):
-    """Write `fragment` (a lib.fragments.Fragment) to the store `path`, atomically; returns a summary dict.
+                attrs=None, codec=VOLUME_CODEC, side=None):
+    """Write `fragment` (a lib.fragments.Fragment) to the store `path`, atomically; returns a summary dict (with
+    the seconds the volume copy took).
 
     The store's slices z_range[0]..z_range[1] are the source layers `layers` (default: the same numbers; see
-    lib/depth.py for reversed and surface-centred windows); `attrs` are extra attributes to record.
+    lib/depth.py for reversed and surface-centred windows); `attrs` are extra attributes to record. `codec` (Blosc
+    settings as VOLUME_CODEC) and `side` (chunk height and width; default chunk_side) change the volume's layout:
+    the bench measures the alternatives with them.
 
     Peak memory is two bands of rows of the kept slices (one being read, one being compressed) plus the
     fragment's 2-D maps. The file is written as `<path>.tmp` and removed on any failure: a caller that may run
@@ -168,23 +172,23 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
     height, width = fragment.shape
     num_kept = z_stop - z_start
     mask = fragment.read_mask()
-    side = chunk_side(tile_size, stride)
+    side = side or chunk_side(tile_size, stride)
     ink_fraction = None
     try:
         h5 = h5py.File(tmp, "w", libver=HDF5_FORMAT)
         try:
             volume = h5.create_dataset(
                 "volume", shape=(num_kept, height, width), dtype="uint16", fletcher32=True,
-                chunks=(num_kept, min(side, height), min(side, width)), **volume_compression())
-            histograms = _copy_volume(fragment, volume, mask, layers, progress)
+                chunks=(num_kept, min(side, height), min(side, width)), **volume_compression(codec))
+            copy_started = time.perf_counter()
+            histograms = _copy_volume(fragment, volume, mask, layers, codec, progress)
+            copy_seconds = time.perf_counter() - copy_started
             _write_map(h5, "mask", mask)
             if fragment.has_labels:
                 labels = fragment.read_labels()
                 ink_fraction = float(labels[mask > 0].mean())
                 _write_map(h5, "labels", labels)
                 del labels
-            if fragment.has_ir:
-                _write_map(h5, "ir", fragment.read_ir())
             tiles = tile_positions(mask, tile_size, stride)
             h5.create_dataset("tiles", data=tiles, fletcher32=True)
             h5.create_dataset("percentiles", data=np.stack([percentiles_from_histogram(h) for h in histograms]),
@@ -206,7 +210,7 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
         tmp.unlink(missing_ok=True)
         raise
     return {"tiles": len(tiles), "bytes": path.stat().st_size, "slices": (z_start, z_stop), "shape": (height, width),
-            "ink_fraction": ink_fraction}
+            "ink_fraction": ink_fraction, "copy_seconds": copy_seconds}
 
 
 def _close_flushed(h5, path):
@@ -218,7 +222,7 @@ def _close_flushed(h5, path):
         raise OSError(f"{path}: {err}") from None
 
 
-def _copy_volume(fragment, volume, mask, layers, progress):
+def _copy_volume(fragment, volume, mask, layers, codec, progress):
     """Stream the source `layers` into `volume` band by band; return per-slice in-mask uint16 histograms.
 
     A reader thread fills the next band while a pool of threads (one per core) compresses the chunks of this
@@ -244,7 +248,7 @@ def _copy_volume(fragment, volume, mask, layers, progress):
             inside = mask[y0:y1].astype(bool)
             counts = [encoders.submit(_count_in_mask, block[i], inside) for i in range(num_kept)]
             groups = [(cy, cx) for cy in range(0, y1 - y0, chunk_shape[1]) for cx in range(0, width, group_width)]
-            encoded = encoders.map(lambda group: _encode_chunks(block, *group, group_width, chunk_shape), groups)
+            encoded = encoders.map(lambda group: _encode_chunks(block, *group, group_width, chunk_shape, codec), groups)
             for (cy, cx), chunks in zip(groups, encoded):
                 for i, data in enumerate(chunks):
                     volume.id.write_direct_chunk((0, y0 + cy, cx + i * chunk_shape[2]), data)
@@ -262,7 +266,7 @@ def _read_band(fragment, layers, band, buffer):
     return block
 
 
-def _encode_chunks(block, cy, cx, width, chunk_shape):
+def _encode_chunks(block, cy, cx, width, chunk_shape, codec):
     """Compressed chunks of `block` with corners (cy, cx), (cy, cx + chunk width), ... inside [cx, cx + width):
     one copy into chunk-major order, zero-padded at the image edges (HDF5 stores edge chunks whole), then Blosc."""
     num_kept, chunk_h, chunk_w = chunk_shape
@@ -274,7 +278,7 @@ def _encode_chunks(block, cy, cx, width, chunk_shape):
     grid[:, :h, :full] = window[:, :, : full * chunk_w].reshape(num_kept, h, full, chunk_w)
     if full < count:
         grid[:, :h, full, : w - full * chunk_w] = window[:, :, full * chunk_w:]
-    return [encode_chunk(chunk) for chunk in chunks]
+    return [encode_chunk(chunk, codec) for chunk in chunks]
 
 
 def _count_in_mask(image, inside):
@@ -318,7 +322,7 @@ def check_store(path, full=False):
     checks every chunk against its checksum; StoreError on the first failure."""
     store = Store(path)
     try:
-        for name in SMALL_DATASETS + tuple(n for n in ("mask", "labels", "ir") if n in store.h5):
+        for name in SMALL_DATASETS + tuple(n for n in ("mask", "labels") if n in store.h5):
             store.read_dataset(name)
         if full:
             height = store.shape[0]
@@ -357,7 +361,6 @@ class Store:
         self.shape = (int(a["height"]), int(a["width"]))
         self.tile_size, self.stride = int(a["tile_size"]), int(a["stride"])
         self.has_labels = "labels" in names
-        self.has_ir = "ir" in names
         self.layout = str(a.get("layout", "kaggle"))
         self._h5 = None
         self._pid = None
@@ -393,7 +396,7 @@ class Store:
         return range(self.z_start, self.z_stop)
 
     def read_map(self, name):
-        """A whole 2-D map: "mask", "labels" or "ir"."""
+        """A whole 2-D map: "mask" or "labels"."""
         return self.read_dataset(name)
 
     def tiles(self, tile_size=None, stride=None):

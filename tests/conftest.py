@@ -1,4 +1,5 @@
 """Shared test fixtures. Nothing here touches the network: weights default to None and the HF hub is offline."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,3 +31,73 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# member -> the fold models submit.py uses: two architectures, one with two folds, so averaging and weighting both
+# happen (the run has all three folds of each; the fixture trims ensemble.json to these, to keep the tests short)
+MEMBERS = {"tu-mobilenetv3_small_050": ("1", "2"), "tu-mobilenetv3_small_075": ("3",)}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """{root, stores, run}: a synthetic dataset, its stores, and a run folder with models and ensemble.json, shared
+    by test_submit.py and test_faults.py. Tests write only new files into it (submissions, previews)."""
+    import ensemble
+    from helpers import record_run
+    from lib.fragments import Fragment
+    from lib.store import write_store
+    from lib.synth import TEST_IDS, TRAIN_IDS, generate
+
+    work = tmp_path_factory.mktemp("submit")
+    root = generate(work / "synth", size=128, seed=2, progress=False)
+    stores = work / "prepared"
+    for split, ids in (("train", TRAIN_IDS), ("test", TEST_IDS)):
+        for fragment_id in ids:
+            write_store(Fragment.open(root, split, fragment_id), stores / split / f"{fragment_id}.h5",
+                        tile_size=64, stride=32, progress=False)
+    run = work / "run"
+    write_models(run)
+    write_oof_maps(run, stores)
+    record_run(run, stores, list(MEMBERS), TRAIN_IDS)
+    ensemble.main(["--run", str(run)])
+    fitted = json.loads((run / "ensemble.json").read_text())
+    for member in fitted["members"]:
+        member["models"] = [f"models/{member['backbone']}/fold-{k}.pt" for k in MEMBERS[member["backbone"]]]
+    (run / "ensemble.json").write_text(json.dumps(fitted))
+    return {"root": root, "stores": stores, "run": run}
+
+
+def write_models(run):
+    import torch
+
+    from lib.data import INPUT_VERSION
+    from lib.model import build_model, model_config
+    from lib.synth import TRAIN_IDS
+
+    for index, backbone in enumerate(MEMBERS):
+        for fold in TRAIN_IDS:
+            torch.manual_seed(10 * index + int(fold))
+            model = build_model(backbone)
+            path = run / "models" / backbone / f"fold-{fold}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"config": model_config(backbone, 3), "state_dict": model.state_dict(), "fold": fold,
+                        "tile_size": 64, "stride": 32, "inputs": INPUT_VERSION, "val_f05": 0.0, "oof_f05": 0.0,
+                        "threshold": 0.5}, path)
+
+
+def write_oof_maps(run, stores):
+    """Two equally informative members whose probability scale drifts per fragment: the fit mixes them and
+    picks percentile mode, so every test fragment gets a non-empty mask to encode."""
+    import numpy as np
+
+    from lib.maps import save_probability_map
+    from lib.store import Store
+    from lib.synth import TRAIN_IDS
+
+    rng = np.random.default_rng(0)
+    for index, fragment_id in enumerate(TRAIN_IDS):
+        store = Store(stores / "train" / f"{fragment_id}.h5")
+        labels, mask = store.read_map("labels").astype(np.float32), store.read_map("mask")
+        for backbone in MEMBERS:
+            prob = (1.0, 0.3, 0.6)[index] * (0.4 * labels + 0.6 * rng.random(labels.shape)) * mask
+            save_probability_map(run / "oof" / backbone / f"{fragment_id}.h5", prob, fragment_id=fragment_id)

@@ -1,4 +1,4 @@
-"""ensemble.py on fake runs: real HDF5 OOF maps written with lib.infer.save_probability_map over real train
+"""ensemble.py on fake runs: real HDF5 OOF maps written with lib.maps.save_probability_map over real train
 stores of a small synthetic dataset, so the labels and masks are the ones train.py would score against.
 Also the percentile / absolute threshold counting in lib/metrics.py that the fit and submit.py share."""
 import json
@@ -13,7 +13,7 @@ import ensemble
 from helpers import record_run
 from lib.data import INPUT_VERSION
 from lib.fragments import Fragment
-from lib.infer import save_probability_map
+from lib.maps import save_probability_map
 from lib.lock import exclusive
 from lib.metrics import binarise, percentile_counts, percentile_cutoff, threshold_counts
 from lib.model import build_model, model_config

@@ -22,7 +22,6 @@ import submit
 import train
 from lib.store import check_store
 from test_prepare import SLOW_PREPARE, make_fragment, prepare_here, run_prepare
-from test_submit import tiny  # noqa: F401 (a fixture: a tiny run with models, ensemble.json, stores)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -44,8 +44,8 @@ def test_lists_fragment_ids(synth_root):
     assert list_fragments(synth_root, "test") == ["a", "b"]
     assert [f.fragment_id for f in open_split(synth_root, "test", ids=["b", "zzz"])] == ["b"]
     train = open_split(synth_root, "train")
-    assert [(f.split, f.num_slices, f.dtype, f.has_labels, f.has_ir) for f in train] == [("train", 65, np.uint16, True, True)] * 3
-    assert all(not f.has_labels and not f.has_ir for f in open_split(synth_root, "test"))
+    assert [(f.split, f.num_slices, f.dtype, f.has_labels) for f in train] == [("train", 65, np.uint16, True)] * 3
+    assert all(not f.has_labels for f in open_split(synth_root, "test"))
 
 
 def test_split_without_fragments_names_the_folder(tmp_path):
@@ -99,7 +99,7 @@ def layout_root(synth_root, tmp_path_factory):
     """One 3-slice fragment per TIFF layout: 00 = full-range pattern, 01 = synthetic slice 32, 02 = slice 40."""
     root = tmp_path_factory.mktemp("layouts")
     source = Fragment.open(synth_root, "train", "1")
-    originals = [full_range_pattern(source.shape), source.read_slice(32), source.read_slice(40)]
+    originals = [full_range_pattern(source.shape)] + [source.read_band(z, 0, source.shape[0]) for z in (32, 40)]
     for layout, kwargs in LAYOUTS.items():
         frag_dir = root / "train" / layout
         (frag_dir / "surface_volume").mkdir(parents=True)
@@ -123,7 +123,7 @@ def test_read_band_is_exact_16_bit(layout_root, layout):
     for z, original in enumerate(originals):
         on_disk = tifffile.imread(fragment.slice_paths[z])
         assert np.array_equal(on_disk, original)
-        whole = fragment.read_slice(z)
+        whole = fragment.read_band(z, 0, fragment.shape[0])
         assert whole.dtype == np.uint16 and whole.shape == fragment.shape
         assert np.array_equal(whole, original)
         assert whole.max() > 255
@@ -132,7 +132,7 @@ def test_read_band_is_exact_16_bit(layout_root, layout):
             assert type(band) is np.ndarray  # a copy, not a view of a file mapping
             assert band.dtype == np.uint16 and band.shape == (y1 - y0, fragment.shape[1])
             assert np.array_equal(band, original[y0:y1]), (layout, z, y0, y1)
-    assert originals[0].max() == 65535 and np.array_equal(fragment.read_slice(0) & 1, originals[0] & 1)
+    assert originals[0].max() == 65535 and np.array_equal(fragment.read_band(0, 0, h) & 1, originals[0] & 1)
 
 
 @pytest.mark.parametrize("layout", ["zlib_strips16", "lzw_strips16", "zlib_tiles64"])
@@ -150,7 +150,7 @@ def test_read_band_decodes_only_the_chunks_it_needs(layout_root, tmp_path, layou
     fragment = Fragment(frag_dir)
     assert np.array_equal(fragment.read_band(1, 128, 190), originals[1][128:190])
     with pytest.raises(FragmentError) as err:
-        fragment.read_slice(1)
+        fragment.read_band(1, 0, fragment.shape[0])
     assert_one_line_naming(str(err.value), path)
 
 
@@ -186,15 +186,15 @@ def test_other_slice_counts(synth_root, tmp_path):
         shutil.copy(source / name, frag_dir / name)
     fragment = Fragment(frag_dir).validate()
     assert fragment.num_slices == 20
-    assert np.array_equal(fragment.read_slice(19), tifffile.imread(slice_path(source, 19)))
+    assert np.array_equal(fragment.read_band(19, 0, fragment.shape[0]), tifffile.imread(slice_path(source, 19)))
     with pytest.raises(IndexError):
-        fragment.read_slice(20)
+        fragment.read_band(20, 0, fragment.shape[0])
 
 
 # ---------------------------------------------------------------- PNG rules
 
 
-def test_png_masks_labels_and_ir(synth_root, tmp_path):
+def test_png_masks_and_labels(synth_root, tmp_path):
     frag_dir = copy_fragment(synth_root, tmp_path)
     fragment = Fragment(frag_dir)
     h, w = fragment.shape
@@ -214,17 +214,9 @@ def test_png_masks_labels_and_ir(synth_root, tmp_path):
     assert Image.open(frag_dir / "inklabels.png").mode.startswith("I")
     assert np.array_equal(fragment.read_labels(), (values != 0).astype(np.uint8))
 
-    ir16 = (rng.integers(0, 40001, size=(h, w))).astype(np.uint16)
-    ir16[0, 0] = 40000
-    Image.fromarray(ir16).save(frag_dir / "ir.png")  # 16-bit infrared photo
-    ir = fragment.read_ir()
-    assert ir.dtype == np.uint8 and ir.max() == 255
-    assert np.array_equal(ir, (ir16.astype(np.uint32) * 255 // 40000).astype(np.uint8))
+    (frag_dir / "ir.png").write_bytes(b"not a PNG")  # the infrared photo is never read: not a source of the store
     fragment.validate()  # all of the above are valid files
-
-    ir8 = rng.integers(0, 256, size=(h, w), dtype=np.uint8)
-    Image.fromarray(ir8).save(frag_dir / "ir.png")
-    assert np.array_equal(fragment.read_ir(), ir8)  # 8-bit photos are taken as they are
+    assert frag_dir / "ir.png" not in fragment.source_files()
 
 
 # ---------------------------------------------------------------- broken fragments

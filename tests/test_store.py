@@ -92,14 +92,14 @@ def test_maps_equal_pngs(data_root, stores, fid):
     assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
     np.testing.assert_array_equal(mask, (png(data_root, fid, "mask.png") != 0).astype(np.uint8))
     if FRAGMENTS[fid] == "train":
-        assert store.has_labels and store.has_ir
+        assert store.has_labels
         np.testing.assert_array_equal(store.read_map("labels"), (png(data_root, fid, "inklabels.png") != 0).astype(np.uint8))
-        np.testing.assert_array_equal(store.read_map("ir"), png(data_root, fid, "ir.png"))
         assert store.read_map("labels").any()
     else:
-        assert not store.has_labels and not store.has_ir
-        with h5py.File(store.path, "r") as h5:
-            assert "labels" not in h5 and "ir" not in h5
+        assert not store.has_labels
+    with h5py.File(store.path, "r") as h5:
+        assert "ir" not in h5  # the infrared photo is not stored: nothing reads it
+        assert ("labels" in h5) == (FRAGMENTS[fid] == "train")
 
 
 # ---------------------------------------------------------------- windows
@@ -152,12 +152,10 @@ def test_read_tile_full_store_accepts_all_slices(stores):
         store.read_tile(10, 10, 8, 8, [65])
 
 
-@pytest.mark.parametrize("name", ["mask", "labels", "ir"])
+@pytest.mark.parametrize("name", ["mask", "labels"])
 def test_read_window_padded_and_exact(data_root, stores, name):
     store = Store(stores["3", (24, 40)])
-    image = png(data_root, "3", {"mask": "mask.png", "labels": "inklabels.png", "ir": "ir.png"}[name])
-    if name != "ir":
-        image = (image != 0).astype(np.uint8)
+    image = (png(data_root, "3", {"mask": "mask.png", "labels": "inklabels.png"}[name]) != 0).astype(np.uint8)
     for window in WINDOWS:
         y, x, h, w = window(*store.shape)
         got = store.read_window(name, y, x, h, w)
@@ -438,9 +436,25 @@ def chunk_offset(path, dataset, index=0):
     return info.byte_offset, info.size
 
 
+def test_another_codec_and_chunk_side_hold_the_same_voxels(data_root, stores, tmp_path):
+    """write_store's codec= and side= (what bench_prepare.py compares): the declared filter and chunks change,
+    the voxels and the tiles read back do not."""
+    path = tmp_path / "zstd.h5"
+    codec = {"compressor": "zstd", "level": 1, "shuffle": 1}
+    summary = write_store(Fragment.open(data_root, "train", "1"), path, progress=False, codec=codec, side=64)
+    assert summary["copy_seconds"] > 0
+    with h5py.File(path, "r") as h5, h5py.File(stores["1", (24, 40)], "r") as default:
+        assert h5["volume"].chunks == (16, 64, 64) and default["volume"].chunks == (16, 56, 56)
+        blosc = h5["volume"].id.get_create_plist().get_filter(0)
+        assert blosc[0] == 32001 and blosc[2][4:7] == (1, 1, 5)  # Blosc: level 1, byte shuffle, zstd (code 5)
+        np.testing.assert_array_equal(h5["volume"][()], default["volume"][()])
+    tiles = [Store(p).read_tile(30, 40, 64, 64) for p in (path, stores["1", (24, 40)])]
+    np.testing.assert_array_equal(*tiles)
+
+
 def test_every_dataset_checksummed_and_readable_by_plain_hdf5(stores):
     with h5py.File(stores["1", (24, 40)], "r") as h5:
-        for name in ("volume", "mask", "labels", "ir", "tiles", "percentiles", "percentiles_all"):
+        for name in ("volume", "mask", "labels", "tiles", "percentiles", "percentiles_all"):
             assert h5[name].fletcher32, name
         dcpl = h5["volume"].id.get_create_plist()
         assert [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())] == [32001, 3]  # Blosc, then Fletcher32

@@ -9,70 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-import ensemble
-from helpers import record_run
-from lib.data import INPUT_VERSION
 import submit
-from lib.fragments import Fragment
+from lib.data import INPUT_VERSION
 from lib.lock import exclusive
 from lib.model import load_model_file
-from lib.infer import (load_probability_map, predict_fragment, remove_small_components,
-                       save_probability_map)
-from lib.model import build_model, model_config
+from lib.infer import predict_fragment
+from lib.maps import load_probability_map
+from lib.metrics import remove_small_components
 from lib.rle import rle_decode
-from lib.store import Store, write_store
-from lib.synth import TEST_IDS, TRAIN_IDS, generate
-
-# member -> the fold models submit.py uses: two architectures, one with two folds, so averaging and weighting both
-# happen (the run has all three folds of each; the fixture trims ensemble.json to these, to keep the tests short)
-MEMBERS = {"tu-mobilenetv3_small_050": ("1", "2"), "tu-mobilenetv3_small_075": ("3",)}
+from lib.store import Store
+from lib.synth import TEST_IDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """{root, stores, run}: a synthetic dataset, its stores, and a run folder with models and ensemble.json."""
-    work = tmp_path_factory.mktemp("submit")
-    root = generate(work / "synth", size=128, seed=2, progress=False)
-    stores = work / "prepared"
-    for split, ids in (("train", TRAIN_IDS), ("test", TEST_IDS)):
-        for fragment_id in ids:
-            write_store(Fragment.open(root, split, fragment_id), stores / split / f"{fragment_id}.h5",
-                        tile_size=64, stride=32, progress=False)
-    run = work / "run"
-    write_models(run)
-    write_oof_maps(run, stores)
-    record_run(run, stores, list(MEMBERS), TRAIN_IDS)
-    ensemble.main(["--run", str(run)])
-    fitted = json.loads((run / "ensemble.json").read_text())
-    for member in fitted["members"]:
-        member["models"] = [f"models/{member['backbone']}/fold-{k}.pt" for k in MEMBERS[member["backbone"]]]
-    (run / "ensemble.json").write_text(json.dumps(fitted))
-    return {"root": root, "stores": stores, "run": run}
-
-
-def write_models(run):
-    for index, backbone in enumerate(MEMBERS):
-        for fold in TRAIN_IDS:
-            torch.manual_seed(10 * index + int(fold))
-            model = build_model(backbone)
-            path = run / "models" / backbone / f"fold-{fold}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"config": model_config(backbone, 3), "state_dict": model.state_dict(), "fold": fold,
-                        "tile_size": 64, "stride": 32, "inputs": INPUT_VERSION, "val_f05": 0.0, "oof_f05": 0.0, "threshold": 0.5}, path)
-
-
-def write_oof_maps(run, stores):
-    """Two equally informative members whose probability scale drifts per fragment: the fit mixes them and
-    picks percentile mode, so every test fragment gets a non-empty mask to encode."""
-    rng = np.random.default_rng(0)
-    for index, fragment_id in enumerate(TRAIN_IDS):
-        store = Store(stores / "train" / f"{fragment_id}.h5")
-        labels, mask = store.read_map("labels").astype(np.float32), store.read_map("mask")
-        for backbone in MEMBERS:
-            prob = (1.0, 0.3, 0.6)[index] * (0.4 * labels + 0.6 * rng.random(labels.shape)) * mask
-            save_probability_map(run / "oof" / backbone / f"{fragment_id}.h5", prob, fragment_id=fragment_id)
 
 
 def run_submit(tiny, *extra, run=None):

@@ -93,14 +93,14 @@ def test_slices_are_uint16_papyrus_below_air_above_zero_outside(synth_root):
             assert 0.7 * 256 <= min(fragment.shape) and max(fragment.shape) <= 1.2 * 256
             assert 0.2 < mask.mean() < 0.9
             for z in (0, 20, 32, 45, 64):
-                pixels = fragment.read_slice(z)
+                pixels = fragment.read_band(z, 0, fragment.shape[0])
                 assert pixels.dtype == np.uint16 and pixels.shape == mask.shape
                 assert not pixels[~mask].any(), f"{split}/{fid} slice {z}: nonzero outside the mask"
                 assert pixels[mask].min() >= 1
-            deep, air = np.median(fragment.read_slice(0)[mask]), np.median(fragment.read_slice(64)[mask])
+            deep, air = (np.median(fragment.read_band(z, 0, fragment.shape[0])[mask]) for z in (0, 64))
             assert 15000 < deep < 25000 and 500 < air < 3000, (deep, air)
             if split == "train":
-                labels, ir = fragment.read_labels(), read_png(fragment.ir_path)
+                labels, ir = fragment.read_labels(), read_png(fragment.path / "ir.png")
                 assert ir.dtype == np.uint8 and ir.shape == mask.shape and not ir[~mask].any()
                 assert labels.shape == mask.shape and not labels[~mask].any()
     assert len(set(shapes)) == 5, shapes
@@ -135,8 +135,8 @@ def fragment_features(root, split, fid):
     fragment = Fragment.open(root, split, fid)
     mask = fragment.read_mask().astype(bool)
     truth = fragment.read_labels() if split == "train" else read_png(Path(root) / "_truth" / f"{fid}_inklabels.png")
-    centre = np.mean([fragment.read_slice(z).astype(np.float32) for z in CENTRE], axis=0)
-    volume = np.stack([fragment.read_slice(z).astype(np.float32) for z in DEPTH_RANGE])
+    centre = np.mean([fragment.read_band(z, 0, fragment.shape[0]).astype(np.float32) for z in CENTRE], axis=0)
+    volume = np.stack([fragment.read_band(z, 0, fragment.shape[0]).astype(np.float32) for z in DEPTH_RANGE])
     smooth = np.stack([masked_blur(v, 8, mask) for v in volume])
     papyrus_fraction = np.clip((smooth - smooth[-1]) / (smooth[0] - smooth[-1] + 1e-3), 0, 1)
     depth = DEPTH_RANGE.start + papyrus_fraction.sum(axis=0) - 0.5  # where the (smoothed) papyrus ends
@@ -146,7 +146,7 @@ def fragment_features(root, split, fid):
     rows, cols = np.indices(mask.shape)
     above = (1 - w) * volume[z0, rows, cols] + w * volume[z0 + 1, rows, cols]
     return {"mask": mask, "truth": truth > 0, "centre": centre, "depth": depth, "above": above,
-            "ir": fragment.read_ir().astype(np.float32) if fragment.has_ir else None}
+            "ir": read_png(fragment.path / "ir.png").astype(np.float32) if fragment.split == "train" else None}
 
 
 @pytest.fixture(scope="module")
@@ -407,7 +407,7 @@ def test_hard_ink_is_invisible_in_every_single_raw_slice(hard384):
     for z in range(24, 40):
         highpass = {}
         for key, f in features.items():
-            image = slices[key].read_slice(z).astype(np.float32)
+            image = slices[key].read_band(z, 0, slices[key].shape[0]).astype(np.float32)
             highpass[key] = image - masked_blur(image, 8, f["mask"])
         train = [("train", fid) for fid in "123"]
         _, threshold, sign = fit_threshold([highpass[k] for k in train], [features[k]["mask"] for k in train],

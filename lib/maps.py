@@ -1,0 +1,66 @@
+"""Probability maps as files: float16 HDF5 (out-of-fold maps, --save-probs), 8-bit PNG (segment predictions) and
+preview PNGs of maps side by side. Every file is written under a temporary name and renamed when complete."""
+import os
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+
+
+def save_probability_map(path, prob, **attrs):
+    """Write a probability map as float16 HDF5 (dataset "prob"), atomically: temp name, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as h5:
+        h5.create_dataset("prob", data=prob.astype(np.float16), chunks=True, compression="gzip", compression_opts=1)
+        h5.attrs.update(attrs)
+    os.replace(tmp, path)
+
+
+def load_probability_map(path):
+    """(prob float32 (H, W), attrs dict) from save_probability_map's file."""
+    with h5py.File(path, "r") as h5:
+        return h5["prob"][()].astype(np.float32), dict(h5.attrs)
+
+
+def save_preview(path, panels):
+    """A PNG of 2-D maps in 0..1 side by side (e.g. probability, binary prediction, label), 8 px apart, at most
+    2048 px wide: each map is shrunk before it is made 8-bit, so a huge fragment needs no full-size copy."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scale = min(1.0, 2048 / (sum(p.shape[1] for p in panels) + 8 * (len(panels) - 1)))
+    panels = [_preview_panel(p, scale) for p in panels]
+    height = max(p.shape[0] for p in panels)
+    gap = np.full((height, max(1, round(8 * scale))), 128, np.uint8)
+    tiles = []
+    for panel in panels:
+        image = np.zeros((height, panel.shape[1]), np.uint8)
+        image[: panel.shape[0]] = panel
+        tiles += [image, gap]
+    tmp = path.with_name(path.stem + ".tmp.png")
+    cv2.imwrite(str(tmp), np.hstack(tiles[:-1]))
+    os.replace(tmp, path)
+
+
+def _preview_panel(panel, scale):
+    """A map in 0..1 as uint8 0..255, shrunk by `scale` (area averaging) first when below 1."""
+    if panel.dtype == np.uint8 or panel.dtype == bool:  # 0/1 masks: cheap to scale to 0/255 at full size
+        panel = np.asarray(panel, np.uint8) * np.uint8(255)
+        if scale < 1:
+            panel = cv2.resize(panel, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        return panel
+    if scale < 1:
+        panel = cv2.resize(np.asarray(panel, np.float32), None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return (np.clip(panel, 0, 1) * 255).astype(np.uint8)
+
+
+def save_probability_png(path, prob):
+    """A probability map as an 8-bit greyscale PNG, round(255 p) saturated to 0..255, atomically (temp, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    if not cv2.imwrite(str(tmp), cv2.convertScaleAbs(prob, alpha=255.0)):
+        raise OSError(f"{tmp}: could not write the PNG")
+    os.replace(tmp, path)
