@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def label_store(tmp_path_factory):
-    """A train fragment whose every slice is bright exactly where the labels say ink (plus the slice number)."""
+    """A train fragment whose every slice is bright exactly where the labels say ink, the ink a little brighter in
+    each deeper slice (so that triplets differ after each slice is centred on its median)."""
     root = tmp_path_factory.mktemp("labelled")
     folder = root / "train" / "1"
     (folder / "surface_volume").mkdir(parents=True)
@@ -31,7 +32,7 @@ def label_store(tmp_path_factory):
     mask = np.ones((HEIGHT, WIDTH), np.uint8)
     mask[:10] = 0  # a strip of no papyrus
     for z in range(40):
-        tifffile.imwrite(folder / "surface_volume" / f"{z:02d}.tif", ((1000 + 20000 * labels.astype(np.int64) + z) * mask).astype(np.uint16))
+        tifffile.imwrite(folder / "surface_volume" / f"{z:02d}.tif", ((1000 + (20000 + 300 * z) * labels.astype(np.int64) + z) * mask).astype(np.uint16))
     cv2.imwrite(str(folder / "mask.png"), mask * 255)
     cv2.imwrite(str(folder / "inklabels.png"), labels * 255)
     path = root / "1.h5"
@@ -49,7 +50,7 @@ def test_augmented_tiles_stay_aligned_with_labels(label_store):
         image, label = dataset[i]
         assert image.shape == (3, 64, 64) and label.shape == (1, 64, 64)
         assert image.dtype == torch.float32 and set(label.unique().tolist()) <= {0.0, 1.0}
-        bright = image.mean(0) > 0.5  # ink voxels normalise to about 1, the rest to about 0
+        bright = image.mean(0) > 1.0  # the papyrus centres on 0.5, ink voxels sit about 1 above it
         agree += (bright == (label[0] > 0)).sum().item()
         total += label.numel()
     # rotations, flips and the affine warp all keep image and label on the same pixels;
@@ -145,22 +146,24 @@ def test_packed_windows_match_the_store_at_every_offset(label_store):
         np.testing.assert_array_equal(dataset.readers[0].mask.window(y, x, 64), store.read_window("mask", y, x, 64, 64))
 
 
-def test_inputs_outside_the_mask_hold_each_slices_in_mask_median(label_store):
-    """No step at the fragment's border: outside the mask each slice reads as its in-mask median."""
+def test_inputs_fill_the_outside_with_the_in_mask_median_and_centre_each_slice(label_store):
+    """No step at the fragment's border: outside the mask each slice reads as its in-mask median; then each slice of
+    the tile is shifted so that its median sits at 0.5 (differences inside a slice are kept as they are)."""
     path, _, mask = label_store
     store = Store(path)
-    reader = InputReader(store)
     y, x = HEIGHT - 30, WIDTH - 21  # a corner tile, partly past the image and outside the mask
     slices = [30, 31, 32]
-    tile = reader.read(y, x, 64, slices)
+    tile = InputReader(store).read(y, x, 64, slices)
     outside = store.read_window("mask", y, x, 64, 64) == 0
     assert outside.any() and (~outside).any()
     median = np.median(store.read_tile(0, 0, HEIGHT, WIDTH, slices)[:, mask > 0], axis=1)
-    expected = normalise(median.astype(np.float32), store.intensity_range())
-    for k in range(3):
-        np.testing.assert_allclose(tile[k][outside], expected[k], atol=0.02)
+    fill = normalise(median.astype(np.float32), store.intensity_range())
     inside = normalise(store.read_tile(y, x, 64, 64, slices), store.intensity_range())
-    np.testing.assert_array_equal(tile[:, ~outside], inside[:, ~outside])
+    for k in range(3):
+        np.testing.assert_allclose(tile[k][outside], tile[k][outside][0])  # one value outside, per slice
+        shift = tile[k][outside][0] - fill[k]
+        np.testing.assert_allclose(tile[k][~outside], inside[k][~outside] + shift, atol=0.03)
+        assert np.median(tile[k][::4, ::4]) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_photometric_draws_per_tile_and_keeps_the_shape():
