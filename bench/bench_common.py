@@ -92,12 +92,3 @@ def write_table(readme, name, text):
     readme.write_text(new)
     print(f"{text.strip()}\n\nwrote it into {readme}")
 
-
-def write_section(name, body, readme=README):
-    """Replace the whole "## name" section of `readme` with `body` (or append it): for bench_models.py, whose
-    sections are its own, prose included."""
-    section = f"## {name}\n\n{body.strip()}\n\n"
-    text = readme.read_text()
-    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else f"{text.rstrip()}\n\n{section}"
-    readme.write_text(text.rstrip("\n") + "\n")

@@ -1,6 +1,6 @@
 """Every benchmark script once, tiny, so that none of them rots: each writes its table between its markers in a copy
 of bench/README.md (the real one is left alone), and every table there has rows of numbers. bench_models.py
-(`make sweep`, tens of minutes of training) is not run here."""
+(`make sweep`) runs the whole chain at one level, on 128 px fragments, for one epoch of 16 tiles."""
 import re
 import shutil
 import subprocess
@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {  # script: (its tiny settings, the marker it writes)
-    "bench_prepare.py": (["--sizes", "256x256", "--tiles", "20"], "prepare"),
-    "bench_submit.py": (["--speed-size", "96", "--rss-sizes", "96", "--threads", "1", "--batches", "4"], "submit"),
+TINY = {  # script: (its tiny settings, the markers it writes)
+    "bench_prepare.py": (["--sizes", "256x256", "--tiles", "20"], ["prepare"]),
+    "bench_submit.py": (["--speed-size", "96", "--rss-sizes", "96", "--threads", "1", "--batches", "4"], ["submit"]),
     "bench_gpu.py": (["--device", "cpu", "--size", "128", "--steps", "1", "--loader-workers", "1", "--packing", "1",
-                      "--rounds", "1"], "gpu (CPU mode)"),
+                      "--rounds", "1"], ["gpu (CPU mode)"]),
+    "bench_models.py": (["--levels", "easy", "--size", "128", "--seed", "3", "--work", "work", "--", "--epochs", "1",
+                         "--max-tiles", "16"], ["models", "triplets"]),
 }
 
 
@@ -36,19 +38,20 @@ def number(cell):
 
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_benchmark_writes_its_table_of_numbers(script, tmp_path):
-    settings, marker = TINY[script]
+    settings, markers = TINY[script]
     readme = tmp_path / "README.md"
     shutil.copy(ROOT / "bench" / "README.md", readme)
     before = (ROOT / "bench" / "README.md").read_text()
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *settings, "--readme", str(readme)],
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--readme", str(readme), *settings],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     text = readme.read_text()
-    block = re.search(rf"<!-- {re.escape(marker)} -->\n(.*?)<!-- /{re.escape(marker)} -->", text, re.S).group(1)
-    tables = table_rows(block)
-    assert tables and all(tables), block
-    for row in (row for table in tables for row in table):
-        assert any(number(cell) is not None for cell in row[1:]), row
-    outside = re.compile(rf"<!-- {re.escape(marker)} -->.*?<!-- /{re.escape(marker)} -->", re.S)
+    for marker in markers:
+        block = re.search(rf"<!-- {re.escape(marker)} -->\n(.*?)<!-- /{re.escape(marker)} -->", text, re.S).group(1)
+        tables = table_rows(block)
+        assert tables and all(tables), block
+        for row in (row for table in tables for row in table):
+            assert any(number(cell) is not None for cell in row[1:]), row
+    outside = re.compile("|".join(rf"<!-- {re.escape(m)} -->.*?<!-- /{re.escape(m)} -->" for m in markers), re.S)
     assert outside.sub("", text) == outside.sub("", before)  # the prose and the other tables are untouched
     assert (ROOT / "bench" / "README.md").read_text() == before
