@@ -37,7 +37,7 @@ import ray
 import torch
 from ray import tune
 
-from lib.data import INPUT_VERSION, Fold, TileDataset, loader_worker_init, make_folds, photometric
+from lib.data import Fold, TileDataset, loader_worker_init, make_folds, photometric
 from lib.infer import DEFAULT_TRIPLETS, TRIPLET_MODES, predict_fragment
 from lib.lock import LockedError, exclusive
 from lib.maps import load_probability_map, save_preview, save_probability_map
@@ -377,7 +377,7 @@ def finish_fold(model, store, config, fold, state, device):
     save_model_file(trial_path(config, "models", ".pt"), model,
                     config=model_config(backbone, 3, config["decoder_channels"]), fold=fold.name,
                     fragment_id=fold.fragment_id, tile_size=config["tile_size"], stride=config["stride"],
-                    triplets=config["triplets"], inputs=INPUT_VERSION,
+                    triplets=config["triplets"],
                     val_f05=state["best_f05"], oof_f05=oof_f05, threshold=threshold)
     predicted = band(prob, fold.rows) >= threshold
     save_preview(trial_path(config, "previews", ".png"), [band(prob, fold.rows), predicted, labels])

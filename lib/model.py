@@ -11,6 +11,8 @@ import segmentation_models_pytorch as smp
 from safetensors.torch import load_file
 from segmentation_models_pytorch.encoders._utils import patch_first_conv
 
+from lib.data import INPUT_VERSION
+
 # encoder name -> why it is here; every name builds with smp 0.6 and timm 1.0
 BACKBONES = {
     "mit_b2": "original ensemble (SegFormer encoder)",
@@ -103,11 +105,12 @@ def build_from_config(cfg: dict) -> smp.Unet:
 
 
 def save_model_file(path, model, **entries):
-    """Write a fold model file: its config, weights and `entries` (fold, tile_size, stride, scores), atomically."""
+    """Write a fold model file: its config, weights, `entries` (fold, tile_size, stride, scores) and the version of
+    the inputs it was trained on (lib.data.INPUT_VERSION: this code's), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({**entries, "state_dict": model.state_dict()}, tmp)
+    torch.save({**entries, "inputs": INPUT_VERSION, "state_dict": model.state_dict()}, tmp)
     os.replace(tmp, path)
 
 

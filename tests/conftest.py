@@ -70,19 +70,15 @@ def tiny(tmp_path_factory):
 def write_models(run):
     import torch
 
-    from lib.data import INPUT_VERSION
-    from lib.model import build_model, model_config
+    from lib.model import build_model, model_config, save_model_file
     from lib.synth import TRAIN_IDS
 
     for index, backbone in enumerate(MEMBERS):
         for fold in TRAIN_IDS:
             torch.manual_seed(10 * index + int(fold))
             model = build_model(backbone)
-            path = run / "models" / backbone / f"fold-{fold}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"config": model_config(backbone, 3), "state_dict": model.state_dict(), "fold": fold,
-                        "tile_size": 64, "stride": 32, "inputs": INPUT_VERSION, "val_f05": 0.0, "oof_f05": 0.0,
-                        "threshold": 0.5}, path)
+            save_model_file(run / "models" / backbone / f"fold-{fold}.pt", model, config=model_config(backbone, 3),
+                            fold=fold, tile_size=64, stride=32, val_f05=0.0, oof_f05=0.0, threshold=0.5)
 
 
 def write_oof_maps(run, stores):

@@ -7,16 +7,14 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 import ensemble
 from helpers import record_run
-from lib.data import INPUT_VERSION
 from lib.fragments import Fragment
 from lib.maps import save_probability_map
 from lib.lock import exclusive
 from lib.metrics import binarise, percentile_counts, percentile_cutoff, threshold_counts
-from lib.model import build_model, model_config
+from lib.model import build_model, model_config, save_model_file
 from lib.store import Store, write_store
 from lib.synth import TRAIN_IDS, generate
 
@@ -51,11 +49,10 @@ def make_run(run, stores, members, model_state, seed=0, train_ids=TRAIN_IDS):
             prob = np.clip(make_prob(labels, rng, index), 0, 1) * mask
             save_probability_map(run / "oof" / name / f"{fragment_id}.h5", prob, fragment_id=fragment_id,
                                  backbone=name, fold=fragment_id)
-            folder = run / "models" / name
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save({"config": model_config(BACKBONE, 3), "state_dict": model_state, "fold": fragment_id,
-                        "tile_size": 64, "stride": 32, "inputs": INPUT_VERSION, "val_f05": 0.0, "oof_f05": 0.0, "threshold": 0.5},
-                       folder / f"fold-{fragment_id}.pt")
+            model = build_model(BACKBONE)
+            model.load_state_dict(model_state)
+            save_model_file(run / "models" / name / f"fold-{fragment_id}.pt", model, config=model_config(BACKBONE, 3),
+                            fold=fragment_id, tile_size=64, stride=32, val_f05=0.0, oof_f05=0.0, threshold=0.5)
     return record_run(run, stores, list(members), train_ids)
 
 

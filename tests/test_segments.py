@@ -19,7 +19,7 @@ import submit
 from lib.depth import NOMINAL_SURFACE, find_surface, kept_layers
 from lib.fragments import FragmentError, Segment, detect_layout, list_segments
 from lib.infer import blend_weights, predict_fragment
-from lib.model import build_model, model_config
+from lib.model import build_model, model_config, save_model_file
 from lib.store import Store
 from lib.synth import EIGHT_BIT_SEGMENT, REVERSED_SEGMENT, TEST_IDS, TRAIN_IDS, generate
 
@@ -323,11 +323,12 @@ def test_banded_blend_equals_the_whole_map_blend(tmp_path):
 
     tile, stride = 32, 16
     got = predict_fragment(Constant(), store, tile, stride, 8, tta=False, triplets="middle")
-    from lib.data import CENTRE_SLICES, normalise
+    from lib.data import CENTRE_SLICES, InputReader
+    reader = InputReader(store)  # the model's inputs, as predict_fragment reads them
     total, weight_sum = np.zeros(store.shape, np.float32), np.zeros(store.shape, np.float32)
     weights = blend_weights(tile)
     for y, x in store.tiles(tile, stride):
-        image = normalise(store.read_tile(y, x, tile, tile, CENTRE_SLICES), store.intensity_range())[2]
+        image = reader.read(y, x, tile, CENTRE_SLICES)[2]
         prob = 1 / (1 + np.exp(-(image * 4 - 2)))
         h, w = min(tile, store.shape[0] - y), min(tile, store.shape[1] - x)
         total[y: y + h, x: x + w] += prob[:h, :w] * weights[:h, :w]
@@ -344,9 +345,8 @@ def write_run(run):
     torch.manual_seed(0)
     backbone = "tu-mobilenetv3_small_050"
     path = run / "models" / backbone / "fold-1.pt"
-    path.parent.mkdir(parents=True)
-    torch.save({"config": model_config(backbone, 3), "state_dict": build_model(backbone).state_dict(), "fold": "1",
-                "tile_size": TILE, "stride": STRIDE}, path)
+    save_model_file(path, build_model(backbone), config=model_config(backbone, 3), fold="1", tile_size=TILE,
+                    stride=STRIDE)
     members = [{"backbone": backbone, "weight": 1.0, "models": [str(path.relative_to(run))], "tile_size": TILE,
                 "stride": STRIDE}]
     (run / "ensemble.json").write_text(json.dumps({"members": members, "threshold": {"mode": "absolute", "value": 0.5}}))
