@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lib.depth import NOMINAL_SURFACE  # the slice CENTRE_SLICES are centred on
-from lib.store import PERCENTILE_LEVELS, Store, mask_coverage
+from lib.store import Store, mask_coverage
 
 CENTRE_SLICES = tuple(range(28, 36))  # the 8 centre slices; slice 32 is nominally the surface
 # Inference averages three triplets of the 8 centre slices: (1,2,3), (4,5,6), (6,7,8), 1-indexed.
@@ -31,7 +31,7 @@ def surface_shift(store):
     """Slices to move CENTRE_SLICES by so that they centre on this fragment's surface: where the in-mask median
     intensity along z crosses halfway between its first and last kept slice (papyrus one side, air the other);
     0 when it never does. Kept inside the store's slices."""
-    profile = store.h5["percentiles"][:, list(PERCENTILE_LEVELS).index(50)].astype(np.float64)
+    profile = store.slice_percentile(50).astype(np.float64)
     side = np.sign(profile - (profile[0] + profile[-1]) / 2)
     crossings = np.flatnonzero(side[:-1] * side[1:] < 0)
     if len(crossings) == 0:
@@ -94,8 +94,7 @@ class InputReader:
         self.store = store
         self.intensity_range = store.intensity_range()
         self.mask = PackedMap(store.read_map("mask"))
-        profile = store.read_dataset("percentiles")[:, list(PERCENTILE_LEVELS).index(50)]
-        self.medians = normalise(profile.astype(np.float32), self.intensity_range)  # by slice - z_start
+        self.medians = normalise(store.slice_percentile(50), self.intensity_range)  # by slice - z_start
 
     def read(self, y, x, size, slices):
         """(len(slices), size, size) float32 input at (y, x)."""

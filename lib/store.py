@@ -412,6 +412,10 @@ class Store:
         values = self.read_dataset("percentiles_all")
         return float(values[levels.index(low)]), float(values[levels.index(high)])
 
+    def slice_percentile(self, level=50):
+        """(Z,) float32: each kept slice's in-mask intensity at a PERCENTILE_LEVELS level (slice z at z - z_start)."""
+        return self.read_dataset("percentiles")[:, list(PERCENTILE_LEVELS).index(level)]
+
     def read_tile(self, y, x, height, width, slices=None):
         """Volume window (len(slices), height, width) uint16 at (y, x), zero outside the image.
 
