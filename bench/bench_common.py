@@ -1,80 +1,72 @@
-"""What the benchmark scripts share: their options, the machine line, peak RSS, one measurement per fresh process
-(run_child and main_or_child), synthetic fragments of any size, and writing a script's table into bench/README.md
-between its markers, so that the prose around it stays as written."""
+"""What the benchmarks share: options, the line above the tables, peak RSS, fresh processes, synthetic fragments of
+any size, and the tables, written between their markers in bench/README.md (the prose around them stays)."""
 import argparse
-import json
+import multiprocessing
 import os
 import platform
 import re
-import subprocess
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-README = ROOT / "bench" / "README.md"
 
 
-def parser(doc):
-    """argparse for a benchmark: its docstring as help, and --readme (the file its table goes into)."""
-    result = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    result.add_argument("--readme", type=Path, default=README, help="where the table goes (default: bench/README.md)")
+def parser(doc, settings):
+    """argparse: the docstring as help, --NAME for each setting (its value the default; False: a flag), --readme."""
+    result = argparse.ArgumentParser(description=doc)
+    for name, value in settings.items():
+        kind = dict(action="store_true") if value is False else dict(type=type(value), default=value)
+        result.add_argument(f"--{name.replace('_', '-')}", help=f"default: {value}", **kind)
+    result.add_argument("--readme", type=Path, default=ROOT / "bench" / "README.md", help="the file the tables go into")
     return result
 
 
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))) / 2**20
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, " \
-           f"load average at start {os.getloadavg()[0]:.1f}"
+def command(args, names):
+    """This run's command line, with the value of each option in `names`."""
+    options = (f"--{name.replace('_', '-')} {getattr(args, name)}" for name in names)
+    return " ".join([f"python bench/{Path(sys.argv[0]).name}", *options])
+
+
+def stamp(command, *facts):
+    """The start of the line above a script's tables: the command, the date, `facts`, the machine (load now)."""
+    cpu = re.search(r"model name\s*: (.*\S)", Path("/proc/cpuinfo").read_text())
+    mem = int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text())[1]) / 2**20
+    return ", ".join([f"`{command}`", time.strftime("%Y-%m-%d"), *facts,
+                      f"{os.cpu_count()} cores ({cpu[1] if cpu else platform.processor()})", f"{mem:.0f} GiB RAM",
+                      f"Python {platform.python_version()}", f"load average at start {os.getloadavg()[0]:.1f}"])
 
 
 def maxrss_mb():
     """Peak RSS (VmHWM) of this process in MiB; not ru_maxrss, which counts the parent's memory at the fork."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
+    return int(re.search(r"VmHWM:\s*(\d+)", Path("/proc/self/status").read_text())[1]) / 1024
 
 
-def run_child(script, mode, *args):
-    """Run `script --child mode args` in a fresh Python; returns what its child function returned."""
-    payload = json.dumps([str(a) if isinstance(a, Path) else a for a in args])
-    result = subprocess.run([sys.executable, str(script), "--child", mode, payload], capture_output=True, text=True,
-                            cwd=ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"error: child {mode} {payload} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def main_or_child(main, children):
-    """main(), or in a process started by run_child: print children[mode](*args) as the last line of stdout (what
-    the code under test prints goes to stderr meanwhile)."""
-    if sys.argv[1:2] != ["--child"]:
-        return main()
-    mode, args = sys.argv[2], json.loads(sys.argv[3])
-    sys.stdout = sys.stderr
-    result = children[mode](*args)
-    sys.stdout = sys.__stdout__
-    print(json.dumps(result))
+def in_fresh_process(function, *args):
+    """function(*args) in a new Python process: its own peak RSS, nothing left over from earlier measurements."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def write_fragment(folder, height, width, slices, labels):
-    """A Kaggle-layout fragment folder of exactly height x width: the slices of a 512 px lib.synth fragment tiled
-    over it, one slice in memory at a time, so that any size fits; the mask leaves a 16 px border."""
-    import cv2
-    import numpy as np
-    import tifffile
-
+    """A Kaggle-layout fragment of exactly height x width: a 512 px lib.synth fragment's slices tiled over it, one
+    slice in memory at a time; the mask leaves a 16 px border."""
     from lib.synth import FragmentFields
 
     rng = np.random.default_rng(0)
     fields = FragmentFields(rng, (512, 512))
     fields.mask[:] = 1  # texture everywhere; the fragment's own mask is set below
     reps = (-(-height // 512), -(-width // 512))
-    (folder / "surface_volume").mkdir(parents=True)
+    volume = folder / "surface_volume"
+    volume.mkdir(parents=True)
     for z in range(slices):
-        tifffile.imwrite(folder / "surface_volume" / f"{z:02d}.tif", np.tile(fields.slice(rng, z), reps)[:height, :width])
+        tifffile.imwrite(volume / f"{z:02d}.tif", np.tile(fields.slice(rng, z), reps)[:height, :width])
     mask = np.zeros((height, width), np.uint8)
     mask[16:-16, 16:-16] = 255
     cv2.imwrite(str(folder / "mask.png"), mask)
@@ -82,13 +74,13 @@ def write_fragment(folder, height, width, slices, labels):
         cv2.imwrite(str(folder / "inklabels.png"), np.tile(fields.labels * 255, reps)[:height, :width])
 
 
-def write_table(readme, name, text):
-    """Put `text` between the <!-- name --> and <!-- /name --> markers of `readme` (appended when they are missing),
-    leaving the prose around them alone."""
-    block = f"<!-- {name} -->\n{text.strip()}\n<!-- /{name} -->"
-    old = readme.read_text()
+def write_tables(readme, name, line, *tables):
+    """Write `line` and the tables, each (header "a | b", rows "1 | 2"), between the <!-- name --> and <!-- /name -->
+    markers of `readme` (appended when they are missing)."""
+    tables = ["\n".join([f"| {head} |", "|" + "---|" * (head.count("|") + 1), *(f"| {row} |" for row in rows)])
+              for head, rows in tables]
+    text = "\n\n".join([line, *tables] if line else tables)
+    block, old = f"<!-- {name} -->\n{text}\n<!-- /{name} -->", readme.read_text()
     pattern = re.compile(rf"<!-- {re.escape(name)} -->\n.*?<!-- /{re.escape(name)} -->", re.S)
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old.rstrip()}\n\n{block}\n"
-    readme.write_text(new)
-    print(f"{text.strip()}\n\nwrote it into {readme}")
-
+    readme.write_text(pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old.rstrip()}\n\n{block}\n")
+    print(f"{text}\n\nwrote it into {readme}")
