@@ -37,7 +37,7 @@ import ray
 import torch
 from ray import tune
 
-from lib.data import Fold, TileDataset, loader_worker_init, make_folds, photometric
+from lib.data import CENTRE_ON, Fold, TileDataset, loader_worker_init, make_folds, photometric
 from lib.infer import DEFAULT_TRIPLETS, TRIPLET_MODES, predict_fragment
 from lib.lock import LockedError, exclusive
 from lib.maps import load_probability_map, save_preview, save_probability_map
@@ -87,14 +87,19 @@ def build_parser():
     parser.add_argument("--decoder-channels", help="U-Net decoder widths, e.g. 256,128,64,32,16")
     parser.add_argument("--weights", default=None, help="encoder weights: none, imagenet, or a local file")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="OOF without rot90 test-time augmentation")
-    parser.add_argument("--triplets", choices=TRIPLET_MODES, default=DEFAULT_TRIPLETS,
-                        help="how the OOF maps combine the centre-slice triplets (lib/infer.py; default %(default)s)")
+    parser.add_argument("--triplets", choices=TRIPLET_MODES, help="how the OOF maps combine the centre-slice triplets "
+                        f"(lib/infer.py; default: {DEFAULT_TRIPLETS} with --centre-on tile, else surface)")
     parser.add_argument("--no-triplets", dest="triplets", action="store_const", const="middle", help="--triplets middle")
     parser.add_argument("--z-reverse", type=float, default=0.0, help="trick: share of tiles with the slice order reversed")
     parser.add_argument("--cutout", type=float, default=0.0, help="trick: share of tiles with coarse dropout")
     parser.add_argument("--cutmix", type=float, default=0.0, help="trick: share of tiles with a box of another tile pasted in")
-    parser.add_argument("--surface-centred", action="store_true", help="trick: training triplets from the centre "
-                        "slices moved onto each fragment's surface (as --triplets surface predicts)")
+    parser.add_argument("--centre-on", choices=CENTRE_ON, default="tile", help="where the centre slices that training "
+                        "triplets come from sit: around slice 32 (nominal), on each fragment's surface (as --triplets "
+                        "surface predicts) or each tile flattened onto its own surface (as --triplets tile predicts); "
+                        "default %(default)s")
+    parser.add_argument("--depth-jitter", type=int, help="training triplets move up or down by up to this many slices, "
+                        "so that the model learns ink wherever the surface lies (default: 0 with --centre-on tile, "
+                        "where the surface is always slice 32, else 2)")
     parser.add_argument("--ema", type=float, default=0.0, help="trick: decay of an EMA of the weights, which is then "
                         "validated and exported (0: off; e.g. 0.99)")
     for name, value in LOSS_DEFAULTS.items():
@@ -120,6 +125,9 @@ def parse_args(argv=None):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    flattened = args.centre_on == "tile"
+    args.triplets = args.triplets or (DEFAULT_TRIPLETS if flattened else "surface")
+    args.depth_jitter = (0 if flattened else 2) if args.depth_jitter is None else args.depth_jitter
     return args
 
 
@@ -194,7 +202,8 @@ def fold_loaders(config, fold, held_out, device):
     stores = held_out.parent
     train_paths = [str(stores / f"{i}.h5") for i in config["train_ids"] if i != fold.fragment_id or fold.rows]
     held_out, tile_size = str(held_out), config["tile_size"]
-    tricks = {k: config[k] for k in ("z_reverse", "cutout", "cutmix", "surface_centred")}
+    tricks = {k: config[k] for k in ("z_reverse", "cutout", "cutmix", "centre_on")}
+    tricks["max_depth_shift"] = config["depth_jitter"]
     train_set = TileDataset(train_paths, tile_size, config["stride"], augment=True,
                             skip_rows={held_out: fold.rows} if fold.rows else None, **tricks)
     val_set = TileDataset([held_out], tile_size, tile_size, augment=False,

@@ -25,22 +25,38 @@ CENTRE_SLICES = tuple(range(28, 36))  # the 8 centre slices; slice 32 is nominal
 # Inference averages three triplets of the 8 centre slices: (1,2,3), (4,5,6), (6,7,8), 1-indexed.
 TRIPLETS = ((0, 1, 2), (3, 4, 5), (5, 6, 7))
 MIDDLE_TRIPLET = (2, 3, 4)  # slices 30..32: used when triplet averaging is off
+# With each tile's own surface known (InputReader follow_surface), the triplets around it: slices -1..1, 0..2 and
+# 1..3 from the surface, where the ink lies (on the surface, soaked a little into the papyrus below it).
+SURFACE_TRIPLETS = ((3, 4, 5), (4, 5, 6), (5, 6, 7))
+CENTRE_ON = ("nominal", "fragment", "tile")  # where training triplets sit (TileDataset)
+
+
+def surface_in_profile(profile, z_start):
+    """The surface (a fractional absolute slice number) in an intensity profile over the slices z_start, z_start + 1,
+    ... (papyrus below, air above): where it crosses halfway between its first and last value, the crossing nearest
+    NOMINAL_SURFACE, interpolated between slices; None when it never crosses."""
+    profile = np.asarray(profile, np.float64)
+    half = (profile[0] + profile[-1]) / 2
+    side = np.sign(profile - half)
+    crossings = np.flatnonzero(side[:-1] * side[1:] < 0)
+    if len(crossings) == 0:
+        return None
+    z = crossings[np.argmin(np.abs(crossings + z_start - NOMINAL_SURFACE))]
+    a, b = profile[z] - half, profile[z + 1] - half
+    return z_start + z + a / (a - b)
+
+
+def depth_shift(surface, slices, z_start, z_stop):
+    """Slices to move `slices` by so that NOMINAL_SURFACE lands on `surface` (0 when None), kept inside z_start:z_stop."""
+    shift = 0 if surface is None else int(round(surface - NOMINAL_SURFACE))
+    return int(np.clip(shift, z_start - min(slices), z_stop - 1 - max(slices)))
 
 
 def surface_shift(store):
-    """Slices to move CENTRE_SLICES by so that they centre on this fragment's surface: where the in-mask median
-    intensity along z crosses halfway between its first and last kept slice (papyrus one side, air the other);
-    0 when it never does. Kept inside the store's slices."""
-    profile = store.slice_percentile(50).astype(np.float64)
-    side = np.sign(profile - (profile[0] + profile[-1]) / 2)
-    crossings = np.flatnonzero(side[:-1] * side[1:] < 0)
-    if len(crossings) == 0:
-        return 0
-    z = crossings[np.argmin(np.abs(crossings + store.z_start - NOMINAL_SURFACE))]
-    a, b = profile[z] - (profile[0] + profile[-1]) / 2, profile[z + 1] - (profile[0] + profile[-1]) / 2
-    surface = store.z_start + z + a / (a - b)  # linear interpolation between slices z and z + 1
-    shift = int(round(surface - NOMINAL_SURFACE))
-    return int(np.clip(shift, store.z_start - CENTRE_SLICES[0], store.z_stop - 1 - CENTRE_SLICES[-1]))
+    """Slices to move CENTRE_SLICES by so that they centre on this fragment's surface, found in the in-mask median
+    intensity of each kept slice (surface_in_profile); 0 when there is none."""
+    surface = surface_in_profile(store.slice_percentile(50), store.z_start)
+    return depth_shift(surface, CENTRE_SLICES, store.z_start, store.z_stop)
 
 
 def triplet_slices(triplet):
@@ -96,15 +112,54 @@ class InputReader:
         self.mask = PackedMap(store.read_map("mask"))
         self.medians = normalise(store.slice_percentile(50), self.intensity_range)  # by slice - z_start
 
-    def read(self, y, x, size, slices):
-        """(len(slices), size, size) float32 input at (y, x)."""
-        tile = normalise(self.store.read_tile(y, x, size, size, slices), self.intensity_range)
+    def read(self, y, x, size, slices, follow_surface=False):
+        """(len(slices), size, size) float32 input at (y, x). With `follow_surface`, every kept slice is read and
+        the tile is flattened onto its own surface (surface_depths, flatten): the surface wanders within a
+        fragment, and near it the papyrus-to-air edge changes a slice's intensity with depth far more than ink."""
+        store = self.store
+        read_slices = list(range(store.z_start, store.z_stop)) if follow_surface else list(slices)
+        tile = normalise(store.read_tile(y, x, size, size, read_slices), self.intensity_range)
         outside = self.mask.window(y, x, size) == 0
         if outside.any():
-            tile[:, outside] = self.medians[[z - self.store.z_start for z in slices]][:, None]
+            tile[:, outside] = self.medians[[z - store.z_start for z in read_slices]][:, None]
+        if follow_surface:
+            tile = flatten(tile, store.z_start, surface_depths(tile, store.z_start), slices)
         # every 4th pixel each way is plenty for a median and 16x cheaper than all of them
         tile += 0.5 - np.median(tile[:, ::4, ::4].reshape(len(tile), -1), axis=1)[:, None, None]
         return tile
+
+
+SURFACE_STEP = 4  # px: each pixel's surface is found on a grid this coarse, then interpolated (it wanders slowly)
+SURFACE_BLUR = 2  # grid cells: sigma of the blur that averages the noise (and most of a stroke's own ink) away
+
+
+def surface_depths(volume, z_start):
+    """(H, W) float32: each pixel's surface, a fractional slice number, in a (Z, H, W) volume of the slices
+    z_start.. (papyrus below, air above): where its intensity, blurred across the sheet, first falls below halfway
+    between the lowest and the highest slice (linear between slices)."""
+    height, width = volume.shape[1:]
+    grid = (max(1, width // SURFACE_STEP), max(1, height // SURFACE_STEP))
+    smooth = np.stack([cv2.GaussianBlur(cv2.resize(s, grid, interpolation=cv2.INTER_AREA), (0, 0), SURFACE_BLUR)
+                       for s in volume])
+    half = (smooth[0] + smooth[-1]) / 2
+    k = np.clip(np.argmin(smooth > half, axis=0), 1, len(smooth) - 1)[None]
+    above = np.take_along_axis(smooth, k - 1, 0)[0] - half
+    below = np.take_along_axis(smooth, k, 0)[0] - half
+    depth = z_start + k[0] - 1 + np.clip(above / np.maximum(above - below, 1e-6), 0, 1)
+    return cv2.resize(depth.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def flatten(volume, z_start, depths, slices):
+    """(len(slices), H, W) float32: slice z of the nominal frame (NOMINAL_SURFACE the surface) sampled in a
+    (Z, H, W) volume of the slices z_start.. at each pixel's `depths` + (z - NOMINAL_SURFACE), linearly between
+    slices, clamped to the volume."""
+    out = np.empty((len(slices), *volume.shape[1:]), np.float32)
+    for i, z in enumerate(slices):
+        position = np.clip(depths + (z - NOMINAL_SURFACE - z_start), 0, len(volume) - 1)
+        lower = np.minimum(position.astype(np.int64), len(volume) - 2)[None]
+        low, high = np.take_along_axis(volume, lower, 0)[0], np.take_along_axis(volume, lower + 1, 0)[0]
+        out[i] = low + (high - low) * (position - lower[0])
+    return out
 
 
 def random_geometry(tile_size, scale=(0.9, 1.1), degrees=10, affine_p=0.5):
@@ -150,14 +205,15 @@ class TileDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, store_paths, tile_size, stride, augment=True, max_depth_shift=2, min_mask_fraction=0.25,
-                 skip_rows=None, only_rows=None, z_reverse=0.0, cutout=0.0, cutmix=0.0, surface_centred=False):
+                 skip_rows=None, only_rows=None, z_reverse=0.0, cutout=0.0, cutmix=0.0, centre_on="nominal"):
         """`skip_rows` / `only_rows`: {store_path: (y0, y1)}: drop tiles overlapping those rows (a held-out
         band), or keep only tiles whose centre row lies in them (validating on that band).
         Training tricks of the top Kaggle solutions, each the probability that a tile gets it (augment only):
         `z_reverse` reverses the order of the 3 slices, `cutout` blanks up to 2 rectangles of the image
         (coarse dropout), `cutmix` pastes a rectangle of another random tile, image and label.
-        `surface_centred`: training triplets are drawn from the 8 centre slices moved onto each fragment's own
-        surface (surface_shift), as the "surface" triplet mode predicts."""
+        `centre_on`: where the 8 centre slices the triplets are drawn from sit: around the "nominal" surface
+        (slice 32), moved onto each "fragment"'s own surface (surface_shift, as the "surface" triplet mode predicts),
+        or onto each "tile"'s own surface (InputReader follow_surface, as the "tile" triplet mode predicts)."""
         skip_rows, only_rows = skip_rows or {}, only_rows or {}
         self.stores = [Store(p) for p in store_paths]
         self.tile_size = tile_size
@@ -165,7 +221,10 @@ class TileDataset(torch.utils.data.Dataset):
         self.max_depth_shift = max_depth_shift
         self.z_reverse, self.cutout, self.cutmix = z_reverse, cutout, cutmix
         self.readers = [InputReader(s) for s in self.stores]
-        self.shifts = [surface_shift(s) if surface_centred else 0 for s in self.stores]
+        if centre_on not in CENTRE_ON:
+            raise ValueError(f"centre_on {centre_on!r} is not one of {', '.join(CENTRE_ON)}")
+        self.follow_surface = centre_on == "tile"
+        self.shifts = [surface_shift(s) if centre_on == "fragment" else 0 for s in self.stores]
         self.labels = [PackedMap(s.read_map("labels")) for s in self.stores]
         items = []
         for index, (path, store) in enumerate(zip(store_paths, self.stores)):
@@ -189,8 +248,9 @@ class TileDataset(torch.utils.data.Dataset):
         """A random triplet start in the 8 centre slices (moved by `surface` slices) plus a random depth shift
         (training), or the middle triplet."""
         if not self.augment:
-            return [z + surface for z in triplet_slices(MIDDLE_TRIPLET)]
-        start = int(torch.randint(0, len(CENTRE_SLICES) - 2, ()))
+            return [z + surface for z in triplet_slices(SURFACE_TRIPLETS[1] if self.follow_surface else MIDDLE_TRIPLET)]
+        starts = [t[0] for t in SURFACE_TRIPLETS] if self.follow_surface else range(len(CENTRE_SLICES) - 2)
+        start = starts[int(torch.randint(0, len(starts), ()))]
         shift = surface + int(torch.randint(-self.max_depth_shift, self.max_depth_shift + 1, ()))
         first = min(max(CENTRE_SLICES[start] + shift, store.z_start), store.z_stop - 3)
         slices = [first, first + 1, first + 2]
@@ -199,7 +259,8 @@ class TileDataset(torch.utils.data.Dataset):
     def read_item(self, i):
         index, y, x = self.items[i]
         slices = self.choose_slices(self.stores[index], self.shifts[index])
-        return self.readers[index].read(y, x, self.tile_size, slices), self.labels[index].window(y, x, self.tile_size)
+        image = self.readers[index].read(y, x, self.tile_size, slices, self.follow_surface)
+        return image, self.labels[index].window(y, x, self.tile_size)
 
     def __getitem__(self, i):
         image, label = self.read_item(i)

@@ -19,25 +19,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.data import CENTRE_SLICES, MIDDLE_TRIPLET, TRIPLETS, InputReader, surface_shift
+from lib.data import CENTRE_SLICES, MIDDLE_TRIPLET, SURFACE_TRIPLETS, TRIPLETS, InputReader, surface_shift
 
 # How the triplets' predictions become one: "mean" of the three (the original solution), their "max", the
 # "middle" triplet alone, or "surface": the mean after moving the 8 centre slices so that they centre on the
-# fragment's own surface (surface_shift), as the 7th-place team did. "surface" scored best on the out-of-fold maps
-# of the demo runs (bench/README.md, "## models").
-TRIPLET_MODES = ("mean", "max", "middle", "surface")
-DEFAULT_TRIPLETS = "surface"
+# fragment's own surface (surface_shift), as the 7th-place team did, or "tile": the mean after moving them onto each
+# tile's own surface (InputReader follow_surface), for surfaces that wander within a fragment.
+TRIPLET_MODES = ("mean", "max", "middle", "surface", "tile")
+DEFAULT_TRIPLETS = "tile"
 
 
 def triplet_inputs(store, mode):
-    """(absolute slices to read, triplets as indices into them, how to combine) for a TRIPLET_MODES mode."""
+    """(absolute slices to read, triplets as indices into them, how to combine, whether the slices follow each
+    tile's surface) for a TRIPLET_MODES mode."""
     if mode not in TRIPLET_MODES:
         raise ValueError(f"unknown triplet mode {mode!r}: choose one of {', '.join(TRIPLET_MODES)}")
     shift = surface_shift(store) if mode == "surface" else 0
     slices = [z + shift for z in CENTRE_SLICES]
     if mode == "middle":
-        return slices, (MIDDLE_TRIPLET,), "mean"
-    return slices, TRIPLETS, "max" if mode == "max" else "mean"
+        return slices, (MIDDLE_TRIPLET,), "mean", False
+    if mode == "tile":
+        return slices, SURFACE_TRIPLETS, "mean", True
+    return slices, TRIPLETS, "max" if mode == "max" else "mean", False
 
 
 def blend_weights(tile_size):
@@ -62,18 +65,20 @@ def merge_tta(probs, num_tiles, triplets, rotations, combine="mean"):
     return per_triplet.amax(dim=1) if combine == "max" else per_triplet.mean(dim=1)
 
 
-def read_batches(store, positions, tile_size, batch_size, slices=CENTRE_SLICES, readers=2, pin=False):
+def read_batches(store, positions, tile_size, batch_size, slices=CENTRE_SLICES, readers=2, pin=False,
+                 follow_surface=False):
     """Yield (positions, (B, len(slices), T, T) float32 tensor of normalised tiles) batch by batch, in order.
 
     `readers` threads read ahead (at most 2 x readers batches in flight, so memory stays a few batches);
     0 reads in the calling thread. h5py releases the GIL while HDF5 reads, so reading overlaps the model's work,
     but it serialises all HDF5 calls behind one lock: reads do not run in parallel with each other (one core's
     worth of reading at most). pin=True returns page-locked tensors (fast, asynchronous copies to a GPU).
+    `follow_surface`: as InputReader.read's.
     """
     reader = InputReader(store)  # also opens the file here, before any thread touches it
 
     def read(batch):
-        tiles = np.stack([reader.read(y, x, tile_size, slices) for y, x in batch])
+        tiles = np.stack([reader.read(y, x, tile_size, slices, follow_surface) for y, x in batch])
         return torch.from_numpy(tiles).pin_memory() if pin else torch.from_numpy(tiles)
 
     batches = [positions[start: start + batch_size] for start in range(0, len(positions), batch_size)]
@@ -112,7 +117,7 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
     """
     device = torch.device(device)
     models = as_weighted_models(models)
-    slices, groups, combine = triplet_inputs(store, triplets)
+    slices, groups, combine, follow_surface = triplet_inputs(store, triplets)
     rotations = (0, 1, 2, 3) if tta else (0,)
     out = np.zeros(store.shape, np.float32) if out is None else out
     band = BlendBand(store, tile_size, out, scale)
@@ -135,7 +140,8 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
     previous = None
     bar = tqdm(total=len(positions), unit="tile", desc=f"predict {store.fragment_id}", disable=not progress)
     with bar:
-        for batch, tiles in read_batches(store, positions, tile_size, batch_size, slices, readers, pin=on_gpu):
+        batches = read_batches(store, positions, tile_size, batch_size, slices, readers, on_gpu, follow_surface)
+        for batch, tiles in batches:
             inputs = tta_inputs(tiles.to(device, non_blocking=True), groups, rotations).contiguous(memory_format=memory_format)
             merged = torch.zeros((len(batch), tile_size, tile_size), device=device)
             for model, weight in models:

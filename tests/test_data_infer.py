@@ -5,8 +5,8 @@ import tifffile
 import torch
 import cv2
 
-from lib.data import (CENTRE_SLICES, TRIPLETS, Fold, InputReader, TileDataset, coarse_dropout, equal_area_bands,
-                      make_folds, normalise, photometric)
+from lib.data import (CENTRE_SLICES, SURFACE_TRIPLETS, TRIPLETS, Fold, InputReader, TileDataset, coarse_dropout,
+                      equal_area_bands, flatten, make_folds, normalise, photometric, surface_depths)
 from lib.fragments import Fragment
 from lib.infer import TRIPLET_MODES, blend_weights, merge_tta, predict_fragment, surface_shift, triplet_inputs
 from lib.synth import FragmentFields, FragmentLevel, write_fragment
@@ -249,14 +249,37 @@ def test_surface_shift_finds_the_fragment_surface(tmp_path, offset, shift):
     """From the in-mask median intensity along z; never past the store's slices (28..35 can move -4..+4 in 24:40)."""
     store = flat_surface_store(tmp_path, offset)
     assert surface_shift(store) == shift
-    slices, groups, combine = triplet_inputs(store, "surface")
+    slices, groups, combine, follow_surface = triplet_inputs(store, "surface")
     assert slices == [z + shift for z in CENTRE_SLICES] and len(groups) == 3 and combine == "mean"
+    assert not follow_surface and triplet_inputs(store, "tile")[1:] == (SURFACE_TRIPLETS, "mean", True)
+
+
+def tilted_volume(height=64, width=96, z_start=24, num_slices=16, noise=0.0, seed=0):
+    """(Z, H, W) float32: papyrus (1) below a surface that climbs from slice 29 to 35 across the width, air (0)
+    above it, with the synthetic generator's soft edge; and that surface's depth (H, W)."""
+    depth = np.broadcast_to(29 + 6 * np.arange(width, dtype=np.float32) / (width - 1), (height, width))
+    z = np.arange(z_start, z_start + num_slices, dtype=np.float32)[:, None, None]
+    volume = 1 / (1 + np.exp((z - depth) / 0.7))
+    volume += noise * np.random.default_rng(seed).standard_normal(volume.shape)
+    return volume.astype(np.float32), depth
+
+
+def test_surface_depths_follow_a_tilted_surface_and_flatten_puts_it_on_slice_32():
+    volume, depth = tilted_volume(noise=0.04)
+    found = surface_depths(volume, 24)
+    assert found.shape == depth.shape and np.abs(found - depth)[8:-8, 8:-8].max() < 0.15
+    flat = flatten(volume, 24, found, [30, 32, 34])
+    # 2 slices into the papyrus, at the edge (half way), 2 slices into the air: the same everywhere along the tilt
+    assert np.abs(flat[:, 8:-8, 8:-8].mean(axis=(1, 2)) - [0.94, 0.5, 0.06]).max() < 0.03
+    assert np.abs(flat[1, 8:-8, 8:-8].mean(axis=0) - 0.5).max() < 0.06
+    # without flattening slice 32 runs from papyrus to air across the tile
+    assert volume[32 - 24, :, 0].mean() < 0.1 and volume[32 - 24, :, -1].mean() > 0.9
 
 
 def test_triplet_modes_on_a_real_store(label_store):
     path, _, mask = label_store
     store = Store(path)
-    assert triplet_inputs(store, "middle")[1:] == (((2, 3, 4),), "mean")
+    assert triplet_inputs(store, "middle")[1:] == (((2, 3, 4),), "mean", False)
     assert triplet_inputs(store, "max")[2] == "max" and triplet_inputs(store, "mean")[0] == list(CENTRE_SLICES)
     maps = {mode: predict_fragment(PointwiseModel(), store, 64, 32, tta=False, triplets=mode) for mode in TRIPLET_MODES}
     for mode, prob in maps.items():
