@@ -1,11 +1,12 @@
 """Training tiles from tile stores: 3-slice inputs from the 8 centre slices, normalised and augmented.
 
 The model sees 3 channels, as in the original solution: three consecutive slices drawn from the 8
-centre slices (28..35, around the nominal surface 32), moved up or down by a random depth shift so
-that it learns ink wherever the surface lies. Optional tricks of the top Kaggle solutions (z-reversal,
-cutout, cutmix, surface-centred triplets) are TileDataset arguments, all off by default. All randomness
-comes from torch's generator, which the DataLoader seeds per worker from the main seed, so a run is
-deterministic given --seed.
+centre slices (28..35, around the nominal surface 32). With centre_on="tile" (train.py's default) each tile is
+first flattened onto its own surface (InputReader follow_surface: surface_depths, flatten), so that slice 32 is
+the surface at every pixel; else the triplets move up or down by a random depth shift so that the model learns
+ink wherever the surface lies. Optional tricks of the top Kaggle solutions (z-reversal, cutout, cutmix) are
+TileDataset arguments, all off by default. All randomness comes from torch's generator, which the DataLoader
+seeds per worker from the main seed, so a run is deterministic given --seed.
 
 Augmentation is split where it is cheapest: the geometric part (flips, rot90, rotation + scale) per
 tile in the loader, the same cv2.warpAffine on image and label; the photometric part (brightness,
@@ -95,6 +96,10 @@ class PackedMap:
             bits = np.unpackbits(self.bits[y:y1, x // 8: (x1 + 7) // 8], axis=1)
             out[: y1 - y, : x1 - x] = bits[:, x % 8: x % 8 + x1 - x]
         return out
+
+    def rows(self, y0, y1):
+        """(y1 - y0, W) uint8 of the map's rows y0..y1 (inside it)."""
+        return np.unpackbits(self.bits[y0:y1], axis=1, count=self.shape[1])
 
 
 class InputReader:

@@ -65,9 +65,10 @@ def merge_tta(probs, num_tiles, triplets, rotations, combine="mean"):
     return per_triplet.amax(dim=1) if combine == "max" else per_triplet.mean(dim=1)
 
 
-def read_batches(store, positions, tile_size, batch_size, slices=CENTRE_SLICES, readers=2, pin=False,
+def read_batches(reader, positions, tile_size, batch_size, slices=CENTRE_SLICES, readers=2, pin=False,
                  follow_surface=False):
-    """Yield (positions, (B, len(slices), T, T) float32 tensor of normalised tiles) batch by batch, in order.
+    """Yield (positions, (B, len(slices), T, T) float32 tensor of `reader`'s (an InputReader) tiles) batch by batch,
+    in order.
 
     `readers` threads read ahead (at most 2 x readers batches in flight, so memory stays a few batches);
     0 reads in the calling thread. h5py releases the GIL while HDF5 reads, so reading overlaps the model's work,
@@ -75,8 +76,6 @@ def read_batches(store, positions, tile_size, batch_size, slices=CENTRE_SLICES, 
     worth of reading at most). pin=True returns page-locked tensors (fast, asynchronous copies to a GPU).
     `follow_surface`: as InputReader.read's.
     """
-    reader = InputReader(store)  # also opens the file here, before any thread touches it
-
     def read(batch):
         tiles = np.stack([reader.read(y, x, tile_size, slices, follow_surface) for y, x in batch])
         return torch.from_numpy(tiles).pin_memory() if pin else torch.from_numpy(tiles)
@@ -120,7 +119,8 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
     slices, groups, combine, follow_surface = triplet_inputs(store, triplets)
     rotations = (0, 1, 2, 3) if tta else (0,)
     out = np.zeros(store.shape, np.float32) if out is None else out
-    band = BlendBand(store, tile_size, out, scale)
+    reader = InputReader(store)  # also opens the file here, before any thread touches it
+    band = BlendBand(reader.mask, tile_size, out, scale)
     device_weights = torch.from_numpy(band.weights).to(device)
     positions = store.tiles(tile_size, stride)
     positions = positions[np.lexsort((positions[:, 1], positions[:, 0]))]  # row by row: the band moves down only
@@ -140,7 +140,7 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
     previous = None
     bar = tqdm(total=len(positions), unit="tile", desc=f"predict {store.fragment_id}", disable=not progress)
     with bar:
-        batches = read_batches(store, positions, tile_size, batch_size, slices, readers, on_gpu, follow_surface)
+        batches = read_batches(reader, positions, tile_size, batch_size, slices, readers, on_gpu, follow_surface)
         for batch, tiles in batches:
             inputs = tta_inputs(tiles.to(device, non_blocking=True), groups, rotations).contiguous(memory_format=memory_format)
             merged = torch.zeros((len(batch), tile_size, tile_size), device=device)
@@ -167,9 +167,10 @@ class BlendBand:
     rows never decrease); when one reaches below the band, the rows above its top are final: they are divided by
     their weight sum, masked and added into `out` (x scale), and the band moves down to that tile."""
 
-    def __init__(self, store, tile_size, out, scale):
-        self.store, self.tile_size, self.out, self.scale = store, tile_size, out, np.float32(scale)
-        self.height, self.width = store.shape
+    def __init__(self, mask, tile_size, out, scale):
+        """`mask`: the fragment's PackedMap (InputReader.mask), so that finishing rows reads nothing from the store."""
+        self.mask, self.tile_size, self.out, self.scale = mask, tile_size, out, np.float32(scale)
+        self.height, self.width = mask.shape
         self.weights = blend_weights(tile_size)
         self.rows = 4 * tile_size  # band height: moving it copies at most a tile's rows
         self.total = np.zeros((self.rows, self.width), np.float32)
@@ -193,7 +194,7 @@ class BlendBand:
         n = min(done, self.rows)
         total, weight_sum = self.total[:n], self.weight_sum[:n]
         np.divide(total, weight_sum, out=total, where=weight_sum > 0)
-        total *= self.store.read_window("mask", self.y0, 0, n, self.width)
+        total *= self.mask.rows(self.y0, self.y0 + n)
         self.out[self.y0: self.y0 + n] += self.scale * total
         for array in (self.total, self.weight_sum):
             array[: self.rows - n] = array[n:].copy()

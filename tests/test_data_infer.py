@@ -68,6 +68,28 @@ def test_training_slices_come_from_the_centre_with_a_small_shift(label_store):
     assert len(firsts) >= 6  # the start really varies
 
 
+def test_flattened_training_slices_are_the_surface_triplets(label_store):
+    path, _, _ = label_store
+    dataset = TileDataset([path], tile_size=64, stride=32, augment=True, max_depth_shift=0, centre_on="tile")
+    torch.manual_seed(1)
+    firsts = {dataset.choose_slices(dataset.stores[0])[0] for _ in range(100)}
+    assert firsts == {CENTRE_SLICES[t[0]] for t in SURFACE_TRIPLETS}
+    image, label = dataset[0]
+    assert image.shape == (3, 64, 64) and label.shape == (1, 64, 64) and torch.isfinite(image).all()
+    with pytest.raises(ValueError, match="centre_on 'surface'"):
+        TileDataset([path], 64, 32, centre_on="surface")
+
+
+def test_a_flattened_read_moves_the_slices_onto_the_surface(tmp_path):
+    """On a sheet whose surface sits 3 slices above 32, flattened slices 31..33 are the stored slices 34..36."""
+    store = flat_surface_store(tmp_path, 3.0)
+    reader = InputReader(store)
+    flat = reader.read(16, 16, 64, [31, 32, 33], follow_surface=True)
+    stored = reader.read(16, 16, 64, [34, 35, 36])
+    assert flat.shape == (3, 64, 64)
+    assert np.abs(flat - stored).mean() < 0.25 * np.abs(stored - reader.read(16, 16, 64, [31, 32, 33])).mean()
+
+
 def test_skip_and_only_rows_select_tiles(label_store):
     path, _, _ = label_store
     full = TileDataset([path], 64, 32, augment=False)

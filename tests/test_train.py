@@ -161,6 +161,17 @@ def test_full_preset_scales_the_learning_rate_with_the_batch():
     assert args.workers is None and args.precision == "auto"
 
 
+def test_flattened_inputs_are_the_default_and_set_the_triplets_and_depth_jitter():
+    import train
+
+    args = train.parse_args([])
+    assert (args.centre_on, args.triplets, args.depth_jitter) == ("tile", "tile", 0)
+    args = train.parse_args(["--centre-on", "nominal"])
+    assert (args.triplets, args.depth_jitter) == ("surface", 2)
+    args = train.parse_args(["--triplets", "max", "--depth-jitter", "1"])
+    assert (args.triplets, args.depth_jitter) == ("max", 1)
+
+
 def test_workers_follow_the_trials_share_of_the_cpus():
     import train
 
