@@ -156,15 +156,15 @@ def surface_depths(volume, z_start):
 
 def flatten(volume, z_start, depths, slices):
     """(len(slices), H, W) float32: slice z of the nominal frame (NOMINAL_SURFACE the surface) sampled in a
-    (Z, H, W) volume of the slices z_start.. at each pixel's `depths` + (z - NOMINAL_SURFACE), linearly between
-    slices, clamped to the volume."""
-    out = np.empty((len(slices), *volume.shape[1:]), np.float32)
-    for i, z in enumerate(slices):
-        position = np.clip(depths + (z - NOMINAL_SURFACE - z_start), 0, len(volume) - 1)
-        lower = np.minimum(position.astype(np.int64), len(volume) - 2)[None]
-        low, high = np.take_along_axis(volume, lower, 0)[0], np.take_along_axis(volume, lower + 1, 0)[0]
-        out[i] = low + (high - low) * (position - lower[0])
-    return out
+    (Z, H, W) float32 volume of the slices z_start.. at each pixel's `depths` + (z - NOMINAL_SURFACE), linearly
+    between slices, clamped to the volume."""
+    plane = volume[0].size
+    offsets = np.asarray(slices, np.float32)[:, None, None] - np.float32(NOMINAL_SURFACE + z_start)
+    position = np.clip(depths[None] + offsets, 0, len(volume) - 1)
+    lower = np.minimum(position.astype(np.intp), len(volume) - 2)
+    index = lower * plane + np.arange(plane).reshape(volume.shape[1:])  # into the flat volume: one gather a slice
+    low, high = volume.reshape(-1).take(index), volume.reshape(-1).take(index + plane)
+    return low + (high - low) * (position - lower.astype(np.float32))
 
 
 def random_geometry(tile_size, scale=(0.9, 1.1), degrees=10, affine_p=0.5):
