@@ -45,7 +45,9 @@ def best_rate(args, work, calls):
 
 
 def loader(args, workers, augment=True):
-    dataset = TileDataset(sorted(Path(args.stores, "train").glob("*.h5")), args.tile_size, args.stride, augment=augment)
+    defaults = train.parse_args([])  # the tiles as a trial reads them: flattened by default
+    dataset = TileDataset(sorted(Path(args.stores, "train").glob("*.h5")), args.tile_size, args.stride, augment=augment,
+                          centre_on=defaults.centre_on, max_depth_shift=defaults.depth_jitter)
     return train.train_loader(dataset, args.batch_size, args.batch_size * args.steps, workers, args.device)
 
 

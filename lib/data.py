@@ -115,7 +115,7 @@ class InputReader:
         self.store = store
         self.intensity_range = store.intensity_range()
         self.mask = PackedMap(store.read_map("mask"))
-        self.medians = normalise(store.slice_percentile(50), self.intensity_range)  # by slice - z_start
+        self.medians = np.round(store.slice_percentile(50)).astype(np.uint16)  # by slice - z_start
 
     def read(self, y, x, size, slices, follow_surface=False):
         """(len(slices), size, size) float32 input at (y, x). With `follow_surface`, every kept slice is read and
@@ -123,12 +123,13 @@ class InputReader:
         fragment, and near it the papyrus-to-air edge changes a slice's intensity with depth far more than ink."""
         store = self.store
         read_slices = list(range(store.z_start, store.z_stop)) if follow_surface else list(slices)
-        tile = normalise(store.read_tile(y, x, size, size, read_slices), self.intensity_range)
+        tile = store.read_tile(y, x, size, size, read_slices)
         outside = self.mask.window(y, x, size) == 0
         if outside.any():
             tile[:, outside] = self.medians[[z - store.z_start for z in read_slices]][:, None]
-        if follow_surface:
+        if follow_surface:  # on the raw values: only the slices asked for become float32
             tile = flatten(tile, store.z_start, surface_depths(tile, store.z_start), slices)
+        tile = normalise(tile, self.intensity_range)
         # every 4th pixel each way is plenty for a median and 16x cheaper than all of them
         tile += 0.5 - np.median(tile[:, ::4, ::4].reshape(len(tile), -1), axis=1)[:, None, None]
         return tile
@@ -139,13 +140,14 @@ SURFACE_BLUR = 2  # grid cells: sigma of the blur that averages the noise (and m
 
 
 def surface_depths(volume, z_start):
-    """(H, W) float32: each pixel's surface, a fractional slice number, in a (Z, H, W) volume of the slices
+    """(H, W) float32: each pixel's surface, a fractional slice number, in a (Z, H, W) volume (any dtype cv2.resize
+    takes) of the slices
     z_start.. (papyrus below, air above): where its intensity, blurred across the sheet, first falls below halfway
     between the lowest and the highest slice (linear between slices)."""
     height, width = volume.shape[1:]
     grid = (max(1, width // SURFACE_STEP), max(1, height // SURFACE_STEP))
-    smooth = np.stack([cv2.GaussianBlur(cv2.resize(s, grid, interpolation=cv2.INTER_AREA), (0, 0), SURFACE_BLUR)
-                       for s in volume])
+    smooth = np.stack([cv2.GaussianBlur(cv2.resize(s, grid, interpolation=cv2.INTER_AREA).astype(np.float32), (0, 0),
+                                        SURFACE_BLUR) for s in volume])
     half = (smooth[0] + smooth[-1]) / 2
     k = np.clip(np.argmin(smooth > half, axis=0), 1, len(smooth) - 1)[None]
     above = np.take_along_axis(smooth, k - 1, 0)[0] - half
@@ -156,14 +158,14 @@ def surface_depths(volume, z_start):
 
 def flatten(volume, z_start, depths, slices):
     """(len(slices), H, W) float32: slice z of the nominal frame (NOMINAL_SURFACE the surface) sampled in a
-    (Z, H, W) float32 volume of the slices z_start.. at each pixel's `depths` + (z - NOMINAL_SURFACE), linearly
-    between slices, clamped to the volume."""
+    (Z, H, W) volume of the slices z_start.. at each pixel's `depths` + (z - NOMINAL_SURFACE), linearly between
+    slices, clamped to the volume."""
     plane = volume[0].size
     offsets = np.asarray(slices, np.float32)[:, None, None] - np.float32(NOMINAL_SURFACE + z_start)
     position = np.clip(depths[None] + offsets, 0, len(volume) - 1)
     lower = np.minimum(position.astype(np.intp), len(volume) - 2)
     index = lower * plane + np.arange(plane).reshape(volume.shape[1:])  # into the flat volume: one gather a slice
-    low, high = volume.reshape(-1).take(index), volume.reshape(-1).take(index + plane)
+    low, high = (volume.reshape(-1).take(i).astype(np.float32) for i in (index, index + plane))
     return low + (high - low) * (position - lower.astype(np.float32))
 
 
