@@ -148,7 +148,9 @@ def run_options(args):
 
 def resume_options(args, given, record, record_path):
     """The recorded options, with this command's runtime options; a conflicting option is an error."""
-    recorded = record["options"]
+    recorded = dict(record["options"])
+    if "centre_on" not in recorded:  # a run from before --centre-on: it trains unflattened, as it began
+        recorded.update(centre_on="fragment" if recorded.pop("surface_centred", False) else "nominal", depth_jitter=2)
     for key in sorted(given - set(RUNTIME_OPTIONS)):
         value = run_options(args)[key]
         if key in recorded and value != recorded[key]:

@@ -172,6 +172,17 @@ def test_flattened_inputs_are_the_default_and_set_the_triplets_and_depth_jitter(
     assert (args.triplets, args.depth_jitter) == ("max", 1)
 
 
+def test_a_run_from_before_flattening_resumes_unflattened():
+    import train
+
+    args = train.parse_args([])
+    old = {k: v for k, v in vars(args).items() if k not in ("centre_on", "depth_jitter")}
+    resumed = train.resume_options(args, set(), {"options": {**old, "surface_centred": True}}, "run.json")
+    assert (resumed.centre_on, resumed.depth_jitter) == ("fragment", 2) and not hasattr(resumed, "surface_centred")
+    resumed = train.resume_options(args, set(), {"options": old}, "run.json")
+    assert (resumed.centre_on, resumed.depth_jitter) == ("nominal", 2)
+
+
 def test_workers_follow_the_trials_share_of_the_cpus():
     import train
 
