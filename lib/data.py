@@ -26,38 +26,27 @@ CENTRE_SLICES = tuple(range(28, 36))  # the 8 centre slices; slice 32 is nominal
 # Inference averages three triplets of the 8 centre slices: (1,2,3), (4,5,6), (6,7,8), 1-indexed.
 TRIPLETS = ((0, 1, 2), (3, 4, 5), (5, 6, 7))
 MIDDLE_TRIPLET = (2, 3, 4)  # slices 30..32: used when triplet averaging is off
-# With each tile's own surface known (InputReader follow_surface), the triplets around it: slices -1..1, 0..2 and
-# 1..3 from the surface, where the ink lies (on the surface, soaked a little into the papyrus below it).
+# With each tile flattened onto its own surface (InputReader follow_surface), the triplets -1..1, 0..2 and 1..3
+# slices from it: the ink lies on the surface, and just above it little papyrus is left to vary with depth.
 SURFACE_TRIPLETS = ((3, 4, 5), (4, 5, 6), (5, 6, 7))
 CENTRE_ON = ("nominal", "fragment", "tile")  # where training triplets sit (TileDataset)
 
 
-def surface_in_profile(profile, z_start):
-    """The surface (a fractional absolute slice number) in an intensity profile over the slices z_start, z_start + 1,
-    ... (papyrus below, air above): where it crosses halfway between its first and last value, the crossing nearest
-    NOMINAL_SURFACE, interpolated between slices; None when it never crosses."""
-    profile = np.asarray(profile, np.float64)
+def surface_shift(store):
+    """Slices to move CENTRE_SLICES by so that they centre on this fragment's surface: where the in-mask median
+    intensity along z crosses halfway between its first and last kept slice (papyrus one side, air the other);
+    0 when it never does. Kept inside the store's slices."""
+    profile = store.slice_percentile(50).astype(np.float64)
     half = (profile[0] + profile[-1]) / 2
     side = np.sign(profile - half)
     crossings = np.flatnonzero(side[:-1] * side[1:] < 0)
     if len(crossings) == 0:
-        return None
-    z = crossings[np.argmin(np.abs(crossings + z_start - NOMINAL_SURFACE))]
+        return 0
+    z = crossings[np.argmin(np.abs(crossings + store.z_start - NOMINAL_SURFACE))]
     a, b = profile[z] - half, profile[z + 1] - half
-    return z_start + z + a / (a - b)
-
-
-def depth_shift(surface, slices, z_start, z_stop):
-    """Slices to move `slices` by so that NOMINAL_SURFACE lands on `surface` (0 when None), kept inside z_start:z_stop."""
-    shift = 0 if surface is None else int(round(surface - NOMINAL_SURFACE))
-    return int(np.clip(shift, z_start - min(slices), z_stop - 1 - max(slices)))
-
-
-def surface_shift(store):
-    """Slices to move CENTRE_SLICES by so that they centre on this fragment's surface, found in the in-mask median
-    intensity of each kept slice (surface_in_profile); 0 when there is none."""
-    surface = surface_in_profile(store.slice_percentile(50), store.z_start)
-    return depth_shift(surface, CENTRE_SLICES, store.z_start, store.z_stop)
+    surface = store.z_start + z + a / (a - b)  # linear interpolation between slices z and z + 1
+    shift = int(round(surface - NOMINAL_SURFACE))
+    return int(np.clip(shift, store.z_start - CENTRE_SLICES[0], store.z_stop - 1 - CENTRE_SLICES[-1]))
 
 
 def triplet_slices(triplet):
@@ -141,9 +130,8 @@ SURFACE_BLUR = 2  # grid cells: sigma of the blur that averages the noise (and m
 
 def surface_depths(volume, z_start):
     """(H, W) float32: each pixel's surface, a fractional slice number, in a (Z, H, W) volume (any dtype cv2.resize
-    takes) of the slices
-    z_start.. (papyrus below, air above): where its intensity, blurred across the sheet, first falls below halfway
-    between the lowest and the highest slice (linear between slices)."""
+    takes) of the slices z_start.. (papyrus below, air above): where its intensity, blurred across the sheet, first
+    falls below halfway between the lowest and the highest slice (linear between slices)."""
     height, width = volume.shape[1:]
     grid = (max(1, width // SURFACE_STEP), max(1, height // SURFACE_STEP))
     smooth = np.stack([cv2.GaussianBlur(cv2.resize(s, grid, interpolation=cv2.INTER_AREA).astype(np.float32), (0, 0),
