@@ -63,6 +63,12 @@ def loop_rate(args, step, workers):
     return args.batch_size * args.steps * rate
 
 
+def keep(table, row):
+    """Add a row to a table and print it at once: a run stopped at its time limit still shows what it measured."""
+    table.append(row)
+    print(row, flush=True)
+
+
 def peak_gib(args):
     """Peak GPU memory in GiB since the last call (nan on a CPU)."""
     if args.device != "cuda":
@@ -105,7 +111,7 @@ def main():
             for augment in (True, False):
                 batches = loader(args, n, augment)
                 rate = args.batch_size * args.steps * best_rate(args, lambda: sum(1 for _ in batches), 1)
-                loaders.append(f"{n} | {'yes' if augment else 'no'} | {rate:.4g}")
+                keep(loaders, f"{n} | {'yes' if augment else 'no'} | {rate:.4g}")
         for backbone in args.backbones.split(","):  # model only against the real loop, in training and inference
             peak_gib(args)
             step, loss_fn = new_step(args, backbone), build_loss().to(args.device)
@@ -121,7 +127,7 @@ def main():
             store = Store(sorted(Path(args.stores, "test").glob("*.h5"))[0])
             fragment = 12 * len(store.tiles(args.tile_size, args.stride)) * best_rate(args, lambda: predict_fragment(
                 model, store, args.tile_size, args.stride, args.infer_batch, device=args.device), 1)
-            rows.append(f"{backbone} | {model_train:.4g} | {loop_train:.4g} | **{loop_train / model_train:.2f}** | "
+            keep(rows, f"{backbone} | {model_train:.4g} | {loop_train:.4g} | **{loop_train / model_train:.2f}** | "
                         f"{model_infer:.4g} | {fragment:.4g} | **{fragment / model_infer:.2f}** | "
                         f"{train_gib:.1f} / {peak_gib(args):.1f}")
         for backbone in args.packing_backbones.split(",") if args.packing_on else []:
@@ -129,7 +135,7 @@ def main():
                 each = max(0, cpus // trials - 1) if cuda else 0  # loader workers of each trial
                 with ThreadPoolExecutor(trials) as pool:
                     rates = pool.map(lambda _: in_fresh_process(packed_trial, args, backbone, each), range(trials))
-                    packed.append(f"{backbone} | {trials} | {sum(rates):.4g}")
+                    keep(packed, f"{backbone} | {trials} | {sum(rates):.4g}")
     precision = train.resolve_precision(args.precision, args.device)
     write_tables(args.readme, "gpu" if cuda else "gpu (CPU mode)",
                  f"{line}. {args.tile_size} px tiles, train batch {args.batch_size}, {args.steps} steps, precision "
