@@ -28,14 +28,10 @@ def parser(doc, settings):
     return result
 
 
-def command(args, names):
-    """This run's command line, with the value of each option in `names`."""
-    options = (f"--{name.replace('_', '-')} {getattr(args, name)}" for name in names)
-    return " ".join([f"python bench/{Path(sys.argv[0]).name}", *options])
-
-
-def stamp(command, *facts):
-    """The start of the line above a script's tables: the command, the date, `facts`, the machine (load now)."""
+def stamp(*facts):
+    """The start of the line above a script's tables: this run's command line, the date, `facts`, the machine (load
+    now). The scripts' settings are at their tops, so the command line with them says what ran."""
+    command = " ".join([f"python bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     cpu = re.search(r"model name\s*: (.*\S)", Path("/proc/cpuinfo").read_text())
     mem = int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text())[1]) / 2**20
     return ", ".join([f"`{command}`", time.strftime("%Y-%m-%d"), *facts,
@@ -56,22 +52,21 @@ def in_fresh_process(function, *args):
 
 def write_fragment(folder, height, width, slices, labels):
     """A Kaggle-layout fragment of exactly height x width: a 512 px lib.synth fragment's slices tiled over it, one
-    slice in memory at a time; the mask leaves a 16 px border."""
+    slice in memory at a time; papyrus everywhere but a 16 px border."""
     from lib.synth import FragmentFields
 
     rng = np.random.default_rng(0)
     fields = FragmentFields(rng, (512, 512))
     fields.mask[:] = 1  # texture everywhere; the fragment's own mask is set below
-    reps = (-(-height // 512), -(-width // 512))
-    volume = folder / "surface_volume"
-    volume.mkdir(parents=True)
+    tile = lambda image: np.tile(image, (-(-height // 512), -(-width // 512)))[:height, :width]
+    (folder / "surface_volume").mkdir(parents=True)
     for z in range(slices):
-        tifffile.imwrite(volume / f"{z:02d}.tif", np.tile(fields.slice(rng, z), reps)[:height, :width])
+        tifffile.imwrite(folder / "surface_volume" / f"{z:02d}.tif", tile(fields.slice(rng, z)))
     mask = np.zeros((height, width), np.uint8)
     mask[16:-16, 16:-16] = 255
     cv2.imwrite(str(folder / "mask.png"), mask)
     if labels:
-        cv2.imwrite(str(folder / "inklabels.png"), np.tile(fields.labels * 255, reps)[:height, :width])
+        cv2.imwrite(str(folder / "inklabels.png"), tile(fields.labels * 255))
 
 
 def write_tables(readme, name, line, *tables):

@@ -8,19 +8,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bench_common import command, in_fresh_process, maxrss_mb, parser, stamp, write_fragment, write_tables
+from bench_common import in_fresh_process, maxrss_mb, parser, stamp, write_fragment, write_tables
 import prepare
 from lib.fragments import Fragment
-from lib.store import Store, band_rows, chunk_side, write_store
+from lib.store import VOLUME_CODEC, Store, band_rows, chunk_side, write_store
 
 SETTINGS = dict(sizes="2048x2048,4096x2048", slices=65, tiles=600)  # fragment shapes, slices (>= 40), tile reads
 TILE = 224
-LZ4 = {"compressor": "lz4", "level": 5}
 CODECS = {  # name: (write_store's codec, chunk side; None: lib.store.chunk_side, one tile stride)
-    "LZ4 + bitshuffle (chosen)": ({**LZ4, "shuffle": 2}, None),
-    "LZ4 + bitshuffle, 64 px chunks (not aligned with the tiles)": ({**LZ4, "shuffle": 2}, 64),
-    "LZ4 + byte shuffle": ({**LZ4, "shuffle": 1}, None),
-    "LZ4, no shuffle": ({**LZ4, "shuffle": 0}, None),
+    "LZ4 + bitshuffle (chosen)": (VOLUME_CODEC, None),
+    "LZ4 + bitshuffle, 64 px chunks (not aligned with the tiles)": (VOLUME_CODEC, 64),
+    "LZ4 + byte shuffle": ({**VOLUME_CODEC, "shuffle": 1}, None),
+    "LZ4, no shuffle": ({**VOLUME_CODEC, "shuffle": 0}, None),
     "zstd(1) + bitshuffle": ({"compressor": "zstd", "level": 1, "shuffle": 2}, None),
 }
 
@@ -63,7 +62,7 @@ def child_codec(data, out, name, count):
 
 def main():
     args = parser(__doc__, SETTINGS).parse_args()
-    line, started, rows, codecs = stamp(command(args, SETTINGS)), time.time(), [], []
+    line, started, rows, codecs = stamp(), time.time(), [], []
     with tempfile.TemporaryDirectory() as work:
         for size in args.sizes.split(","):
             height, width = map(int, size.split("x"))
