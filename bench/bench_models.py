@@ -46,14 +46,14 @@ def main():
     options = parser(__doc__, SETTINGS)
     options.add_argument("train_args", nargs="*", help="extra train.py arguments (after --)")
     args = options.parse_args()
-    work, variant = Path(args.work).resolve(), re.sub(r"[^a-z0-9.]+", "-", " ".join(args.train_args).lower())
+    work, variant = Path(args.work).resolve(), re.sub(r"[^a-z0-9.]+", "-", " ".join(args.train_args).lower()).strip("-")
     work.mkdir(parents=True, exist_ok=True)
     for level in args.levels.split(","):
         data, stores = work / f"synth-{level}-s{args.seed}", work / f"stores-{level}-s{args.seed}"  # kept
         run(work / f"synth-{level}.log", "-m", "lib.synth", data, "--size", args.size, "--seed", args.seed,
             "--difficulty", level)
         run(work / f"prepare-{level}.log", ROOT / "prepare.py", "--data", data, "--out", stores)
-        name = f"{level}-s{args.seed}{variant and '-' + variant.strip('-')}"
+        name = f"{level}-s{args.seed}" + (f"-{variant}" if variant else "")
         result = measure(level, data, stores, work / f"run-{name}", args.train_args)
         (work / f"result-{name}.json").write_text(json.dumps(dict(seed=args.seed, **result)) + "\n")
     # every row measured at this seed so far, levels in order of difficulty
