@@ -5,8 +5,9 @@ In:  --run runs/NAME from train.py: run.json (which backbones and folds the run 
      models/<backbone>/fold-*.pt; the train stores' labels and masks (train/<fragment>.h5) from the stores the
      run was trained on (--stores overrides). A fold the record names whose model, result or OOF map is missing
      is an error, unless --allow-missing, which fits on what is there and prints what is not.
-Out: runs/NAME/ensemble.json        members (backbone, weight, model files relative to the run folder, tile
-                                    size, stride, triplet mode of the OOF maps), threshold (mode, value) and the scores below
+Out: runs/NAME/ensemble.json        members (backbone: FAMILY:ENCODER, weight, model files relative to the run
+                                    folder, tile size, stride, inputs: lib.inputs.InputSpec of the OOF maps),
+                                    threshold (mode, value) and the scores below
      runs/NAME/plots/threshold.png  F0.5 against the threshold, per member and for the ensemble
      and a table on stdout: F0.5 of each member, the equal-weight average and the fitted ensemble.
 
@@ -33,8 +34,8 @@ from lib.maps import load_probability_map
 from lib.metrics import (DEFAULT_PERCENTS, THRESHOLD_MODES, binarise, confusion_counts, fbeta_counts,
                          fbeta_from_counts, percentile_counts, threshold_counts)
 from lib.lock import LockedError, exclusive
-from lib.runs import (RECORD_NAME, RunFileError, finished_trials, fragment_oof_path, planned_trials, read_record,
-                      recorded_stores, trial_file, write_json)
+from lib.runs import (RECORD_NAME, RunFileError, finished_trials, fragment_oof_path, input_spec, planned_trials,
+                      read_record, recorded_stores, trial_file, write_json)
 from lib.store import Store, StoreError
 
 # what each mode sweeps: absolute probabilities, percentile the share (%) of in-mask pixels called ink
@@ -95,21 +96,26 @@ def find_members(run, allow_missing):
 
 
 def member_models(run, backbone, options, paths):
-    """A member's fold model files, each checked to have the tile size, stride and triplet mode the run trained
-    with (the mode its OOF maps were made with, so that submit.py predicts the test fragments the same way)."""
-    expected = (options["tile_size"], options["stride"], options.get("triplets", "mean"))
+    """A member's fold model files, each checked to have the tile size and stride the run trained with and the
+    same inputs (lib.inputs.InputSpec: the ones its OOF maps were made with, so that submit.py predicts the test
+    fragments the same way)."""
+    expected, inputs = (options["tile_size"], options["stride"]), None
     for path in paths:
         try:  # mmap: only the small entries are read, not the weights
             export = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            # files from before the triplet modes predicted with the mean of the triplets
-            found = (int(export["tile_size"]), int(export["stride"]), str(export.get("triplets", "mean")))
+            found = (int(export["tile_size"]), int(export["stride"]))
+            input_spec(path, export["inputs"], "inputs")
+        except RunFileError as err:
+            sys.exit(f"error: {err}")
         except Exception as err:  # a truncated or foreign file: name it
             sys.exit(f"error: {path}: not a train.py model file ({type(err).__name__}: {err})")
         if found != expected:
-            sys.exit(f"error: {path}: tile size, stride and triplets {found} differ from the run's {expected} "
-                     f"({RECORD_NAME})")
+            sys.exit(f"error: {path}: tile size and stride {found} differ from the run's {expected} ({RECORD_NAME})")
+        if inputs not in (None, export["inputs"]):
+            sys.exit(f"error: {path}: inputs {export['inputs']} differ from those of its member's other folds {inputs}")
+        inputs = export["inputs"]
     return {"backbone": backbone, "models": sorted(str(p.relative_to(run)) for p in paths),
-            "tile_size": expected[0], "stride": expected[1], "triplets": expected[2]}
+            "tile_size": expected[0], "stride": expected[1], "inputs": inputs}
 
 
 def train_store(stores, fragment_id):

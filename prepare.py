@@ -9,9 +9,13 @@ Out: --out/<split>/<id>.h5, one store per fragment (format: lib/store.py), and a
      Makefile reruns the steps after this one only then).
      Segments have no split on disk: --train / --test name them (default: labelled ones train, the others test).
 
-Depth (lib/depth.py): --reverse ID,.. stores those fragments with z flipped (segments with the recto surface at
-the high layer numbers); --z-range auto keeps the 16 slices centred on each fragment's own surface (found from
-its mean in-mask intensity along z) as slices 24:40, so models see every surface at slice 32.
+Depth (lib/depth.py, lib/surface.py): models see the recto surface at slice 32 with papyrus below and air above.
+Which way each fragment's depth runs is decided from its own mean in-mask intensity along z (--reverse auto, the
+default: flipped where the surface edge nearest the middle of the stack has air below it; kept as it is, with a
+line saying so, where the evidence is weak); --reverse ID,.. and --no-reverse ID,.. decide for those fragments.
+--z-range auto keeps the 16 slices centred on each fragment's own surface as slices 24:40, so models see every
+surface at slice 32. Each store also holds each pixel's surface on a 4 px grid with a confidence; the share of
+tiles too unsure to flatten onto it is printed per store.
 
 Every fragment folder is validated before anything is written (one that cannot be read is an error, never
 skipped); labels with no ink in the mask or ink far outside it are a warning (an error with --strict). A store
@@ -21,7 +25,7 @@ to a temporary name under a lock (a second run writing the same store stops with
 renamed when complete; temporary files left by a killed run are removed by the next one.
 
     python prepare.py --data ROOT [--out data/prepared] [--ids 1,2,a] [--z-range 24:40] [--force] [--verify] [--strict]
-    python prepare.py --data SEGMENTS [--train ID,ID --test ID] [--reverse ID] [--z-range auto]
+    python prepare.py --data SEGMENTS [--train ID,ID --test ID] [--reverse auto|none|ID,..] [--no-reverse ID,..]
 """
 import argparse
 import json
@@ -30,10 +34,13 @@ import sys
 import time
 from pathlib import Path
 
-from lib.depth import find_surface, intensity_profile, kept_layers
+import numpy as np
+
+from lib.depth import intensity_profile, kept_layers
 from lib.fragments import LAYOUTS, FragmentError, check_labels, detect_layout, open_fragments
 from lib.lock import LockedError, exclusive
 from lib.store import DEFAULT_Z_RANGE, StoreError, check_store, fingerprint, store_matches, write_store
+from lib.surface import fragment_surface, orientation
 
 
 def parse_z_range(text):
@@ -63,22 +70,53 @@ def remove_stale_temps(out):
     return lines
 
 
-def depth_window(fragment, z_range, reverse):
-    """(slices in the model frame, the source layer of each, the detected surface or None) of one fragment."""
+def decide_orientation(fragment, profile, reverse, keep):
+    """(reverse?, how it was decided, the evidence's margin, a line to print) for one fragment: named in `reverse` or
+    `keep` (the --reverse / --no-reverse ids; `reverse` None: --reverse none, nothing decided from the data), else
+    from its mean intensity profile (lib.surface.orientation)."""
+    name = f"{fragment.split}/{fragment.fragment_id}"
+    if fragment.fragment_id in keep or (reverse is not None and fragment.fragment_id in reverse):
+        flip = fragment.fragment_id not in keep
+        return flip, "given", float("nan"), f"{name}: depth {'reversed' if flip else 'kept'} as given"
+    if reverse is None:
+        return False, "given", float("nan"), None
+    found = orientation(profile)
+    if not found.clear:
+        return False, "kept", found.margin, (f"{name}: which way its depth runs is unclear ({found.describe()}); kept as "
+                                             f"it is: give --reverse {fragment.fragment_id} or --no-reverse "
+                                             f"{fragment.fragment_id} if you know")
+    line = f"{name}: depth {found.describe()}" + ("; stored flipped" if found.reverse else "")
+    return found.reverse, "auto", found.margin, line
+
+
+def depth_window(fragment, z_range, reverse, keep):
+    """(slices in the model frame, the source layer of each, the detected surface or None, attributes to record, a
+    line to print or None) of one fragment."""
     where = fragment.slice_paths[0].parent
+    if z_range != "auto" and not 0 <= z_range[0] < z_range[1] <= fragment.num_slices:
+        raise FragmentError(f"{fragment.path}: --z-range {z_range[0]}:{z_range[1]} "
+                            f"is outside its {fragment.num_slices} slices")
+    needs_profile = z_range == "auto" or reverse is not None
+    profile = intensity_profile(fragment) if needs_profile else None
+    flip, decided, margin, line = decide_orientation(fragment, profile, reverse, keep)
+    attrs = {"reversed": flip, "orientation": decided, "orientation_margin": margin}
     if z_range != "auto":
-        if not 0 <= z_range[0] < z_range[1] <= fragment.num_slices:
-            raise FragmentError(f"{fragment.path}: --z-range {z_range[0]}:{z_range[1]} "
-                                f"is outside its {fragment.num_slices} slices")
-        return z_range, kept_layers(fragment.num_slices, z_range, reverse), None
-    surface = find_surface(intensity_profile(fragment, reverse), where)
-    return DEFAULT_Z_RANGE, kept_layers(fragment.num_slices, DEFAULT_Z_RANGE, reverse, surface, where), surface
+        return z_range, kept_layers(fragment.num_slices, z_range, flip), None, attrs, line
+    stored = profile[::-1] if flip else profile
+    surface, _ = fragment_surface(stored, (len(stored) - 1) / 2)
+    if np.isnan(surface):
+        other = f"--no-reverse {fragment.fragment_id}" if flip else f"--reverse {fragment.fragment_id}"
+        raise FragmentError(f"{where}: no papyrus-to-air edge in its mean intensity along depth (papyrus below, air "
+                            f"above{', after flipping it' if flip else ''}): if its depth runs the other way give "
+                            f"{other}, else --z-range START:STOP")
+    layers = kept_layers(fragment.num_slices, DEFAULT_Z_RANGE, flip, surface, where)
+    return DEFAULT_Z_RANGE, layers, surface, attrs, line
 
 
-def prepare_fragment(fragment, out, window, tile_size, stride, force, verify, reverse=False):
+def prepare_fragment(fragment, out, window, tile_size, stride, force, verify):
     """Write (or skip) one store, holding its lock; returns its one-line summary (after a line saying why, when
     a corrupt store is rebuilt). `window` is depth_window's answer."""
-    z_range, layers, surface = window
+    z_range, layers, surface, depth_attrs, _ = window
     path = Path(out) / fragment.split / f"{fragment.fragment_id}.h5"
     name = f"{fragment.split}/{fragment.fragment_id}"
     sources = fingerprint(fragment.source_files())
@@ -96,7 +134,7 @@ def prepare_fragment(fragment, out, window, tile_size, stride, force, verify, re
                 except StoreError as err:
                     rebuilt = f"{name}: {err}: rebuilding\n"
             started = time.time()
-            attrs = {"reversed": reverse, "surface": float("nan") if surface is None else surface}
+            attrs = {**depth_attrs, "surface": float("nan") if surface is None else surface}
             summary = write_store(fragment, path, z_range, tile_size, stride, layers=layers, attrs=attrs)
     except OSError as err:  # a full disk, no permission: the environment, not a bug (write_store removed its temp file)
         reason = os.strerror(err.errno) if err.errno else " ".join(str(err).split())
@@ -105,8 +143,12 @@ def prepare_fragment(fragment, out, window, tile_size, stride, force, verify, re
     h, w = summary["shape"]
     source = "" if layers == list(range(*z_range)) else f" from layers {layers[0]}..{layers[-1]}"
     source += "" if surface is None else f" (surface at {surface:.1f})"
-    return (f"{rebuilt}{name}: {h} x {w}, slices {z_range[0]}:{z_range[1]}{source}, {summary['tiles']} tiles{ink}, "
-            f"{summary['bytes'] / 2**20:.1f} MiB, {time.time() - started:.1f} s -> {path}")
+    unsure = summary["low_confidence_share"]
+    flat = (f", surface found on {1 - unsure:.0%} of tiles" if unsure < 0.2 else
+            f"; surface not found on {unsure:.0%} of tiles: those are read at the fragment's surface (slice "
+            f"{summary['fragment_surface']:.1f}) instead of their own")
+    return (f"{rebuilt}{name}: {h} x {w}, slices {z_range[0]}:{z_range[1]}{source}, {summary['tiles']} tiles{ink}"
+            f"{flat}, {summary['bytes'] / 2**20:.1f} MiB, {time.time() - started:.1f} s -> {path}")
 
 
 def write_manifest(args):
@@ -140,8 +182,10 @@ def main(argv=None):
                         "<id>_inklabels.png); default: every labelled segment, unless --test is given")
     parser.add_argument("--test", help="segments: comma-separated ids to prepare as test stores (to predict); "
                         "default: every unlabelled segment, unless --train is given")
-    parser.add_argument("--reverse", default="", help="comma-separated ids whose depth runs the other way (recto "
-                        "surface at the high layer numbers): stored with z flipped")
+    parser.add_argument("--reverse", default="auto", help="which fragments' depth runs the other way (recto surface "
+                        "facing the high layer numbers), stored with z flipped: auto (decided from each fragment's "
+                        "mean intensity along depth), none, or comma-separated ids (the others: auto); default %(default)s")
+    parser.add_argument("--no-reverse", default="", help="comma-separated ids never flipped, whatever auto finds")
     parser.add_argument("--z-range", type=parse_z_range, default=None,
                         help="slices to keep, START:STOP (0:65 keeps all), or auto: the 16 centred on each "
                              "fragment's surface, stored as 24:40 (default: 24:40 for the Kaggle layout, "
@@ -154,7 +198,8 @@ def main(argv=None):
     parser.add_argument("--strict", action="store_true",
                         help="labels with no ink in the mask, or ink far outside it, are an error, not a warning")
     args = parser.parse_args(argv)
-    ids, reverse = parse_ids(args.ids), set(parse_ids(args.reverse))
+    ids, keep = parse_ids(args.ids), set(parse_ids(args.no_reverse))
+    reverse = None if args.reverse == "none" else set() if args.reverse == "auto" else set(parse_ids(args.reverse))
     try:
         layout = detect_layout(args.data) if args.layout == "auto" else args.layout
         if layout == "kaggle":
@@ -162,21 +207,28 @@ def main(argv=None):
                 raise FragmentError(f"{args.data}: --train / --test choose the roles of segments; the Kaggle "
                                     f"layout's roles are its train/ and test/ folders")
         fragments, found = open_fragments(args.data, layout, ids, parse_ids(args.train), parse_ids(args.test))
-        unknown = reverse - {f.fragment_id for f in fragments}
-        if unknown:
-            raise FragmentError(f"{args.data}: --reverse names {', '.join(sorted(unknown))}, "
-                                f"not among the fragments prepared")
+        for flag, named in (("--reverse", reverse or set()), ("--no-reverse", keep)):
+            unknown = named - {f.fragment_id for f in fragments}
+            if unknown:
+                raise FragmentError(f"{args.data}: {flag} names {', '.join(sorted(unknown))}, "
+                                    f"not among the fragments prepared")
+        both = (reverse or set()) & keep
+        if both:
+            raise FragmentError(f"{args.data}: --reverse and --no-reverse both name {', '.join(sorted(both))}")
         z_range = args.z_range or (DEFAULT_Z_RANGE if layout == "kaggle" else "auto")
-        windows = [depth_window(f, z_range, f.fragment_id in reverse) for f in fragments]
+        windows = [depth_window(f, z_range, reverse, keep) for f in fragments]
         warnings = [w for fragment in fragments for w in check_labels(fragment, args.strict)[1]]
         print(found, flush=True)
+        for window in windows:
+            if window[-1]:
+                print(window[-1], flush=True)
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         for line in remove_stale_temps(args.out):
             print(line, flush=True)
         for fragment, window in zip(fragments, windows):  # each line as its store is done: a later failure loses none
-            print(prepare_fragment(fragment, args.out, window, args.tile_size, args.stride, args.force, args.verify,
-                                   fragment.fragment_id in reverse), flush=True)
+            print(prepare_fragment(fragment, args.out, window, args.tile_size, args.stride, args.force, args.verify),
+                  flush=True)
     except (FragmentError, StoreError, LockedError) as err:
         sys.exit(f"error: {err}")
     write_manifest(args)

@@ -16,16 +16,18 @@ Out: --out (default runs/NAME/submission.csv): "Id,Predicted", one row per test 
      the PNGs (no CSV: segments have no Kaggle submission), as if --png had been given.
 
 Every fold model of every member predicts each fragment (lib.infer.predict_fragment: rot90 x4 test-time
-augmentation and the centre-slice triplets combined as the member's OOF maps were, unless --no-tta /
---triplets MODE); a member is the mean of its folds, the ensemble the members' weighted sum with ensemble.json's
-weights. Models sharing a tile size, stride and triplet mode run together: each batch of tiles is read once and
-goes through all of them; then its threshold (absolute,
+augmentation, and each member's own views: a triplet model's centre-slice triplets combined as its OOF maps were,
+unless --triplets MODE; a stack model's window shifted by -1, 0, +1 slices; --no-tta: neither); a member is the
+mean of its folds, the ensemble the members' weighted sum with ensemble.json's weights. Models of any family that
+share a tile size, stride and way of reading slices run together: each batch of tiles is read once and goes
+through all of them; then its threshold (absolute,
 or percentile: the top q % of the fragment's in-mask pixels), the mask, and optionally --min-component.
 
     python submit.py --run runs/demo --stores data/prepared [--sample data/synth/sample_submission.csv]
 """
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 import time
@@ -35,7 +37,8 @@ import numpy as np
 import torch
 
 from lib.fragments import FragmentError, read_png_binary
-from lib.infer import TRIPLET_MODES, predict_fragment
+from lib.infer import predict_fragment
+from lib.inputs import TRIPLET_MODES
 from lib.lock import LockedError, exclusive
 from lib.maps import save_preview, save_probability_map, save_probability_png
 from lib.metrics import binarise, confusion_counts, fbeta_counts, remove_small_components
@@ -55,8 +58,9 @@ def parse_args(argv=None):
                         "(default: 32 on GPU; 4 on CPU, where more tiles a call run slower and take more memory: "
                         "bench/README.md, \"## submit\")")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="no rot90 test-time augmentation")
-    parser.add_argument("--triplets", choices=TRIPLET_MODES, help="how to combine the centre-slice triplets (default: "
-                        "each member's mode from ensemble.json, the one its OOF maps and the fitted threshold assumed)")
+    parser.add_argument("--triplets", choices=TRIPLET_MODES, help="triplet models: how to combine the centre-slice "
+                        "triplets (default: each member's mode from ensemble.json, the one its OOF maps and the fitted "
+                        "threshold assumed)")
     parser.add_argument("--no-triplets", dest="triplets", action="store_const", const="middle", help="--triplets middle")
     parser.add_argument("--min-component", type=int, default=0, help="drop ink components smaller than this (pixels)")
     parser.add_argument("--save-probs", action="store_true", help="also write RUN/probs/<id>.h5")
@@ -128,24 +132,35 @@ def read_truth(truth_dir, fragment_id, shape):
 
 
 def tiling_groups(members, triplets=None):
-    """{(tile_size, stride, triplet mode): [(model, weight), ...]}: every fold model of the members
-    (lib.runs.load_members), weighted member weight / number of folds, grouped by how they predict: their tiling
-    and their triplet mode (the member's own, unless `triplets` overrides it)."""
+    """{(tile_size, stride, how slices are read): [(model, weight, InputSpec), ...]}: every fold model of the members
+    (lib.runs.load_members), weighted member weight / number of folds, grouped so that one pass over a fragment's
+    tiles serves each group: their tiling and where their slices are read (InputSpec.read_mode). `triplets`
+    overrides the triplet mode of triplet models."""
     groups = {}
     for member in members:
-        key = (member["tile_size"], member["stride"], triplets or member["triplets"])
+        spec = member["spec"]
+        if triplets and spec.family == "triplets":
+            spec = dataclasses.replace(spec, triplets=triplets)
+        key = (member["tile_size"], member["stride"], spec.read_mode())
         for model, _ in member["models"]:
-            groups.setdefault(key, []).append((model, member["weight"] / len(member["models"])))
+            groups.setdefault(key, []).append((model, member["weight"] / len(member["models"]), spec))
     return groups
 
 
 def ensemble_probability(groups, store, args):
     """(H, W) float32: the ensemble's weighted sum; one pass over the fragment's tiles per group (tiling_groups)."""
     total = np.zeros(store.shape, np.float32)
-    for (tile_size, stride, triplets), models in groups.items():
-        predict_fragment(models, store, tile_size, stride, args.batch_size, tta=args.tta, triplets=triplets,
-                         device=args.device, progress=True, out=total)
+    for (tile_size, stride, _), models in groups.items():
+        predict_fragment(models, store, tile_size, stride, args.batch_size, tta=args.tta, device=args.device,
+                         progress=True, out=total)
     return total
+
+
+def describe_inputs(groups):
+    """The members' families and input modes, e.g. "stack (12 slices, tile), triplets (tile)"."""
+    specs = {spec for models in groups.values() for _, _, spec in models}
+    return ", ".join(sorted(f"{s.family} ({s.triplets})" if s.family == "triplets" else
+                            f"{s.family} ({s.depth} slices, {s.centre_on})" for s in specs))
 
 
 def encode_checked(fragment_id, pred):
@@ -206,10 +221,10 @@ def predict_test_set(run, args):
     mode, value = ensemble["threshold"]["mode"], ensemble["threshold"]["value"]
     groups = tiling_groups(members, args.triplets)
     models = sum(len(g) for g in groups.values())
-    triplets = ",".join(sorted({mode for _, _, mode in groups}))
+    inputs = describe_inputs(groups)
     threshold = f"p >= {value:g}" if mode == "absolute" else f"top {value:g} % of each fragment's mask"
     print(f"{len(ids)} test fragments, {models} models, ink where {threshold}, device {args.device}, "
-          f"TTA {args.tta}, triplets {triplets}, {args.batch_size} tiles per batch")
+          f"TTA {args.tta}, inputs {inputs}, {args.batch_size} tiles per batch")
 
     rows, totals = [], np.zeros(3, np.int64)  # pooled (tp, fp, fn) for --truth
     for fragment_id in ids:
@@ -228,7 +243,7 @@ def predict_test_set(run, args):
         save_preview(run / "previews" / f"{fragment_id}.png", [prob, pred])
         if args.save_probs:
             save_probability_map(run / "probs" / f"{fragment_id}.h5", prob, fragment_id=fragment_id,
-                                 tta=args.tta, triplets=triplets)
+                                 tta=args.tta, inputs=inputs)
         line = (f"{fragment_id}: {store.shape[0]} x {store.shape[1]}, ink in {pred.sum() / max(mask.sum(), 1):.1%} "
                 f"of the mask, {time.time() - started:.0f} s")
         if truth is not None:

@@ -37,13 +37,15 @@ import ray
 import torch
 from ray import tune
 
-from lib.data import CENTRE_ON, Fold, TileDataset, loader_worker_init, make_folds, photometric
-from lib.infer import DEFAULT_TRIPLETS, TRIPLET_MODES, predict_fragment
+from lib.data import TileDataset, loader_worker_init, photometric
+from lib.folds import Fold, make_folds
+from lib.infer import predict_fragment
+from lib.inputs import CENTRE_ON, FAMILIES, TRIPLET_MODES, InputSpec, unsure_share
 from lib.lock import LockedError, exclusive
 from lib.maps import load_probability_map, save_preview, save_probability_map
 from lib.losses import LOSS_DEFAULTS, build_loss
 from lib.metrics import best_threshold
-from lib.model import build_model, model_config, save_model_file
+from lib.model import build_model, model_config, parse_member, save_model_file
 from lib.runs import (RunFileError, finished_trials, fragment_oof_path, oof_path, planned_trials, read_record,
                       trial_file, write_json, write_record)
 from lib.store import Store, StoreError, check_store
@@ -67,7 +69,13 @@ def build_parser():
     parser.add_argument("--stores", default="data/prepared", help="folder with train/<id>.h5 stores")
     parser.add_argument("--run", default="runs/demo", help="run folder for everything this run writes")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    parser.add_argument("--backbones", help="comma-separated smp encoder names (default: the preset's)")
+    parser.add_argument("--backbones", help="comma-separated smp encoder names, each FAMILY:NAME or NAME (of --family)"
+                        " (default: the preset's)")
+    parser.add_argument("--family", choices=FAMILIES, default="stack", help="model family of the backbones named "
+                        "without one: 3-slice triplets, a stack of --depth slices as channels, or the stack through a "
+                        "3-D stem (lib/inputs.py, lib/model.py); default %(default)s")
+    parser.add_argument("--depth", type=int, default=12, help="slices a stack or stem3d model reads, centred on the "
+                        "surface (default %(default)s)")
     parser.add_argument("--folds", help="comma-separated fold names to run (default: all)")
     parser.add_argument("--split", help="FRAG:K cuts train fragment FRAG into K bands of equal mask area, one fold each")
     parser.add_argument("--epochs", type=int)
@@ -87,19 +95,19 @@ def build_parser():
     parser.add_argument("--decoder-channels", help="U-Net decoder widths, e.g. 256,128,64,32,16")
     parser.add_argument("--weights", default=None, help="encoder weights: none, imagenet, or a local file")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="OOF without rot90 test-time augmentation")
-    parser.add_argument("--triplets", choices=TRIPLET_MODES, help="how the OOF maps combine the centre-slice triplets "
-                        f"(lib/infer.py; default: {DEFAULT_TRIPLETS} with --centre-on tile, else surface)")
+    parser.add_argument("--triplets", choices=TRIPLET_MODES, help="triplet models: how the OOF maps combine the "
+                        "centre-slice triplets (lib/inputs.py; default: tile with --centre-on tile, else surface)")
     parser.add_argument("--no-triplets", dest="triplets", action="store_const", const="middle", help="--triplets middle")
     parser.add_argument("--z-reverse", type=float, default=0.0, help="trick: share of tiles with the slice order reversed")
     parser.add_argument("--cutout", type=float, default=0.0, help="trick: share of tiles with coarse dropout")
     parser.add_argument("--cutmix", type=float, default=0.0, help="trick: share of tiles with a box of another tile pasted in")
-    parser.add_argument("--centre-on", choices=CENTRE_ON, default="tile", help="where the centre slices that training "
-                        "triplets come from sit: around slice 32 (nominal), on each fragment's surface (as --triplets "
-                        "surface predicts) or each tile flattened onto its own surface (as --triplets tile predicts); "
-                        "default %(default)s")
-    parser.add_argument("--depth-jitter", type=int, help="training triplets move up or down by up to this many slices, "
-                        "so that the model learns ink wherever the surface lies (default: 0 with --centre-on tile, "
-                        "where the surface is always slice 32, else 2)")
+    parser.add_argument("--centre-on", choices=CENTRE_ON, default="tile", help="where the slices models read sit: as "
+                        "stored around slice 32 (nominal), on each fragment's surface (as --triplets surface predicts) "
+                        "or each tile flattened onto its own surface found by prepare.py (as --triplets tile "
+                        "predicts); default %(default)s")
+    parser.add_argument("--depth-jitter", type=int, help="training inputs move up or down by up to this many slices, "
+                        "so that the model learns ink a little off the surface found (default: 0 for triplets with "
+                        "--centre-on tile, 1 for stacks, whose prediction shifts by 1 too, else 2)")
     parser.add_argument("--ema", type=float, default=0.0, help="trick: decay of an EMA of the weights, which is then "
                         "validated and exported (0: off; e.g. 0.99)")
     for name, value in LOSS_DEFAULTS.items():
@@ -126,9 +134,20 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     flattened = args.centre_on == "tile"
-    args.triplets = args.triplets or (DEFAULT_TRIPLETS if flattened else "surface")
-    args.depth_jitter = (0 if flattened else 2) if args.depth_jitter is None else args.depth_jitter
+    args.triplets = args.triplets or ("tile" if flattened else "surface")
+    if args.depth_jitter is None:
+        args.depth_jitter = 1 if args.family != "triplets" else 0 if flattened else 2
+    try:  # every backbone named with its family: the run record, trials and files say which is which
+        args.backbones = ",".join(":".join(parse_member(name, args.family)) for name in args.backbones.split(","))
+        input_spec(vars(args), args.family)
+    except ValueError as err:
+        build_parser().error(str(err))
     return args
+
+
+def input_spec(options, family):
+    """The InputSpec of a `family` model trained with these options."""
+    return InputSpec(family, options["depth"], options["centre_on"], options["triplets"])
 
 
 def given_options(argv=None):
@@ -149,8 +168,6 @@ def run_options(args):
 def resume_options(args, given, record, record_path):
     """The recorded options, with this command's runtime options; a conflicting option is an error."""
     recorded = dict(record["options"])
-    if "centre_on" not in recorded:  # a run from before --centre-on: it trains unflattened, as it began
-        recorded.update(centre_on="fragment" if recorded.pop("surface_centred", False) else "nominal", depth_jitter=2)
     for key in sorted(given - set(RUNTIME_OPTIONS)):
         value = run_options(args)[key]
         if key in recorded and value != recorded[key]:
@@ -178,8 +195,10 @@ def train_fold(config):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fold = Fold.from_dict(config["fold"])
     held_out = Path(config["stores"]) / "train" / f"{fold.fragment_id}.h5"
+    family, backbone = parse_member(config["backbone"], config["family"])
+    config = {**config, "spec": input_spec(config, family)}
     loader, val_loader = fold_loaders(config, fold, held_out, device)
-    model = build_model(config["backbone"], 3, config["weights"], config["decoder_channels"])
+    model = build_model(backbone, config["spec"].channels, config["weights"], config["decoder_channels"], family)
     model = model.to(device, memory_format=torch.channels_last if device == "cuda" else torch.contiguous_format)
     step = TrainStep(model, config["lr"], config["epochs"] * len(loader), resolve_precision(config["precision"], device),
                      compile=config["compile"])
@@ -204,11 +223,11 @@ def fold_loaders(config, fold, held_out, device):
     stores = held_out.parent
     train_paths = [str(stores / f"{i}.h5") for i in config["train_ids"] if i != fold.fragment_id or fold.rows]
     held_out, tile_size = str(held_out), config["tile_size"]
-    tricks = {k: config[k] for k in ("z_reverse", "cutout", "cutmix", "centre_on")}
+    tricks = {k: config[k] for k in ("z_reverse", "cutout", "cutmix")}
     tricks["max_depth_shift"] = config["depth_jitter"]
-    train_set = TileDataset(train_paths, tile_size, config["stride"], augment=True,
+    train_set = TileDataset(train_paths, tile_size, config["stride"], config["spec"], augment=True,
                             skip_rows={held_out: fold.rows} if fold.rows else None, **tricks)
-    val_set = TileDataset([held_out], tile_size, tile_size, augment=False,
+    val_set = TileDataset([held_out], tile_size, tile_size, config["spec"], augment=False,
                           only_rows={held_out: fold.rows} if fold.rows else None)
     loader = train_loader(train_set, config["batch_size"], config["max_tiles"] or len(train_set), config["workers"], device)
     return loader, torch.utils.data.DataLoader(val_set, batch_size=config["batch_size"])
@@ -241,7 +260,7 @@ def run_epoch(step, scored, loss_fn, loaders, store, fold, config, state, device
     train_seconds = time.time() - started
     val_loss = evaluate_loss(scored, val_loader, loss_fn, device, step.autocast)
     prob = predict_fragment(scored, store, config["tile_size"], config["stride"], config["infer_batch"], tta=False,
-                            triplets=config["triplets"], device=device)
+                            spec=config["spec"], device=device)
     labels, mask = band_maps(store, fold.rows)
     val_f05, threshold = best_threshold(band(prob, fold.rows), labels, mask)
     state["epoch"] += 1
@@ -378,17 +397,17 @@ def band_maps(store, rows):
 def finish_fold(model, store, config, fold, state, device):
     """Predict the held-out fold with the submission's TTA settings; write OOF map, model, preview and result."""
     run, backbone = Path(config["run"]), config["backbone"]
+    spec = config["spec"]
     prob = predict_fragment(model, store, config["tile_size"], config["stride"], config["infer_batch"],
-                            tta=config["tta"], triplets=config["triplets"], device=device)
+                            tta=config["tta"], spec=spec, device=device)
     labels, mask = band_maps(store, fold.rows)
     oof_f05, threshold = best_threshold(band(prob, fold.rows), labels, mask)
     rows = fold.rows or (0, store.shape[0])
     save_probability_map(oof_path(run, backbone, fold), prob, fragment_id=fold.fragment_id, rows=rows,
-                         backbone=backbone, fold=fold.name, tta=config["tta"], triplets=config["triplets"])
-    save_model_file(trial_path(config, "models", ".pt"), model,
-                    config=model_config(backbone, 3, config["decoder_channels"]), fold=fold.name,
-                    fragment_id=fold.fragment_id, tile_size=config["tile_size"], stride=config["stride"],
-                    triplets=config["triplets"],
+                         backbone=backbone, fold=fold.name, tta=config["tta"], **spec.as_dict())
+    save_model_file(trial_path(config, "models", ".pt"), model, spec,
+                    config=model_config(parse_member(backbone, spec.family)[1], spec, config["decoder_channels"]),
+                    fold=fold.name, fragment_id=fold.fragment_id, tile_size=config["tile_size"], stride=config["stride"],
                     val_f05=state["best_f05"], oof_f05=oof_f05, threshold=threshold)
     predicted = band(prob, fold.rows) >= threshold
     save_preview(trial_path(config, "previews", ".png"), [band(prob, fold.rows), predicted, labels])
@@ -442,6 +461,15 @@ def fold_table(stores, split):
         return train_ids, make_folds(train_ids, split, masks)
     except ValueError as err:
         raise SystemExit(f"error: {train_dir}: {err}")
+
+
+def surface_report(options, train_ids):
+    """One line: with inputs flattened onto each tile's surface, the share of each train store's tiles whose surface
+    was too unsure, and which are read at their fragment's surface instead."""
+    shares = [unsure_share(Store(Path(options["stores"]) / "train" / f"{i}.h5"), options["tile_size"], options["stride"])
+              for i in train_ids]
+    parts = ", ".join(f"{i} {share:.0%}" for i, share in zip(train_ids, shares))
+    return f"inputs: each tile flattened onto its own surface; too unsure to flatten (read at the fragment's surface): {parts}"
 
 
 def start_ray(args):
@@ -596,6 +624,8 @@ def train(args, given, run):
         return
     if args.resume:
         print(f"resuming {run}: {len(results)} of {len(trials)} trial(s) finished, {len(todo)} to go")
+    if todo and options["centre_on"] == "tile":
+        print(surface_report(options, train_ids))
     started, failures = time.time(), []
     if todo:
         tune_results = run_trials(runtime, options, train_ids, todo, run)

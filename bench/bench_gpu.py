@@ -19,6 +19,8 @@ from lib.model import build_model
 from lib.store import Store
 
 FULL = train.PRESETS["full"]
+DEFAULTS = train.parse_args([])  # the tiles and models as a trial of the default recipe has them
+SPEC = train.input_spec(vars(DEFAULTS), DEFAULTS.family)
 SETTINGS = {  # per device: the full preset on a GPU, a tiny run on a CPU; packing "": none
     "cuda": dict(backbones=FULL["backbones"], tile_size=FULL["tile_size"], stride=FULL["stride"], size=1024,
                  batch_size=FULL["batch_size"], infer_batches="8,32", steps=60, packing="1,2,4",
@@ -45,14 +47,13 @@ def best_rate(args, work, calls):
 
 
 def loader(args, workers, augment=True):
-    defaults = train.parse_args([])  # the tiles as a trial reads them: flattened by default
-    dataset = TileDataset(sorted(Path(args.stores, "train").glob("*.h5")), args.tile_size, args.stride, augment=augment,
-                          centre_on=defaults.centre_on, max_depth_shift=defaults.depth_jitter)
+    dataset = TileDataset(sorted(Path(args.stores, "train").glob("*.h5")), args.tile_size, args.stride, SPEC,
+                          augment=augment, max_depth_shift=DEFAULTS.depth_jitter)
     return train.train_loader(dataset, args.batch_size, args.batch_size * args.steps, workers, args.device)
 
 
 def new_step(args, backbone):
-    model = build_model(backbone).to(args.device, memory_format=args.layout)
+    model = build_model(backbone, SPEC.channels, family=SPEC.family).to(args.device, memory_format=args.layout)
     return train.TrainStep(model, FULL["lr"], 10**6, train.resolve_precision(args.precision, args.device), args.compile)
 
 
@@ -84,7 +85,7 @@ def train_rates(args, backbone, workers):
     """Training's row of one backbone: model-only steps on tensors already on the device against the real loop."""
     peak_gib(args)
     step, loss_fn = new_step(args, backbone), build_loss().to(args.device)
-    shape = (args.batch_size, 3, args.tile_size, args.tile_size)
+    shape = (args.batch_size, SPEC.channels, args.tile_size, args.tile_size)
     images = torch.rand(shape, device=args.device).contiguous(memory_format=args.layout)
     labels = (torch.rand(shape[0], 1, *shape[2:], device=args.device) > 0.8).float()
     model_only = args.batch_size * best_rate(args, lambda: step(images, labels, loss_fn), args.steps)
@@ -94,15 +95,15 @@ def train_rates(args, backbone, workers):
 
 def infer_rates(args, backbone, batch):
     """Inference's row of one backbone and batch (tiles a call, 12 inputs each): model-only calls against
-    lib.infer.predict_fragment (rot90 TTA x 3 triplets) on a test store, in model inputs/s."""
-    model = build_model(backbone).to(args.device, memory_format=args.layout).eval()
-    inputs = torch.rand(12 * batch, 3, args.tile_size, args.tile_size, device=args.device)
+    lib.infer.predict_fragment (rot90 TTA x 3 views: depth shifts or triplets) on a test store, in model inputs/s."""
+    model = build_model(backbone, SPEC.channels, family=SPEC.family).to(args.device, memory_format=args.layout).eval()
+    inputs = torch.rand(12 * batch, SPEC.channels, args.tile_size, args.tile_size, device=args.device)
     inputs = inputs.contiguous(memory_format=args.layout)
     with torch.inference_mode(), torch.autocast(args.device, enabled=args.device == "cuda"):
         model_only = len(inputs) * best_rate(args, lambda: torch.sigmoid(model(inputs).float()), args.steps)
     store = Store(sorted(Path(args.stores, "test").glob("*.h5"))[0])
     fragment = 12 * len(store.tiles(args.tile_size, args.stride)) * best_rate(args, lambda: predict_fragment(
-        model, store, args.tile_size, args.stride, batch, device=args.device), 1)
+        model, store, args.tile_size, args.stride, batch, spec=SPEC, device=args.device), 1)
     return (f"{backbone} | {batch} | {model_only:.4g} | {fragment:.4g} | **{fragment / model_only:.2f}** | "
             f"{peak_gib(args):.1f}")
 

@@ -8,9 +8,8 @@ z_start..z_stop of that frame (default 24:40); `kept_layers` says which source l
   some published segments), so layer N-1 becomes slice 0;
 - surface (`--z-range auto`): the window moves so that the fragment's own surface lands on slice 32.
 
-The surface is found from the mean intensity along z inside the mask, over a subsample of rows (bounded
-memory): walking up from the brightest slice, the first slice where the mean falls halfway to the lowest value
-above it (the papyrus-to-air edge), interpolated between slices.
+Both are decided from the mean intensity along z inside the mask, over a subsample of rows (bounded memory),
+by lib/surface.py (`orientation`, `fragment_surface`).
 """
 import numpy as np
 
@@ -35,19 +34,6 @@ def intensity_profile(fragment, reverse=False, rows=PROFILE_ROWS):
     inside = mask[sample]
     means = [fragment.read_rows(z, sample)[inside].mean(dtype=np.float64) for z in range(fragment.num_slices)]
     return np.asarray(means)[depth_order(fragment.num_slices, reverse)]
-
-
-def find_surface(profile, where="this fragment"):
-    """The surface (a fractional slice number) of an intensity profile in stored order; FragmentError when the
-    mean does not fall above its peak (air below papyrus: the depth is probably reversed)."""
-    peak = int(np.argmax(profile))
-    above = profile[peak:]
-    half = (above[0] + above.min()) / 2
-    if above[0] - above.min() < 0.05 * max(abs(above[0]), 1e-9):
-        raise FragmentError(f"{where}: mean intensity does not fall above its brightest slice {peak} "
-                            f"(papyrus below, air above): is its depth reversed (--reverse)? Else give --z-range")
-    k = peak + int(np.argmax(above <= half))  # first slice at or below half, above the peak
-    return float(k - 1 + (profile[k - 1] - half) / (profile[k - 1] - profile[k]))
 
 
 def kept_layers(num_slices, z_range, reverse=False, surface=None, where="this fragment"):

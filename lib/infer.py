@@ -1,14 +1,15 @@
 """Sliding-window prediction of a whole fragment from its tile store.
 
-Tiles on a stride grid are read once with the 8 centre slices; each becomes up to 3 triplet inputs
-x 4 rotations (test-time augmentation), all run through the model in one batch, rotated back and
-averaged over rotations, then combined over triplets (TRIPLET_MODES). Overlapping tiles are blended with smooth weights that fall towards the tile edges, so there
-are no seams. Memory is the (H, W) float32 map and a band of a few tile rows, never the tiles of a fragment.
-Out-of-fold predictions (train.py) and submissions (submit.py) both go through `predict_fragment`, which
-also runs an ensemble: every model sees each batch of tiles, read once.
+Tiles on a stride grid are read once with every slice the models need (lib.inputs.InputReader); each becomes its
+models' views (a triplet model's triplets, a stack model's window shifted by the depth TTA: InputSpec.views) x 4
+rotations (test-time augmentation), run through the model in one batch, rotated back and averaged over rotations,
+then combined over views. Overlapping tiles are blended with smooth weights that fall towards the tile edges, so
+there are no seams. Memory is the (H, W) float32 map and a band of a few tile rows, never the tiles of a fragment.
+Out-of-fold predictions (train.py) and submissions (submit.py) both go through `predict_fragment`, which also runs
+an ensemble: every model sees each batch of tiles, read once, whatever its family.
 
 Keeping the model busy: background threads read and normalise the next batches while the model runs; a batch
-goes to the device as 8 slices a tile (the 12 TTA inputs are built there); on a GPU the blending of one batch
+goes to the device as the slices of its tiles (the TTA inputs are built there); on a GPU the blending of one batch
 overlaps the model's work on the next.
 """
 import contextlib
@@ -19,28 +20,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.data import CENTRE_SLICES, MIDDLE_TRIPLET, SURFACE_TRIPLETS, TRIPLETS, InputReader, surface_shift
-
-# How the triplets' predictions become one: "mean" of the three (the original solution), their "max", the
-# "middle" triplet alone, or "surface": the mean after moving the 8 centre slices so that they centre on the
-# fragment's own surface (surface_shift), as the 7th-place team did, or "tile": the mean after moving them onto each
-# tile's own surface (InputReader follow_surface), for surfaces that wander within a fragment.
-TRIPLET_MODES = ("mean", "max", "middle", "surface", "tile")
-DEFAULT_TRIPLETS = "tile"
+from lib.inputs import InputReader, InputSpec
 
 
-def triplet_inputs(store, mode):
-    """(absolute slices to read, triplets as indices into them, how to combine, whether the slices follow each
-    tile's surface) for a TRIPLET_MODES mode."""
-    if mode not in TRIPLET_MODES:
-        raise ValueError(f"unknown triplet mode {mode!r}: choose one of {', '.join(TRIPLET_MODES)}")
-    shift = surface_shift(store) if mode == "surface" else 0
-    slices = [z + shift for z in CENTRE_SLICES]
-    if mode == "middle":
-        return slices, (MIDDLE_TRIPLET,), "mean", False
-    if mode == "tile":
-        return slices, SURFACE_TRIPLETS, "mean", True
-    return slices, TRIPLETS, "max" if mode == "max" else "mean", False
+def member_views(specs, tta):
+    """(slices to read for all members, per member: (its views as indices into those slices, how they combine)).
+    Members must read their slices the same way (InputSpec.read_mode): one read serves them all."""
+    modes = {spec.read_mode() for spec in specs}
+    if len(modes) > 1:
+        raise ValueError(f"members read their slices in different ways ({', '.join(sorted(modes))}): "
+                         "predict them separately")
+    own = [spec.views(tta) for spec in specs]
+    slices = sorted({z for member_slices, _, _ in own for z in member_slices})
+    return slices, [([[slices.index(member_slices[i]) for i in view] for view in views], combine)
+                    for member_slices, views, combine in own]
 
 
 def blend_weights(tile_size):
@@ -50,23 +43,22 @@ def blend_weights(tile_size):
     return np.outer(ramp, ramp).astype(np.float32)
 
 
-def tta_inputs(tiles, triplets, rotations):
-    """(B, 8, T, T) centre-slice tiles -> (B * G * R, 3, T, T): each triplet, each rotation."""
-    inputs = [torch.rot90(tiles[:, list(t)], k, (2, 3)) for t in triplets for k in rotations]
+def tta_inputs(tiles, views, rotations):
+    """(B, S, T, T) tiles of S slices -> (B * V * R, C, T, T): each view (C slice indices), each rotation."""
+    inputs = [torch.rot90(tiles[:, list(v)], k, (2, 3)) for v in views for k in rotations]
     return torch.stack(inputs, dim=1).flatten(0, 1)
 
 
-def merge_tta(probs, num_tiles, triplets, rotations, combine="mean"):
-    """(B * G * R, 1, T, T) probabilities -> (B, T, T): rotate each back, average over rotations, then the
-    mean or the max over triplets (`combine`)."""
-    probs = probs.view(num_tiles, len(triplets), len(rotations), *probs.shape[-2:])
+def merge_tta(probs, num_tiles, views, rotations, combine="mean"):
+    """(B * V * R, 1, T, T) probabilities -> (B, T, T): rotate each back, average over rotations, then the
+    mean or the max over views (`combine`)."""
+    probs = probs.view(num_tiles, len(views), len(rotations), *probs.shape[-2:])
     unrotated = [torch.rot90(probs[:, :, j], -k, (2, 3)) for j, k in enumerate(rotations)]
-    per_triplet = torch.stack(unrotated, dim=2).mean(dim=2)
-    return per_triplet.amax(dim=1) if combine == "max" else per_triplet.mean(dim=1)
+    per_view = torch.stack(unrotated, dim=2).mean(dim=2)
+    return per_view.amax(dim=1) if combine == "max" else per_view.mean(dim=1)
 
 
-def read_batches(reader, positions, tile_size, batch_size, slices=CENTRE_SLICES, readers=2, pin=False,
-                 follow_surface=False):
+def read_batches(reader, positions, tile_size, batch_size, slices, readers=2, pin=False, centre_on="nominal"):
     """Yield (positions, (B, len(slices), T, T) float32 tensor of `reader`'s (an InputReader) tiles) batch by batch,
     in order.
 
@@ -74,10 +66,10 @@ def read_batches(reader, positions, tile_size, batch_size, slices=CENTRE_SLICES,
     0 reads in the calling thread. h5py releases the GIL while HDF5 reads, so reading overlaps the model's work,
     but it serialises all HDF5 calls behind one lock: reads do not run in parallel with each other (one core's
     worth of reading at most). pin=True returns page-locked tensors (fast, asynchronous copies to a GPU).
-    `follow_surface`: as InputReader.read's.
+    `centre_on`: as InputReader.read's.
     """
     def read(batch):
-        tiles = np.stack([reader.read(y, x, tile_size, slices, follow_surface) for y, x in batch])
+        tiles = np.stack([reader.read(y, x, tile_size, slices, centre_on) for y, x in batch])
         return torch.from_numpy(tiles).pin_memory() if pin else torch.from_numpy(tiles)
 
     batches = [positions[start: start + batch_size] for start in range(0, len(positions), batch_size)]
@@ -96,27 +88,27 @@ def read_batches(reader, positions, tile_size, batch_size, slices=CENTRE_SLICES,
             yield done, tiles.result()
 
 
-def as_weighted_models(models):
-    """A single model -> [(model, 1.0)]; a list of (model, weight) pairs as it is."""
-    return [(models, 1.0)] if isinstance(models, torch.nn.Module) else list(models)
+def as_members(models, spec):
+    """A single model -> [(model, 1.0, spec)]; a list of (model, weight, InputSpec) triples as it is."""
+    return [(models, 1.0, spec)] if isinstance(models, torch.nn.Module) else list(models)
 
 
 @torch.inference_mode()
-def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, triplets=DEFAULT_TRIPLETS,
-                     device="cpu", progress=False, readers=2, out=None, scale=1.0):
+def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, spec=InputSpec(), device="cpu",
+                     progress=False, readers=2, out=None, scale=1.0):
     """Probability map (H, W) float32 of one store, 0 outside its mask; with `out` ((H, W) float32), adds
     `scale` x the map into it instead (an ensemble's running sum) and returns it.
 
-    `models`: one model, or a list of (model, weight) pairs sharing tile_size and stride: the map is then
-    sum(weight x the model's map), each batch of tiles read once and run through every model.
-    `triplets`: one of TRIPLET_MODES. batch_size counts tiles; each tile adds (1 if triplets is "middle" else 3)
-    x (4 if tta) inputs to a model's batch.
+    `models`: one model, whose input is `spec`, or a list of (model, weight, InputSpec) sharing tile_size and
+    stride, of any families that read their slices alike (member_views): the map is then sum(weight x the
+    model's map), each batch of tiles read once and run through every model with its own views.
+    `tta`: rot90 x 4 and, for stack models, the depth shifts (InputSpec.views). batch_size counts tiles.
     `readers`: threads reading tiles ahead (read_batches). Tiles are blended in a band of rows (BlendBand), so
     the memory beyond `out` is a few tile rows, not a second map.
     """
     device = torch.device(device)
-    models = as_weighted_models(models)
-    slices, groups, combine, follow_surface = triplet_inputs(store, triplets)
+    members = as_members(models, spec)
+    slices, views = member_views([s for _, _, s in members], tta)
     rotations = (0, 1, 2, 3) if tta else (0,)
     out = np.zeros(store.shape, np.float32) if out is None else out
     reader = InputReader(store)  # also opens the file here, before any thread touches it
@@ -124,7 +116,7 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
     device_weights = torch.from_numpy(band.weights).to(device)
     positions = store.tiles(tile_size, stride)
     positions = positions[np.lexsort((positions[:, 1], positions[:, 0]))]  # row by row: the band moves down only
-    for model, _ in models:
+    for model, _, _ in members:
         model.eval()
     on_gpu = device.type == "cuda"
     autocast = torch.autocast(device.type) if on_gpu else contextlib.nullcontext()
@@ -140,14 +132,15 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
     previous = None
     bar = tqdm(total=len(positions), unit="tile", desc=f"predict {store.fragment_id}", disable=not progress)
     with bar:
-        batches = read_batches(reader, positions, tile_size, batch_size, slices, readers, on_gpu, follow_surface)
-        for batch, tiles in batches:
-            inputs = tta_inputs(tiles.to(device, non_blocking=True), groups, rotations).contiguous(memory_format=memory_format)
+        centre_on = members[0][2].read_mode()
+        for batch, tiles in read_batches(reader, positions, tile_size, batch_size, slices, readers, on_gpu, centre_on):
+            tiles = tiles.to(device, non_blocking=True)
             merged = torch.zeros((len(batch), tile_size, tile_size), device=device)
-            for model, weight in models:
+            for (model, weight, _), (own_views, combine) in zip(members, views):
+                inputs = tta_inputs(tiles, own_views, rotations).contiguous(memory_format=memory_format)
                 with autocast:
                     probs = torch.sigmoid(model(inputs).float())
-                merged += weight * merge_tta(probs, len(batch), groups, rotations, combine)
+                merged += weight * merge_tta(probs, len(batch), own_views, rotations, combine)
             weighted = (merged * device_weights).to("cpu", non_blocking=on_gpu)
             arrived = torch.cuda.Event() if on_gpu else None  # on a GPU the copy lands later: blend the
             if arrived is not None:                             # previous batch while this one runs

@@ -1,4 +1,7 @@
-"""The segmentation model: an smp U-Net with one output channel of ink logits.
+"""The segmentation models: an smp U-Net with one output channel of ink logits, fed by a model family's input
+(lib/inputs.py): "triplets" (3 slices as the encoder's channels), "stack" (`depth` slices as its channels, smp's
+in_channels) or "stem3d" (`depth` slices through a small 3-D convolutional stem, max-pooled over depth, as the
+1st-place Kaggle team did, into the U-Net). A member of an ensemble is named FAMILY:BACKBONE.
 
 Weights are random by default (nothing can be downloaded offline); "imagenet" asks smp
 to download them; a path loads a local state dict of the encoder or of the whole U-Net.
@@ -11,7 +14,7 @@ import segmentation_models_pytorch as smp
 from safetensors.torch import load_file
 from segmentation_models_pytorch.encoders._utils import patch_first_conv
 
-from lib.data import INPUT_VERSION
+from lib.inputs import FAMILIES, InputSpec
 
 # encoder name -> why it is here; every name builds with smp 0.6 and timm 1.0
 BACKBONES = {
@@ -82,41 +85,86 @@ def load_local(backbone: str, in_channels: int, path: Path, decoder_channels=DEF
     return model
 
 
+STEM_CHANNELS = (4, 8)  # the 3-D stem's widths: small, since it runs at full resolution over every slice
+
+
+class DepthStem(torch.nn.Module):
+    """(B, D, H, W) slices -> (B, STEM_CHANNELS[-1], H, W): 3x3x3 convolutions over depth and plane, then the max
+    over depth, so that the ink's depth is found by the model rather than assumed."""
+
+    def __init__(self, widths=STEM_CHANNELS):
+        super().__init__()
+        layers, previous = [], 1
+        for width in widths:
+            layers += [torch.nn.Conv3d(previous, width, 3, padding=1, bias=False), torch.nn.BatchNorm3d(width),
+                       torch.nn.ReLU(inplace=True)]
+            previous = width
+        self.layers = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x.unsqueeze(1)).amax(dim=2)
+
+
+class StemUnet(torch.nn.Module):
+    """The "stem3d" family: DepthStem into a U-Net whose encoder reads the stem's channels."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.stem, self.unet = DepthStem(), unet
+
+    def forward(self, x):
+        return self.unet(self.stem(x))
+
+
+def parse_member(name, default_family):
+    """"FAMILY:BACKBONE" or "BACKBONE" (of `default_family`) -> (family, backbone); ValueError for an unknown family."""
+    family, _, backbone = name.rpartition(":")
+    family = family or default_family
+    if family not in FAMILIES:
+        raise ValueError(f"{name}: unknown model family {family!r} (one of {', '.join(FAMILIES)})")
+    return family, backbone
+
+
 def build_model(backbone: str, in_channels: int = 3, weights: str | Path | None = None,
-                decoder_channels=DEFAULT_DECODER) -> smp.Unet:
-    """U-Net returning logits (N,1,H,W). weights: None, "imagenet" or a local state-dict file."""
+                decoder_channels=DEFAULT_DECODER, family: str = "triplets") -> torch.nn.Module:
+    """A model of `family` returning logits (N,1,H,W) from `in_channels` slices. weights: None, "imagenet" or a
+    local state-dict file (for the U-Net's encoder, or the whole U-Net)."""
+    encoder_channels = STEM_CHANNELS[-1] if family == "stem3d" else in_channels
     if weights is None or weights == "none":
-        return unet(backbone, in_channels, None, decoder_channels)
-    if weights == "imagenet":
+        model = unet(backbone, encoder_channels, None, decoder_channels)
+    elif weights == "imagenet":
         # timm ("tu-") encoders name their pretrained tag in the encoder name and take True here
-        return unet(backbone, in_channels, True if backbone.startswith("tu-") else "imagenet", decoder_channels)
-    return load_local(backbone, in_channels, Path(weights), decoder_channels)
+        model = unet(backbone, encoder_channels, True if backbone.startswith("tu-") else "imagenet", decoder_channels)
+    else:
+        model = load_local(backbone, encoder_channels, Path(weights), decoder_channels)
+    return StemUnet(model) if family == "stem3d" else model
 
 
-def model_config(backbone: str, in_channels: int, decoder_channels=DEFAULT_DECODER) -> dict:
+def model_config(backbone: str, spec: InputSpec, decoder_channels=DEFAULT_DECODER) -> dict:
     """Everything needed to rebuild the architecture; the weights travel in the state dict."""
-    return {"backbone": backbone, "in_channels": int(in_channels), "decoder_channels": [int(c) for c in decoder_channels]}
+    return {"backbone": backbone, "family": spec.family, "in_channels": spec.channels,
+            "decoder_channels": [int(c) for c in decoder_channels]}
 
 
-def build_from_config(cfg: dict) -> smp.Unet:
-    """Random-initialised U-Net matching `cfg`, ready for load_state_dict."""
+def build_from_config(cfg: dict) -> torch.nn.Module:
+    """Random-initialised model matching `cfg`, ready for load_state_dict."""
     return build_model(cfg["backbone"], int(cfg["in_channels"]), weights=None,
-                       decoder_channels=cfg.get("decoder_channels", DEFAULT_DECODER))
+                       decoder_channels=cfg.get("decoder_channels", DEFAULT_DECODER), family=cfg["family"])
 
 
-def save_model_file(path, model, **entries):
-    """Write a fold model file: its config, weights, `entries` (fold, tile_size, stride, scores) and the version of
-    the inputs it was trained on (lib.data.INPUT_VERSION: this code's), atomically."""
+def save_model_file(path, model, spec, **entries):
+    """Write a fold model file: its config, weights, `entries` (fold, tile_size, stride, scores) and its input
+    (`spec`, with the version of this code's inputs: lib.inputs.INPUT_VERSION), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({**entries, "inputs": INPUT_VERSION, "state_dict": model.state_dict()}, tmp)
+    torch.save({**entries, "inputs": spec.as_dict(), "state_dict": model.state_dict()}, tmp)
     os.replace(tmp, path)
 
 
 def load_model_file(path, device="cpu"):
     """A fold model file of train.py -> (the model in eval mode on `device`, the file's other entries:
-    config, fold, tile_size, stride, scores).
+    config, inputs, fold, tile_size, stride, scores).
 
     The weights are made channels_last: convolutions then run channels_last on CPU too (oneDNN), which is faster
     for the conv encoders (measured: bench/README.md, "## submit"); on GPU predict_fragment feeds channels_last

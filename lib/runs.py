@@ -8,6 +8,7 @@
 Everything read here is checked before use; a bad file is a `RunFileError` whose one-line message names the file
 and the field. Nothing here unpickles arbitrary objects: JSON, and torch files loaded with weights_only=True.
 """
+import dataclasses
 import getpass
 import importlib.metadata
 import json
@@ -19,8 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from lib.data import INPUT_VERSION, Fold
-from lib.infer import TRIPLET_MODES
+from lib.folds import Fold
+from lib.inputs import INPUT_VERSION, InputSpec
 from lib.metrics import THRESHOLD_MODES
 from lib.model import load_model_file
 
@@ -150,9 +151,7 @@ def read_ensemble(run):
         if not models or not all(isinstance(m, str) for m in models):
             raise RunFileError(f"{path}: {where}.models: must be a non-empty list of file names")
         member["paths"] = [inside_run(run, m, f"{path}: {where}.models") for m in models]
-        member.setdefault("triplets", "mean")  # ensemble.json from before the triplet modes
-        if member["triplets"] not in TRIPLET_MODES:
-            raise RunFileError(f"{path}: {where}.triplets: {member['triplets']!r} is not one of {', '.join(TRIPLET_MODES)}")
+        member["spec"] = input_spec(path, field.get(member, "inputs", dict, where), f"{where}.inputs")
     total = sum(m["weight"] for m in members)
     if not math.isclose(total, 1.0, abs_tol=1e-3):
         raise RunFileError(f"{path}: members[].weight: the weights sum to {total:g}, not 1")
@@ -165,6 +164,18 @@ def read_ensemble(run):
     if not (low < value < high or (mode == "percentile" and value == high)):
         raise RunFileError(f"{path}: threshold.value: {value:g} is out of range for mode {mode} ({rule})")
     return data
+
+
+def input_spec(path, inputs, where):
+    """The InputSpec of a model's recorded `inputs`; a RunFileError naming `path` when it is not one this code makes."""
+    version = inputs.get("version") if isinstance(inputs, dict) else inputs  # version 2 files recorded a number
+    if version != INPUT_VERSION:
+        raise RunFileError(f"{path}: {where}: model inputs of version {version}, this inkseg makes "
+                           f"version {INPUT_VERSION} (lib/inputs.py): retrain, or predict with the inkseg that trained it")
+    try:
+        return InputSpec.from_dict(inputs)
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunFileError(f"{path}: {where}: not a model input ({_first_line(err)})") from None
 
 
 def inside_run(run, name, where):
@@ -197,9 +208,11 @@ def check_model_file(path, member, device="cpu"):
         raise RunFileError(f"{path}: not a train.py model file (no field {err})") from None
     except Exception as err:  # truncated zip, foreign pickle, weights of another architecture: name the file
         raise RunFileError(f"{path}: unreadable model file ({type(err).__name__}: {_first_line(err)})") from None
-    if export.get("inputs", 1) != INPUT_VERSION:
-        raise RunFileError(f"{path}: trained on model inputs of version {export.get('inputs', 1)}, this inkseg makes "
-                           f"version {INPUT_VERSION} (lib/data.py): retrain it, or predict with the inkseg that trained it")
+    inputs = export.get("inputs")
+    trained = input_spec(path, inputs, "inputs")
+    # how a triplet model's triplets combine is the member's choice (ensemble.json); what it was trained on is not
+    if dataclasses.replace(trained, triplets=member["spec"].triplets) != member["spec"]:
+        raise RunFileError(f"{path}: inputs {inputs} differ from its member's in {ENSEMBLE_NAME}")
     for key in ("tile_size", "stride"):
         if export.get(key) != member[key]:
             raise RunFileError(f"{path}: {key} {export.get(key)} differs from its member's {key} {member[key]} "

@@ -7,11 +7,17 @@ A store `OUT/<split>/<id>.h5` holds
     tiles        (N, 2) int32       top-left (y, x) of every tile_size tile on the stride grid touching the mask
     percentiles  (Z, P) float32     in-mask intensity percentiles per slice (levels in attrs["percentile_levels"])
     percentiles_all (P,) float32    the same over all kept slices together
+    surface      (H/4, W/4) float16 each pixel's surface (a slice number) on a 4 px grid (lib/surface.py)
+    surface_confidence (H/4, W/4) float16  how sure each cell's surface is, 0..1
 and attributes: fragment_id, split, source, z_start, z_stop, height, width, tile_size, stride,
 fingerprint (of the source files: names, sizes, mtimes) and format_version; source_layers (the source layer of
 each kept slice: z_start..z_stop unless the depth was reversed or the window moved to the surface, lib/depth.py),
-layout ("kaggle" or "segments": the source's layout), and from prepare.py reversed and surface (the detected
-surface slice, NaN unless --z-range auto).
+layout ("kaggle" or "segments": the source's layout), fragment_surface and fragment_surface_confidence (the
+fragment's own surface in the store's slice numbers, from its in-mask median along depth, and how sure it is),
+low_confidence_share (of the stored tiles, those whose surface is too unsure to flatten onto), and from prepare.py
+reversed, orientation ("auto": decided from the data, "given": by --reverse / --no-reverse, "kept": left as it
+was, the evidence being too weak), orientation_margin and surface (the detected surface layer, NaN unless
+--z-range auto).
 
 Integrity: every dataset's chunks carry HDF5's Fletcher32 checksum (after Blosc, so it covers the stored
 bytes), and the file is written with the 1.10 format, whose metadata (superblock, object headers with the
@@ -43,7 +49,10 @@ import numpy as np
 from numcodecs.fletcher32 import Fletcher32
 from tqdm import tqdm
 
-FORMAT_VERSION = 3  # 3: checksums; 2: chunks one tile stride wide, maps in Blosc LZ4 (older stores are rebuilt)
+from lib.depth import NOMINAL_SURFACE
+from lib.surface import fragment_surface, low_confidence_share, surface_map
+
+FORMAT_VERSION = 4  # 4: surface maps; 3: checksums; 2: chunks one tile stride wide (older stores are rebuilt)
 DEFAULT_Z_RANGE = (24, 40)  # 16 centre slices around 32: the 8 centre slices plus random depth shifts
 CHUNK_SIDE = 64  # chunk height and width when the tile grid gives none (chunk_side)
 PERCENTILE_LEVELS = (0.5, 1, 5, 25, 50, 75, 95, 99, 99.5)
@@ -52,7 +61,7 @@ BAND_BYTES = 64 * 2**20  # rows read per band: about this many bytes of volume a
 VOLUME_CODEC = {"compressor": "lz4", "level": 5, "shuffle": 2}
 CHUNKS_PER_TASK = 16  # chunks one compression task copies into chunk order and compresses
 HDF5_FORMAT = ("v110", "v110")  # the oldest file format whose metadata HDF5 checksums
-SMALL_DATASETS = ("tiles", "percentiles", "percentiles_all")  # besides the maps and the volume
+SMALL_DATASETS = ("tiles", "percentiles", "percentiles_all", "surface", "surface_confidence")  # besides mask, labels, volume
 _CHECKSUM = Fletcher32()
 
 
@@ -194,12 +203,13 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
             h5.create_dataset("percentiles", data=np.stack([percentiles_from_histogram(h) for h in histograms]),
                               fletcher32=True)
             h5.create_dataset("percentiles_all", data=percentiles_from_histogram(histograms.sum(0)), fletcher32=True)
+            surfaces = _write_surface(h5, volume, mask, z_start, tiles, tile_size)
             h5.attrs.update(
                 fragment_id=fragment.fragment_id, split=fragment.split, source=str(fragment.path.resolve()),
                 z_start=z_start, z_stop=z_stop, height=height, width=width, tile_size=tile_size, stride=stride,
                 fingerprint=fingerprint(fragment.source_files()), format_version=FORMAT_VERSION,
                 source_slices=fragment.num_slices, percentile_levels=np.array(PERCENTILE_LEVELS),
-                source_layers=np.array(layers), layout=fragment.layout, **(attrs or {}))
+                source_layers=np.array(layers), layout=fragment.layout, **surfaces, **(attrs or {}))
         except BaseException:
             with contextlib.suppress(Exception):  # closing flushes, which fails again on a full disk: keep the first error
                 h5.close()
@@ -210,7 +220,24 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
         tmp.unlink(missing_ok=True)
         raise
     return {"tiles": len(tiles), "bytes": path.stat().st_size, "slices": (z_start, z_stop), "shape": (height, width),
-            "ink_fraction": ink_fraction, "copy_seconds": copy_seconds}
+            "ink_fraction": ink_fraction, "copy_seconds": copy_seconds, **surfaces}
+
+
+def _write_surface(h5, volume, mask, z_start, tiles, tile_size):
+    """The surface maps (lib/surface.py) of the volume just written, read back band by band; returns the attributes
+    that go with them. The search starts from the fragment's own surface (its in-mask median along depth), which
+    is the nominal slice when the store's window was centred on it (--z-range auto) or none is found."""
+    medians = h5["percentiles"][:, PERCENTILE_LEVELS.index(50)].astype(np.float64)
+    surface, confidence = fragment_surface(medians, NOMINAL_SURFACE - z_start)
+    expected = NOMINAL_SURFACE if np.isnan(surface) else surface + z_start
+    everywhere = h5["percentiles_all"][()]  # papyrus and air over all kept slices: the contrast an edge spans
+    contrast = float(everywhere[PERCENTILE_LEVELS.index(95)] - everywhere[PERCENTILE_LEVELS.index(5)])
+    depth, cell_confidence = surface_map(lambda y0, y1: (volume[:, y0:y1], mask[y0:y1]), mask.shape, z_start,
+                                         expected, contrast)
+    for name, grid in (("surface", depth), ("surface_confidence", cell_confidence)):
+        h5.create_dataset(name, data=grid.astype(np.float16), fletcher32=True, **hdf5plugin.Blosc(cname="lz4", clevel=5))
+    return {"fragment_surface": float(expected), "fragment_surface_confidence": confidence,
+            "low_confidence_share": low_confidence_share(cell_confidence, mask, tiles, tile_size)}
 
 
 def _close_flushed(h5, path):
@@ -362,6 +389,9 @@ class Store:
         self.tile_size, self.stride = int(a["tile_size"]), int(a["stride"])
         self.has_labels = "labels" in names
         self.layout = str(a.get("layout", "kaggle"))
+        self.fragment_surface = float(a["fragment_surface"])  # in this store's slice numbers
+        self.fragment_surface_confidence = float(a["fragment_surface_confidence"])
+        self.low_confidence_share = float(a["low_confidence_share"])
         self._h5 = None
         self._pid = None
 

@@ -1,6 +1,7 @@
 """Synthetic fragments in the Kaggle or the segment layout, so the pipeline runs and can be scored without real data.
 
     python -m lib.synth OUT [--size 640] [--seed 0] [--difficulty easy|medium|hard|0..1] [--layout kaggle|segments]
+                            [--geometry thick|thin|neighbours|tilted] [--reversed]
 
 writes OUT/train/{1,2,3}, OUT/test/{a,b} (65 uint16 TIFF slices, mask.png; inklabels.png and ir.png
 for train), OUT/sample_submission.csv, and the test labels apart in OUT/_truth/<id>_inklabels.png.
@@ -25,6 +26,14 @@ surface sits up to +-4 slices off 32). Between them the ink's excess falls as (n
 fragment draws its own surface offset, letter height and stroke width from ranges that widen with the
 difficulty (at 1: letters 20-80 px tall, strokes 2-8 px). Level 0 is the generator as it was before
 the knob existed, byte for byte.
+
+--geometry sets the sheet around the inked (recto) surface, since real scans differ exactly there:
+"thick" (default, the generator as it was): papyrus fills every slice below the surface, clean air above, as in
+the Kaggle fragments; "thin": one sheet 5-9 slices thick with air on both sides, as in a scroll segment;
+"neighbours": that sheet with the neighbouring wraps of a scroll 2-5 slices below it everywhere and above it in
+places, and air that is not clean (faint debris); "tilted": the thick body whose surface wanders on a short scale,
+so that it tilts by slices within a 64 px tile. --reversed stores every fragment with its depth reversed (layer
+N-1-z holds slice z: the recto faces the low layer numbers), in either layout.
 Fragments are generated slice by slice from 2-D fields, so memory is a few (H, W) float arrays.
 """
 import argparse
@@ -64,6 +73,14 @@ DEFAULT_DIFFICULTY = "medium"
 HARD_OFFSET = 2.5  # slices: at difficulty 1 a fragment's whole surface sits up to this far off SURFACE_SLICE
 HARD_LETTER_HEIGHTS = (20, 80)  # px, the range letter heights are drawn from at difficulty 1 ...
 HARD_STROKES = (2, 8)  # ... and stroke widths (px)
+GEOMETRIES = ("thick", "thin", "neighbours", "tilted")
+DEFAULT_GEOMETRY = "thick"
+SHEET_THICKNESS = (5, 9)  # slices: a thin sheet's thickness is drawn from this range per fragment
+NEIGHBOUR_GAPS = (2, 5)  # slices of air between the sheet and its neighbouring wraps
+NEIGHBOUR_ABOVE_SHARE = 0.4  # about this share of a fragment has a neighbouring wrap above the inked surface
+DEBRIS_LEVEL = 0.12  # "unclean air": debris up to this density (relative to papyrus) floats in the air
+TILT_STD = 2.5  # slices: how far a tilted surface wanders ...
+TILT_PX = 80  # ... on features about this many pixels across (a 64 px tile spans slices)
 
 
 def parse_difficulty(value):
@@ -149,16 +166,60 @@ def hand_labels(rng, strengths, mask):
     return np.roll(seen, (dy, dx), axis=(0, 1)) * mask
 
 
-class FragmentFields:
-    """The 2-D fields one fragment's slices are computed from (`level`: FragmentLevel; default difficulty 0)."""
+class SheetGeometry:
+    """Where papyrus lies around the inked surface (GEOMETRIES), drawn from its own generator so that "thick" leaves
+    the fragment's random stream as it was. `papyrus(height)` is the papyrus share at `height` slices above the
+    surface (> 0: towards air), `air(z)` the debris in the air."""
 
-    def __init__(self, rng, shape, level=None):
+    def __init__(self, name, rng, shape):
+        if name not in GEOMETRIES:
+            raise ValueError(f"geometry {name!r} is not one of {', '.join(GEOMETRIES)}")
+        self.name = name
+        h, w = shape
+        self.thickness = float(rng.uniform(*SHEET_THICKNESS))
+        self.gap_below, self.gap_above = (float(g) for g in rng.uniform(*NEIGHBOUR_GAPS, size=2))
+        self.above = (smooth_noise(rng, shape, min(h, w) / 4) > 0.25).astype(np.float32)  # ~40 % of the area
+        self.above = cv2.GaussianBlur(self.above, (0, 0), 4)
+        self.debris = np.abs(smooth_noise(rng, shape, 6)) * DEBRIS_LEVEL / 3
+        self.debris_depth = rng.uniform(0, NUM_SLICES, size=shape).astype(np.float32)
+        self.tilt = TILT_STD * smooth_noise(rng, shape, TILT_PX)
+
+    def papyrus(self, height):
+        below = edge(-height)  # everything below the surface: the thick body
+        if self.name in ("thick", "tilted"):
+            return below
+        sheet = below * edge(height + self.thickness)
+        if self.name == "thin":
+            return sheet
+        wrap_below = edge(-(height + self.thickness + self.gap_below))
+        wrap_above = self.above * edge(height - self.gap_above) * edge(-(height - self.gap_above - self.thickness))
+        return sheet + wrap_below * edge(height + 2 * self.thickness + self.gap_below) + wrap_above
+
+    def air(self, z):
+        if self.name != "neighbours":
+            return 0.0
+        return self.debris * np.exp(-(((z - self.debris_depth) / 6.0) ** 2))
+
+
+def edge(distance):
+    """Papyrus share at `distance` slices inside an edge of the sheet (the scan blurs it over about a slice)."""
+    return 1 / (1 + np.exp(-distance / 0.7))
+
+
+class FragmentFields:
+    """The 2-D fields one fragment's slices are computed from (`level`: FragmentLevel; default difficulty 0;
+    `geometry`: a SheetGeometry, default thick)."""
+
+    def __init__(self, rng, shape, level=None, geometry=None):
         h, w = shape
         level = level or FragmentLevel.draw(0.0, np.random.default_rng(0), shape)
         self.shape = shape
         self.level = level
+        self.geometry = geometry or SheetGeometry(DEFAULT_GEOMETRY, np.random.default_rng(0), shape)
         self.mask = fragment_mask(rng, shape)
         wander = level.depth_offset + DEPTH_STD * smooth_noise(rng, shape, min(h, w) / 3)
+        if self.geometry.name == "tilted":
+            wander = wander + self.geometry.tilt
         self.depth = SURFACE_SLICE + np.clip(wander, -MAX_WANDER, MAX_WANDER)
         self.density = 1 + DENSITY_STD * smooth_noise(rng, shape, min(h, w) / 3)
         self.fibres_top = FIBRE_STD * smooth_noise(rng, shape, 1.5, 40)  # horizontal streaks
@@ -181,12 +242,12 @@ class FragmentFields:
     def slice(self, rng, z):
         """Slice z as uint16: papyrus below the surface, ink at it, noise everywhere, 0 outside the mask."""
         height = z - self.depth  # > 0 above the surface (air), < 0 inside the sheet
-        papyrus = 1 / (1 + np.exp(height / 0.7))
+        papyrus = self.geometry.papyrus(height)
         top_layer = 1 / (1 + np.exp(-(height + 5)))
         texture = top_layer * self.fibres_top + (1 - top_layer) * self.fibres_below
         ink = self.ink * np.exp(-(((height - INK_HEIGHT) / INK_SPREAD) ** 2))
         specks = self.specks * np.exp(-(((z - self.speck_depth) / 1.5) ** 2))
-        relative = papyrus * (self.density + texture) + ink + specks
+        relative = papyrus * (self.density + texture) + ink + specks + self.geometry.air(z)
         relative += NOISE_STD * rng.standard_normal(self.shape, dtype=np.float32)
         volume = AIR_LEVEL + (PAPYRUS_LEVEL - AIR_LEVEL) * relative
         return (np.clip(volume, 1, 65535) * self.mask).astype(np.uint16)
@@ -204,11 +265,16 @@ def generate_slices(folder, fields, rng, num_slices, progress):
         yield z, f"{z:0{digits}d}", fields.slice(rng, z)
 
 
-def write_fragment(folder, fields, rng, num_slices, with_labels, progress=True):
+def layer_name(z, stem, num_slices, reverse):
+    """The file name stem of slice z: its own number, or num_slices - 1 - z when the depth is stored `reverse`d."""
+    return f"{num_slices - 1 - z:0{len(stem)}d}" if reverse else stem
+
+
+def write_fragment(folder, fields, rng, num_slices, with_labels, reverse=False, progress=True):
     volume_dir = Path(folder) / "surface_volume"
     volume_dir.mkdir(parents=True)
-    for _, stem, pixels in generate_slices(folder, fields, rng, num_slices, progress):
-        tifffile.imwrite(volume_dir / f"{stem}.tif", pixels)
+    for z, stem, pixels in generate_slices(folder, fields, rng, num_slices, progress):
+        tifffile.imwrite(volume_dir / f"{layer_name(z, stem, num_slices, reverse)}.tif", pixels)
     cv2.imwrite(str(Path(folder) / "mask.png"), fields.mask * 255)
     if with_labels:
         cv2.imwrite(str(Path(folder) / "inklabels.png"), fields.labels * 255)
@@ -222,7 +288,7 @@ def write_segment(folder, fields, rng, num_slices, with_labels, reverse=False, e
     layers_dir = folder / "layers"
     layers_dir.mkdir(parents=True)
     for z, stem, pixels in generate_slices(folder, fields, rng, num_slices, progress):
-        layer = f"{num_slices - 1 - z:0{len(stem)}d}" if reverse else stem
+        layer = layer_name(z, stem, num_slices, reverse)
         if eight_bit:
             cv2.imwrite(str(layers_dir / f"{layer}.jpg"), (pixels >> 8).astype(np.uint8),
                         [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
@@ -233,17 +299,23 @@ def write_segment(folder, fields, rng, num_slices, with_labels, reverse=False, e
         cv2.imwrite(str(folder / f"{folder.name}_inklabels.png"), fields.labels * 255)
 
 
-def recipe(size, seed, num_slices, difficulty, layout="kaggle"):
+# What a dataset made before an entry of the recipe existed had for it.
+RECIPE_DEFAULTS = {"layout": "kaggle", "geometry": DEFAULT_GEOMETRY, "reversed_depth": False}
+
+
+def recipe(size, seed, num_slices, difficulty, layout="kaggle", geometry=DEFAULT_GEOMETRY, reversed_depth=False):
     """What synth.json records and what a rerun must match."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry {geometry!r} is not one of {', '.join(GEOMETRIES)}")
     return {"size": size, "seed": seed, "num_slices": num_slices, "difficulty": parse_difficulty(difficulty),
-            "layout": layout}
+            "layout": layout, "geometry": geometry, "reversed_depth": bool(reversed_depth)}
 
 
 def generate(out, size=640, seed=0, num_slices=NUM_SLICES, progress=True, difficulty=DEFAULT_DIFFICULTY,
-             layout="kaggle"):
+             layout="kaggle", geometry=DEFAULT_GEOMETRY, reversed_depth=False):
     """Write a whole synthetic dataset to `out` (created atomically: built beside it, then renamed)."""
     out = Path(out)
-    settings = recipe(size, seed, num_slices, difficulty, layout)
+    settings = recipe(size, seed, num_slices, difficulty, layout, geometry, reversed_depth)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; not overwriting")
     partial = out.with_name(out.name + ".partial")
@@ -256,17 +328,20 @@ def generate(out, size=640, seed=0, num_slices=NUM_SLICES, progress=True, diffic
         # the level's draws come from their own generator, so difficulty 0 leaves `rng`'s stream as it was
         level = FragmentLevel.draw(settings["difficulty"], np.random.default_rng([seed, index, 1]), shape)
         levels[fragment_id] = asdict(level)
-        fields = FragmentFields(rng, shape, level)
+        sheet = SheetGeometry(geometry, np.random.default_rng([seed, index, 2]), shape)
+        fields = FragmentFields(rng, shape, level, sheet)
         split = "train" if fragment_id in TRAIN_IDS else "test"
+        reverse = reversed_depth or (layout == "segments" and fragment_id == REVERSED_SEGMENT)
         if layout == "segments":
             write_segment(partial / fragment_id, fields, rng, num_slices, split == "train",
-                          fragment_id == REVERSED_SEGMENT, fragment_id == EIGHT_BIT_SEGMENT, progress)
+                          reverse, fragment_id == EIGHT_BIT_SEGMENT, progress)
         else:
-            write_fragment(partial / split / fragment_id, fields, rng, num_slices, split == "train", progress)
+            write_fragment(partial / split / fragment_id, fields, rng, num_slices, split == "train", reverse, progress)
         if split == "test":
             cv2.imwrite(str(partial / "_truth" / f"{fragment_id}_inklabels.png"), fields.labels * 255)
     if layout == "segments":
-        settings.update(reversed=[REVERSED_SEGMENT], eight_bit_jpeg=[EIGHT_BIT_SEGMENT])
+        settings.update(reversed=list(TRAIN_IDS + TEST_IDS) if reversed_depth else [REVERSED_SEGMENT],
+                        eight_bit_jpeg=[EIGHT_BIT_SEGMENT])
     else:
         (partial / "sample_submission.csv").write_text(SAMPLE_SUBMISSION)
     (partial / "_truth" / "synth.json").write_text(json.dumps({**settings, "fragments": levels}) + "\n")
@@ -284,15 +359,20 @@ def main(argv=None):
                         help=f"how hidden the ink is: {', '.join(LEVELS)} or a number in 0..1 (default {DEFAULT_DIFFICULTY})")
     parser.add_argument("--layout", choices=("kaggle", "segments"), default="kaggle",
                         help="segments: <id>/layers/.., with segment b reversed in depth and a as 8-bit JPEG")
+    parser.add_argument("--geometry", choices=GEOMETRIES, default=DEFAULT_GEOMETRY,
+                        help="the sheet around the inked surface (see above; default %(default)s)")
+    parser.add_argument("--reversed", action="store_true",
+                        help="store every fragment with its depth reversed (the recto faces the low layer numbers)")
     args = parser.parse_args(argv)
     try:
-        wanted = recipe(args.size, args.seed, args.num_slices, args.difficulty, args.layout)
+        wanted = recipe(args.size, args.seed, args.num_slices, args.difficulty, args.layout, args.geometry,
+                        args.reversed)
     except ValueError as err:
         raise SystemExit(f"error: --difficulty: {err}")
     recipe_path = Path(args.out) / "_truth" / "synth.json"
     if recipe_path.is_file():
         try:
-            found = {"layout": "kaggle", **{k: v for k, v in json.loads(recipe_path.read_text()).items() if k in wanted}}
+            found = {**RECIPE_DEFAULTS, **{k: v for k, v in json.loads(recipe_path.read_text()).items() if k in wanted}}
         except ValueError:
             found = None
         if found != wanted:
@@ -301,10 +381,12 @@ def main(argv=None):
         print(f"{args.out}: synthetic dataset already there ({wanted}); leaving it as it is")
         return
     try:
-        generate(args.out, args.size, args.seed, args.num_slices, difficulty=args.difficulty, layout=args.layout)
+        generate(args.out, args.size, args.seed, args.num_slices, difficulty=args.difficulty, layout=args.layout,
+                 geometry=args.geometry, reversed_depth=args.reversed)
     except FileExistsError as err:
         raise SystemExit(f"error: {err}")
-    print(f"wrote synthetic dataset to {args.out} (difficulty {wanted['difficulty']:g})")
+    print(f"wrote synthetic dataset to {args.out} (difficulty {wanted['difficulty']:g}, geometry {args.geometry}"
+          f"{', depth reversed' if args.reversed else ''})")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# member -> the fold models submit.py uses: two architectures, one with two folds, so averaging and weighting both
-# happen (the run has all three folds of each; the fixture trims ensemble.json to these, to keep the tests short)
-MEMBERS = {"tu-mobilenetv3_small_050": ("1", "2"), "tu-mobilenetv3_small_075": ("3",)}
+# member -> the fold models submit.py uses: two families and architectures, one with two folds, so averaging,
+# weighting and mixing families all happen (the run has all three folds of each; the fixture trims ensemble.json to
+# these, to keep the tests short)
+MEMBERS = {"stack:tu-mobilenetv3_small_050": ("1", "2"), "triplets:tu-mobilenetv3_small_075": ("3",)}
 
 
 @pytest.fixture(scope="session")
@@ -70,15 +71,19 @@ def tiny(tmp_path_factory):
 def write_models(run):
     import torch
 
-    from lib.model import build_model, model_config, save_model_file
+    from lib.inputs import InputSpec
+    from lib.model import build_model, model_config, parse_member, save_model_file
     from lib.synth import TRAIN_IDS
 
-    for index, backbone in enumerate(MEMBERS):
+    for index, member in enumerate(MEMBERS):
+        family, backbone = parse_member(member, None)
+        spec = InputSpec(family)
         for fold in TRAIN_IDS:
             torch.manual_seed(10 * index + int(fold))
-            model = build_model(backbone)
-            save_model_file(run / "models" / backbone / f"fold-{fold}.pt", model, config=model_config(backbone, 3),
-                            fold=fold, tile_size=64, stride=32, val_f05=0.0, oof_f05=0.0, threshold=0.5)
+            model = build_model(backbone, spec.channels, family=family)
+            save_model_file(run / "models" / member / f"fold-{fold}.pt", model, spec,
+                            config=model_config(backbone, spec), fold=fold, tile_size=64, stride=32, val_f05=0.0,
+                            oof_f05=0.0, threshold=0.5)
 
 
 def write_oof_maps(run, stores):

@@ -1,5 +1,5 @@
 """Test helpers shared by several test files (imported as `helpers`: pytest puts tests/ on sys.path)."""
-from lib.data import make_folds
+from lib.folds import make_folds
 from lib.runs import trial_file, write_json, write_record
 
 

@@ -1,18 +1,24 @@
-"""lib/data.py and lib/infer.py on a real store whose volume spells out its labels."""
+"""lib/data.py, lib/inputs.py and lib/infer.py on a real store whose volume spells out its labels."""
 import numpy as np
 import pytest
 import tifffile
 import torch
 import cv2
 
-from lib.data import (CENTRE_SLICES, SURFACE_TRIPLETS, TRIPLETS, Fold, InputReader, TileDataset, coarse_dropout,
-                      equal_area_bands, flatten, make_folds, normalise, photometric, surface_depths)
+from lib.data import TileDataset, coarse_dropout, photometric
+from lib.folds import Fold, equal_area_bands, make_folds
 from lib.fragments import Fragment
-from lib.infer import TRIPLET_MODES, blend_weights, merge_tta, predict_fragment, surface_shift, triplet_inputs
+from lib.infer import blend_weights, member_views, merge_tta, predict_fragment
+from lib.inputs import (CENTRE_SLICES, SURFACE_TRIPLETS, TRIPLET_MODES, TRIPLETS, InputReader, InputSpec, flatten,
+                        normalise, surface_shift)
+from lib.surface import pixel_window, surface_grid
 from lib.synth import FragmentFields, FragmentLevel, write_fragment
 from lib.store import Store, write_store
 
 HEIGHT, WIDTH = 200, 168
+# the label store has no papyrus surface (its slices are bright where the labels are): read as stored
+MEAN = InputSpec("triplets", centre_on="nominal", triplets="mean")
+STACK = InputSpec("stack", depth=6, centre_on="nominal")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -43,7 +49,7 @@ def label_store(tmp_path_factory):
 def test_augmented_tiles_stay_aligned_with_labels(label_store):
     path, _, _ = label_store
     torch.manual_seed(0)
-    dataset = TileDataset([path], tile_size=64, stride=32, augment=True)
+    dataset = TileDataset([path], tile_size=64, stride=32, spec=MEAN, augment=True)
     assert len(dataset) > 10
     agree = total = 0
     for i in range(len(dataset)):
@@ -60,31 +66,42 @@ def test_augmented_tiles_stay_aligned_with_labels(label_store):
 
 def test_training_slices_come_from_the_centre_with_a_small_shift(label_store):
     path, _, _ = label_store
-    dataset = TileDataset([path], tile_size=64, stride=32, augment=True, max_depth_shift=2)
-    store = dataset.stores[0]
+    dataset = TileDataset([path], tile_size=64, stride=32, spec=MEAN, augment=True, max_depth_shift=2)
     torch.manual_seed(1)
-    firsts = {dataset.choose_slices(store)[0] for _ in range(300)}
+    firsts = {dataset.choose_slices()[0] for _ in range(300)}
     assert min(firsts) >= CENTRE_SLICES[0] - 2 and max(firsts) + 2 <= CENTRE_SLICES[-1] + 2
     assert len(firsts) >= 6  # the start really varies
 
 
 def test_flattened_training_slices_are_the_surface_triplets(label_store):
     path, _, _ = label_store
-    dataset = TileDataset([path], tile_size=64, stride=32, augment=True, max_depth_shift=0, centre_on="tile")
+    spec = InputSpec("triplets", centre_on="tile", triplets="tile")
+    dataset = TileDataset([path], tile_size=64, stride=32, spec=spec, augment=True, max_depth_shift=0)
     torch.manual_seed(1)
-    firsts = {dataset.choose_slices(dataset.stores[0])[0] for _ in range(100)}
+    firsts = {dataset.choose_slices()[0] for _ in range(100)}
     assert firsts == {CENTRE_SLICES[t[0]] for t in SURFACE_TRIPLETS}
     image, label = dataset[0]
     assert image.shape == (3, 64, 64) and label.shape == (1, 64, 64) and torch.isfinite(image).all()
     with pytest.raises(ValueError, match="centre_on 'surface'"):
-        TileDataset([path], 64, 32, centre_on="surface")
+        InputSpec("triplets", centre_on="surface")
+
+
+def test_stack_tiles_are_the_window_moved_by_the_depth_jitter(label_store):
+    path, _, _ = label_store
+    dataset = TileDataset([path], 64, 32, spec=STACK, augment=True, max_depth_shift=1)
+    torch.manual_seed(0)
+    windows = {tuple(dataset.choose_slices()) for _ in range(100)}
+    assert windows == {tuple(range(29 + s, 35 + s)) for s in (-1, 0, 1)}
+    image, label = dataset[0]
+    assert image.shape == (6, 64, 64) and label.shape == (1, 64, 64)
+    assert TileDataset([path], 64, 32, spec=STACK, augment=False).choose_slices() == list(range(29, 35))
 
 
 def test_a_flattened_read_moves_the_slices_onto_the_surface(tmp_path):
     """On a sheet whose surface sits 3 slices above 32, flattened slices 31..33 are the stored slices 34..36."""
     store = flat_surface_store(tmp_path, 3.0)
     reader = InputReader(store)
-    flat = reader.read(16, 16, 64, [31, 32, 33], follow_surface=True)
+    flat = reader.read(16, 16, 64, [31, 32, 33], "tile")
     stored = reader.read(16, 16, 64, [34, 35, 36])
     assert flat.shape == (3, 64, 64)
     assert np.abs(flat - stored).mean() < 0.25 * np.abs(stored - reader.read(16, 16, 64, [31, 32, 33])).mean()
@@ -92,9 +109,9 @@ def test_a_flattened_read_moves_the_slices_onto_the_surface(tmp_path):
 
 def test_skip_and_only_rows_select_tiles(label_store):
     path, _, _ = label_store
-    full = TileDataset([path], 64, 32, augment=False)
-    skipped = TileDataset([path], 64, 32, augment=False, skip_rows={path: (80, 140)})
-    only = TileDataset([path], 64, 32, augment=False, only_rows={path: (80, 140)})
+    full = TileDataset([path], 64, 32, MEAN, augment=False)
+    skipped = TileDataset([path], 64, 32, MEAN, augment=False, skip_rows={path: (80, 140)})
+    only = TileDataset([path], 64, 32, MEAN, augment=False, only_rows={path: (80, 140)})
     assert all(y + 64 <= 80 or y >= 140 for _, y, _ in skipped.items)
     assert all(80 <= y + 32 < 140 for _, y, _ in only.items)
     assert 0 < len(skipped.items) < len(full.items) and 0 < len(only.items) < len(full.items)
@@ -120,10 +137,10 @@ def test_equal_area_bands_and_folds():
 class PointwiseModel(torch.nn.Module):
     """A 1x1 convolution: its output rotates with its input, so rot90 TTA must change nothing."""
 
-    def __init__(self):
+    def __init__(self, channels=3):
         super().__init__()
         torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 1, 1)
+        self.conv = torch.nn.Conv2d(channels, 1, 1)
 
     def forward(self, x):
         return self.conv(x) * 4
@@ -137,8 +154,8 @@ class ConstantModel(torch.nn.Module):
 def test_tta_on_an_equivariant_model_changes_nothing(label_store):
     path, labels, mask = label_store
     store = Store(path)
-    plain = predict_fragment(PointwiseModel(), store, 64, 32, tta=False, triplets="mean")
-    tta = predict_fragment(PointwiseModel(), store, 64, 32, batch_size=3, tta=True, triplets="mean")
+    plain = predict_fragment(PointwiseModel(), store, 64, 32, tta=False, spec=MEAN)
+    tta = predict_fragment(PointwiseModel(), store, 64, 32, batch_size=3, tta=True, spec=MEAN)
     assert plain.shape == (HEIGHT, WIDTH) and plain.dtype == np.float32
     np.testing.assert_allclose(tta, plain, atol=1e-5)
     # the volume spells the labels, so even this toy model separates ink from papyrus
@@ -148,7 +165,7 @@ def test_tta_on_an_equivariant_model_changes_nothing(label_store):
 
 def test_blending_leaves_no_seams_and_masks_the_map(label_store):
     path, _, mask = label_store
-    prob = predict_fragment(ConstantModel(), Store(path), 64, 24, tta=True, triplets="mean")
+    prob = predict_fragment(ConstantModel(), Store(path), 64, 24, tta=True, spec=MEAN)
     np.testing.assert_allclose(prob[mask > 0], 0.7, atol=1e-5)  # every pixel, overlap or not
     assert (prob[mask == 0] == 0).all()
 
@@ -161,7 +178,7 @@ def test_blend_weights_are_positive_and_peak_in_the_centre():
 
 def test_packed_windows_match_the_store_at_every_offset(label_store):
     path, labels, _ = label_store
-    dataset = TileDataset([path], tile_size=64, stride=32, augment=False)
+    dataset = TileDataset([path], tile_size=64, stride=32, spec=MEAN, augment=False)
     store = Store(path)
     for y, x in [(0, 0), (13, 5), (150, 117), (HEIGHT - 64, WIDTH - 64), (HEIGHT - 30, WIDTH - 21)]:
         np.testing.assert_array_equal(dataset.labels[0].window(y, x, 64), store.read_window("labels", y, x, 64, 64))
@@ -203,15 +220,29 @@ def test_photometric_draws_per_tile_and_keeps_the_shape():
 def test_an_ensemble_in_one_pass_equals_the_weighted_sum_of_its_models(label_store):
     path, _, _ = label_store
     store = Store(path)
-    first, second = PointwiseModel(), ConstantModel()
-    together = predict_fragment([(first, 0.25), (second, 0.75)], store, 64, 32, batch_size=2, tta=True, triplets="mean")
-    apart = [predict_fragment(m, store, 64, 32, batch_size=5, tta=True, triplets="mean", readers=0) for m in (first, second)]
-    np.testing.assert_allclose(together, 0.25 * apart[0] + 0.75 * apart[1], atol=1e-5)
+    first, second, third = PointwiseModel(), ConstantModel(), PointwiseModel(STACK.depth)
+    members = [(first, 0.25, MEAN), (second, 0.25, MEAN), (third, 0.5, STACK)]  # two families, one read
+    together = predict_fragment(members, store, 64, 32, batch_size=2, tta=True)
+    apart = [predict_fragment(m, store, 64, 32, batch_size=5, tta=True, spec=spec, readers=0) for m, _, spec in members]
+    np.testing.assert_allclose(together, 0.25 * apart[0] + 0.25 * apart[1] + 0.5 * apart[2], atol=1e-5)
+    with pytest.raises(ValueError, match="different ways"):
+        predict_fragment([(first, 0.5, MEAN), (third, 0.5, InputSpec("stack", 6, "tile"))], store, 64, 32)
+
+
+def test_stack_views_are_the_window_and_its_depth_shifts():
+    spec = InputSpec("stack", depth=4, centre_on="tile")
+    slices, views, combine = spec.views(tta=True)
+    assert slices == list(range(29, 35)) and combine == "mean"
+    assert [[slices[i] for i in view] for view in views] == [[29, 30, 31, 32], [30, 31, 32, 33], [31, 32, 33, 34]]
+    assert spec.views(tta=False) == ([30, 31, 32, 33], [[0, 1, 2, 3]], "mean")
+    together, own = member_views([spec, InputSpec("triplets", centre_on="tile", triplets="tile")], tta=True)
+    assert together == list(range(28, 36))  # one read serves both: the union of their slices
+    assert [[together[i] for i in view] for view in own[1][0]] == [[31, 32, 33], [32, 33, 34], [33, 34, 35]]
 
 
 def test_augmentation_is_deterministic_given_the_seed(label_store):
     path, _, _ = label_store
-    dataset = TileDataset([path], tile_size=64, stride=32, augment=True)
+    dataset = TileDataset([path], tile_size=64, stride=32, spec=MEAN, augment=True)
     draws = []
     for _ in range(2):
         torch.manual_seed(3)
@@ -225,11 +256,11 @@ def test_augmentation_is_deterministic_given_the_seed(label_store):
 def test_tricks_z_reversal_cutmix_and_cutout(label_store):
     path, _, _ = label_store
     torch.manual_seed(0)
-    reversed_ = TileDataset([path], 64, 32, augment=True, z_reverse=1.0)
-    slices = reversed_.choose_slices(reversed_.stores[0])
+    reversed_ = TileDataset([path], 64, 32, MEAN, augment=True, z_reverse=1.0)
+    slices = reversed_.choose_slices()
     assert slices == sorted(slices, reverse=True) and slices[0] - slices[2] == 2
     # cutmix pastes image and label together: they stay aligned
-    mixed = TileDataset([path], 64, 32, augment=True, cutmix=1.0)
+    mixed = TileDataset([path], 64, 32, MEAN, augment=True, cutmix=1.0)
     agree = 0.0
     for i in range(len(mixed)):
         image, label = mixed[i]
@@ -268,12 +299,11 @@ def flat_surface_store(folder, offset):
 
 @pytest.mark.parametrize("offset, shift", [(3.0, 3), (-2.2, -2), (0.0, 0), (-9.0, -4), (9.0, 4)])
 def test_surface_shift_finds_the_fragment_surface(tmp_path, offset, shift):
-    """From the in-mask median intensity along z; never past the store's slices (28..35 can move -4..+4 in 24:40)."""
+    """From the in-mask median intensity along z (the generator keeps the surface within 4 slices of 32); never
+    past the store's slices (28..35 can move -4..+4 in 24:40)."""
     store = flat_surface_store(tmp_path, offset)
-    assert surface_shift(store) == shift
-    slices, groups, combine, follow_surface = triplet_inputs(store, "surface")
-    assert slices == [z + shift for z in CENTRE_SLICES] and len(groups) == 3 and combine == "mean"
-    assert not follow_surface and triplet_inputs(store, "tile")[1:] == (SURFACE_TRIPLETS, "mean", True)
+    assert surface_shift(store) == shift and store.fragment_surface_confidence > 0.5
+    assert InputSpec("triplets", triplets="surface").read_mode() == "fragment"
 
 
 def tilted_volume(height=64, width=96, z_start=24, num_slices=16, noise=0.0, seed=0):
@@ -286,9 +316,11 @@ def tilted_volume(height=64, width=96, z_start=24, num_slices=16, noise=0.0, see
     return volume.astype(np.float32), depth
 
 
-def test_surface_depths_follow_a_tilted_surface_and_flatten_puts_it_on_slice_32():
+def test_the_surface_map_follows_a_tilted_surface_and_flatten_puts_it_on_slice_32():
     volume, depth = tilted_volume(noise=0.04)
-    found = surface_depths(volume, 24)
+    grid, confidence = surface_grid(volume, np.ones(depth.shape, np.uint8), 24, 32.0, contrast=1.0)
+    assert confidence.min() > 0.9
+    found = pixel_window(grid, 0, 0, 96)[:64]
     assert found.shape == depth.shape and np.abs(found - depth)[8:-8, 8:-8].max() < 0.15
     flat = flatten(volume, 24, found, [30, 32, 34])
     # 2 slices into the papyrus, at the edge (half way), 2 slices into the air: the same everywhere along the tilt
@@ -301,12 +333,13 @@ def test_surface_depths_follow_a_tilted_surface_and_flatten_puts_it_on_slice_32(
 def test_triplet_modes_on_a_real_store(label_store):
     path, _, mask = label_store
     store = Store(path)
-    assert triplet_inputs(store, "middle")[1:] == (((2, 3, 4),), "mean", False)
-    assert triplet_inputs(store, "max")[2] == "max" and triplet_inputs(store, "mean")[0] == list(CENTRE_SLICES)
-    maps = {mode: predict_fragment(PointwiseModel(), store, 64, 32, tta=False, triplets=mode) for mode in TRIPLET_MODES}
+    spec = {mode: InputSpec("triplets", centre_on="nominal", triplets=mode) for mode in TRIPLET_MODES}
+    assert spec["middle"].views() == (list(CENTRE_SLICES), [(2, 3, 4)], "mean")
+    assert spec["max"].views()[2] == "max" and spec["mean"].views()[0] == list(CENTRE_SLICES)
+    maps = {mode: predict_fragment(PointwiseModel(), store, 64, 32, tta=False, spec=spec[mode]) for mode in TRIPLET_MODES}
     for mode, prob in maps.items():
         assert prob.shape == (HEIGHT, WIDTH) and (prob[mask == 0] == 0).all() and 0 <= prob.min() <= prob.max() <= 1, mode
     # the max of the triplets is never below their mean
     assert (maps["max"] >= maps["mean"] - 1e-6).all() and (maps["max"] > maps["mean"] + 1e-6).any()
-    with pytest.raises(ValueError, match="unknown triplet mode"):
-        predict_fragment(PointwiseModel(), store, 64, 32, triplets=True)
+    with pytest.raises(ValueError, match="triplets 'any' is not one of"):
+        InputSpec("triplets", triplets="any")

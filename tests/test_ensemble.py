@@ -14,11 +14,13 @@ from lib.fragments import Fragment
 from lib.maps import save_probability_map
 from lib.lock import exclusive
 from lib.metrics import binarise, percentile_counts, percentile_cutoff, threshold_counts
+from lib.inputs import InputSpec
 from lib.model import build_model, model_config, save_model_file
 from lib.store import Store, write_store
 from lib.synth import TRAIN_IDS, generate
 
 BACKBONE = "tu-mobilenetv3_small_050"
+SPEC = InputSpec("stack")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def stores(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_state():
-    return build_model(BACKBONE).state_dict()
+    return build_model(BACKBONE, SPEC.channels, family=SPEC.family).state_dict()
 
 
 def make_run(run, stores, members, model_state, seed=0, train_ids=TRAIN_IDS):
@@ -49,9 +51,9 @@ def make_run(run, stores, members, model_state, seed=0, train_ids=TRAIN_IDS):
             prob = np.clip(make_prob(labels, rng, index), 0, 1) * mask
             save_probability_map(run / "oof" / name / f"{fragment_id}.h5", prob, fragment_id=fragment_id,
                                  backbone=name, fold=fragment_id)
-            model = build_model(BACKBONE)
+            model = build_model(BACKBONE, SPEC.channels, family=SPEC.family)
             model.load_state_dict(model_state)
-            save_model_file(run / "models" / name / f"fold-{fragment_id}.pt", model, config=model_config(BACKBONE, 3),
+            save_model_file(run / "models" / name / f"fold-{fragment_id}.pt", model, SPEC, config=model_config(BACKBONE, SPEC),
                             fold=fragment_id, tile_size=64, stride=32, val_f05=0.0, oof_f05=0.0, threshold=0.5)
     return record_run(run, stores, list(members), train_ids)
 

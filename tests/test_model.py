@@ -3,6 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lib.inputs import InputSpec
 from lib.model import BACKBONES, build_from_config, build_model, model_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -71,11 +72,24 @@ def test_encoder_with_wrong_channel_count_is_rejected(tmp_path):
 @pytest.mark.parametrize("decoder_channels", [(256, 128, 64, 32, 16), (64, 32, 16, 16, 8)])
 def test_config_rebuilds_exported_model(decoder_channels):
     torch.manual_seed(3)
-    source = build_model("tu-mobilenetv3_small_050", in_channels=6, decoder_channels=decoder_channels)
-    cfg = model_config("tu-mobilenetv3_small_050", 6, decoder_channels)
+    source = build_model("tu-mobilenetv3_small_050", in_channels=6, decoder_channels=decoder_channels, family="stack")
+    cfg = model_config("tu-mobilenetv3_small_050", InputSpec("stack", depth=6), decoder_channels)
     assert cfg["decoder_channels"] == list(decoder_channels)
     assert all(isinstance(v, (str, int)) or all(isinstance(c, int) for c in v) for v in cfg.values())
     rebuilt = build_from_config(cfg)
     rebuilt.load_state_dict(source.state_dict())
     x = torch.randn(1, 6, 64, 64)
     assert torch.equal(logits_of(rebuilt, x), logits_of(source, x))
+
+
+def test_the_3d_stem_family_reads_any_depth_and_rebuilds_from_its_config():
+    torch.manual_seed(4)
+    spec = InputSpec("stem3d", depth=10)
+    source = build_model("tu-mobilenetv3_small_050", spec.channels, decoder_channels=(64, 32, 16, 16, 8),
+                         family="stem3d")
+    rebuilt = build_from_config(model_config("tu-mobilenetv3_small_050", spec, (64, 32, 16, 16, 8)))
+    rebuilt.load_state_dict(source.state_dict())
+    x = torch.randn(2, 10, 64, 64)
+    assert torch.equal(logits_of(rebuilt, x), logits_of(source, x)) and logits_of(source, x).shape == (2, 1, 64, 64)
+    # the stem pools over depth: moving the ink to another slice moves nothing the U-Net sees by much
+    assert sum(p.numel() for p in source.stem.parameters()) < 2000

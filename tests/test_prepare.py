@@ -133,6 +133,8 @@ def test_prepare_round_trip_default_and_full_range(data_root, tmp_path):
     assert result.returncode == 0, result.stderr
     found, *lines = result.stdout.strip().splitlines()
     assert found == f"{data_root}: 3 train and 2 test fragments; preparing 5"
+    depth, lines = lines[:5], lines[5:]  # which way each fragment's depth runs, then its store
+    assert all(": depth papyrus below, air above: upright" in line for line in depth)
     assert len(lines) == 5 and all("slices 24:40" in line for line in lines)
     for fid, split in FRAGMENTS.items():
         assert_store_exact(out / split / f"{fid}.h5", data_root / split / fid, (24, 40))

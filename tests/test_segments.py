@@ -16,16 +16,19 @@ from PIL import Image
 
 import prepare
 import submit
-from lib.depth import NOMINAL_SURFACE, find_surface, kept_layers
+from lib.depth import NOMINAL_SURFACE, kept_layers
 from lib.fragments import FragmentError, Segment, detect_layout, list_segments
 from lib.infer import blend_weights, predict_fragment
+from lib.inputs import CENTRE_SLICES, InputReader, InputSpec
 from lib.model import build_model, model_config, save_model_file
 from lib.store import Store
+from lib.surface import fragment_surface
 from lib.synth import EIGHT_BIT_SEGMENT, REVERSED_SEGMENT, TEST_IDS, TRAIN_IDS, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE, STRIDE = 64, 32
 COMPARED = ("volume", "mask", "labels", "tiles", "percentiles", "percentiles_all")
+MIDDLE = InputSpec("triplets", centre_on="nominal", triplets="middle")  # the middle triplet as stored
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -41,14 +44,13 @@ def run_prepare(*args):
 
 @pytest.fixture(scope="module")
 def layouts(synth_root, tmp_path_factory):
-    """{kaggle, segments: dataset roots; kaggle_stores, segment_stores: prepared with --z-range auto (the segment
-    b with --reverse b), 64 px tiles}."""
+    """{kaggle, segments: dataset roots; kaggle_stores, segment_stores: prepared with --z-range auto and --reverse
+    auto (which finds segment b reversed), 64 px tiles}."""
     work = tmp_path_factory.mktemp("segments")
     segments = generate(work / "segments", size=256, seed=0, progress=False, layout="segments", difficulty="easy")
     tiles = ("--tile-size", TILE, "--stride", STRIDE)
     assert run_prepare("--data", synth_root, "--out", work / "kaggle_stores", "--z-range", "auto", *tiles) == ""
-    assert run_prepare("--data", segments, "--out", work / "segment_stores", "--reverse", REVERSED_SEGMENT,
-                       *tiles) == ""  # auto is the segment layout's default
+    assert run_prepare("--data", segments, "--out", work / "segment_stores", *tiles) == ""  # auto: the default
     return {"kaggle": Path(synth_root), "segments": segments, "work": work,
             "kaggle_stores": work / "kaggle_stores", "segment_stores": work / "segment_stores"}
 
@@ -105,18 +107,20 @@ def test_reversed_segment_predicts_like_its_twin(layouts, tmp_path):
     model = build_model("tu-mobilenetv3_small_050").eval()
     twin = Store(store_path(layouts["kaggle_stores"], REVERSED_SEGMENT))
     reversed_ = Store(store_path(layouts["segment_stores"], REVERSED_SEGMENT))
-    expected = predict_fragment(model, twin, TILE, STRIDE, 4, tta=False, triplets="middle")
-    got = predict_fragment(model, reversed_, TILE, STRIDE, 4, tta=False, triplets="middle")
+    expected = predict_fragment(model, twin, TILE, STRIDE, 4, tta=False, spec=MIDDLE)
+    got = predict_fragment(model, reversed_, TILE, STRIDE, 4, tta=False, spec=MIDDLE)
     assert expected.any() and np.array_equal(got, expected)
-    # without --reverse (and a fixed window: auto refuses air below papyrus) the prediction is another one
+    assert reversed_.h5.attrs["reversed"] and reversed_.h5.attrs["orientation"] == "auto"
+    # told the depth runs upright (and a fixed window: auto refuses air below papyrus) the prediction is another one
     message = run_prepare("--data", layouts["segments"], "--out", tmp_path, "--ids", REVERSED_SEGMENT,
-                          "--tile-size", TILE, "--stride", STRIDE)
+                          "--reverse", "none", "--tile-size", TILE, "--stride", STRIDE)
     assert message.startswith("error: ") and str(layouts["segments"] / REVERSED_SEGMENT / "layers") in message
-    assert "--reverse" in message
+    assert f"--reverse {REVERSED_SEGMENT}" in message and "\n" not in message
     assert run_prepare("--data", layouts["segments"], "--out", tmp_path, "--ids", REVERSED_SEGMENT,
-                       "--z-range", "24:40", "--tile-size", TILE, "--stride", STRIDE) == ""
+                       "--no-reverse", REVERSED_SEGMENT, "--z-range", "24:40", "--tile-size", TILE,
+                       "--stride", STRIDE) == ""
     unflipped = predict_fragment(model, Store(store_path(tmp_path, REVERSED_SEGMENT)), TILE, STRIDE, 4,
-                                 tta=False, triplets="middle")
+                                 tta=False, spec=MIDDLE)
     assert np.abs(unflipped - expected).max() > 0.01
 
 
@@ -292,14 +296,14 @@ def test_bad_role_and_layout_arguments(tmp_path):
 # ------------------------------------------------------------------------------------------- depth window
 
 
-def test_find_surface_and_kept_layers():
+def test_fragment_surface_and_kept_layers():
     z = np.arange(65)
     papyrus_below = 1000 + 20000 / (1 + np.exp((z - 30.3) / 0.7))
-    assert find_surface(papyrus_below) == pytest.approx(30.3, abs=0.15)
+    surface, confidence = fragment_surface(papyrus_below, 32)
+    assert surface == pytest.approx(30.3, abs=0.15) and confidence == 1
     assert kept_layers(65, (24, 40), surface=30.3) == list(range(22, 38))
     assert kept_layers(65, (24, 40), reverse=True, surface=30.3) == list(range(42, 26, -1))
-    with pytest.raises(FragmentError, match="seg: mean intensity does not fall above its brightest slice"):
-        find_surface(papyrus_below[::-1], "seg")
+    assert np.isnan(fragment_surface(papyrus_below[::-1], 32)[0])  # air below papyrus: no falling edge
     with pytest.raises(FragmentError, match=r"seg: slices 47:63 \(surface at slice 54.6\) are outside its 60 layers"):
         kept_layers(60, (24, 40), surface=54.6, where="seg")
 
@@ -322,8 +326,7 @@ def test_banded_blend_equals_the_whole_map_blend(tmp_path):
             return x[:, :1] * 4 - 2
 
     tile, stride = 32, 16
-    got = predict_fragment(Constant(), store, tile, stride, 8, tta=False, triplets="middle")
-    from lib.data import CENTRE_SLICES, InputReader
+    got = predict_fragment(Constant(), store, tile, stride, 8, tta=False, spec=MIDDLE)
     reader = InputReader(store)  # the model's inputs, as predict_fragment reads them
     total, weight_sum = np.zeros(store.shape, np.float32), np.zeros(store.shape, np.float32)
     weights = blend_weights(tile)
@@ -336,7 +339,7 @@ def test_banded_blend_equals_the_whole_map_blend(tmp_path):
     expected = np.divide(total, weight_sum, out=total, where=weight_sum > 0) * store.read_map("mask")
     np.testing.assert_allclose(got, expected, atol=1e-5)
     out = np.ones(store.shape, np.float32)
-    predict_fragment(Constant(), store, tile, stride, 8, tta=False, triplets="middle", out=out, scale=0.25)
+    predict_fragment(Constant(), store, tile, stride, 8, tta=False, spec=MIDDLE, out=out, scale=0.25)
     np.testing.assert_allclose(out, 1 + 0.25 * got, atol=1e-6)
 
 
@@ -345,10 +348,10 @@ def write_run(run):
     torch.manual_seed(0)
     backbone = "tu-mobilenetv3_small_050"
     path = run / "models" / backbone / "fold-1.pt"
-    save_model_file(path, build_model(backbone), config=model_config(backbone, 3), fold="1", tile_size=TILE,
-                    stride=STRIDE)
+    save_model_file(path, build_model(backbone), MIDDLE, config=model_config(backbone, MIDDLE), fold="1",
+                    tile_size=TILE, stride=STRIDE)
     members = [{"backbone": backbone, "weight": 1.0, "models": [str(path.relative_to(run))], "tile_size": TILE,
-                "stride": STRIDE}]
+                "stride": STRIDE, "inputs": MIDDLE.as_dict()}]
     (run / "ensemble.json").write_text(json.dumps({"members": members, "threshold": {"mode": "absolute", "value": 0.5}}))
     return run
 
@@ -365,7 +368,7 @@ def test_submit_writes_probability_pngs_and_csv_by_rule(layouts, tmp_path):
         png = cv2.imread(str(run / "predictions" / f"{fragment_id}_prediction.png"), cv2.IMREAD_UNCHANGED)
         model = build_model("tu-mobilenetv3_small_050")
         model.load_state_dict(torch.load(next(run.glob("models/*/*.pt")))["state_dict"])
-        prob = predict_fragment(model.eval(), store, TILE, STRIDE, 4, tta=False, triplets="middle")
+        prob = predict_fragment(model.eval(), store, TILE, STRIDE, 4, tta=False, spec=MIDDLE)
         assert png.dtype == np.uint8 and png.shape == store.shape
         assert np.abs(png.astype(int) - np.rint(prob * 255)).max() <= 1  # 8-bit probability
         assert not png[store.read_map("mask") == 0].any() and png.any()

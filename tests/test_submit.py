@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import submit
-from lib.data import INPUT_VERSION
+from lib.inputs import INPUT_VERSION, InputSpec
 from lib.lock import exclusive
 from lib.model import load_model_file
 from lib.infer import predict_fragment
@@ -89,37 +89,45 @@ def test_flags_weights_and_folds(tiny, default_rows):
     store = Store(tiny["stores"] / "test" / "a.h5")
     expected = 0
     for member in members:
-        folds = [predict_fragment(load_model_file(tiny["run"] / path)[0], store, 64, 32, tta=False, triplets="middle")
+        spec = member_spec(member, "middle")
+        folds = [predict_fragment(load_model_file(tiny["run"] / path)[0], store, 64, 32, tta=False, spec=spec)
                  for path in member["models"]]
         expected = expected + member["weight"] * np.mean(folds, axis=0)
     prob, attrs = load_probability_map(tiny["run"] / "probs" / "a.h5")
-    assert (attrs["tta"], attrs["triplets"]) == (False, "middle")
+    assert not attrs["tta"] and attrs["inputs"] == "stack (12 slices, tile), triplets (middle)"
     np.testing.assert_allclose(prob, expected, atol=1e-3)  # the file holds float16
 
 
+def member_spec(member, triplets=None):
+    """A member's InputSpec from ensemble.json, its triplet mode replaced (triplet models only)."""
+    spec = InputSpec.from_dict(member["inputs"])
+    return InputSpec(spec.family, spec.depth, spec.centre_on, triplets) if triplets and spec.family == "triplets" else spec
+
+
 def test_triplet_mode_comes_from_ensemble_json(tiny, tmp_path, capsys):
-    """submit.py combines the triplets as the member's OOF maps did (ensemble.json), unless --triplets overrides."""
+    """submit.py combines a triplet member's triplets as its OOF maps did (ensemble.json), unless --triplets
+    overrides; a stack member in the same ensemble reads the same tiles."""
     members = json.loads((tiny["run"] / "ensemble.json").read_text())["members"]
-    assert all(m["triplets"] == "mean" for m in members)  # model files without the key: the original mean
+    assert [m["inputs"]["family"] for m in members] == ["stack", "triplets"]
+    assert members[1]["inputs"]["triplets"] == "tile"  # as the model file records it
     copy = tmp_path / "max"
     shutil.copytree(tiny["run"] / "models", copy / "models")
     ensemble_json = json.loads((tiny["run"] / "ensemble.json").read_text())
-    for member in ensemble_json["members"]:
-        member["triplets"] = "max"
+    ensemble_json["members"][1]["inputs"]["triplets"] = "max"
     (copy / "ensemble.json").write_text(json.dumps(ensemble_json))
     run_submit(tiny, "--no-tta", "--save-probs", run=copy)
-    assert "triplets max," in capsys.readouterr().out
+    assert "inputs stack (12 slices, tile), triplets (max)," in capsys.readouterr().out
     store = Store(tiny["stores"] / "test" / "b.h5")
     expected = sum(m["weight"] * np.mean([predict_fragment(load_model_file(copy / p)[0], store, 64, 32, tta=False,
-                                                           triplets="max") for p in m["models"]], axis=0)
+                                                           spec=member_spec(m)) for p in m["models"]], axis=0)
                    for m in ensemble_json["members"])
     prob, attrs = load_probability_map(copy / "probs" / "b.h5")
-    assert attrs["triplets"] == "max"
+    assert attrs["inputs"].endswith("triplets (max)")
     np.testing.assert_allclose(prob, expected, atol=1e-3)
     run_submit(tiny, "--no-tta", "--triplets", "middle", run=copy)
-    assert "triplets middle," in capsys.readouterr().out
+    assert "triplets (middle)," in capsys.readouterr().out
 
-    ensemble_json["members"][0]["triplets"] = "sideways"
+    ensemble_json["members"][1]["inputs"]["triplets"] = "sideways"
     (copy / "ensemble.json").write_text(json.dumps(ensemble_json))
     message = exit_message(["--run", str(copy), "--stores", str(tiny["stores"])])
     assert message.startswith("error: ") and str(copy / "ensemble.json") in message and "'sideways'" in message
@@ -161,8 +169,8 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny["run"] / "models", broken / "models")
     shutil.copy(tiny["run"] / "ensemble.json", broken / "ensemble.json")
-    (broken / "models" / "tu-mobilenetv3_small_050" / "fold-2.pt").unlink()
-    assert_names(broken / "models" / "tu-mobilenetv3_small_050" / "fold-2.pt", ["--run", str(broken), *stores])
+    (broken / "models" / "stack:tu-mobilenetv3_small_050" / "fold-2.pt").unlink()
+    assert_names(broken / "models" / "stack:tu-mobilenetv3_small_050" / "fold-2.pt", ["--run", str(broken), *stores])
     assert_names(tmp_path / "test", ["--run", str(tiny["run"]), "--stores", str(tmp_path)])
 
 
@@ -206,7 +214,7 @@ def test_bad_ensemble_json_stops_before_any_prediction(tiny, tmp_path, case, cap
     run = edited_run(tiny, tmp_path / "run", edit or (lambda d: None))
     if edit is None:
         (run / "ensemble.json").write_text('{"members": [')
-    shutil.copytree(tiny["run"] / "models" / "tu-mobilenetv3_small_075", tmp_path / "outside")
+    shutil.copytree(tiny["run"] / "models" / "triplets:tu-mobilenetv3_small_075", tmp_path / "outside")
     (tmp_path / "outside" / "fold-3.pt").rename(tmp_path / "outside" / "good.pt")
     message = exit_message(["--run", str(run), "--stores", str(tiny["stores"])])
     assert message.startswith("error: ") and expected in message and "\n" not in message, message
@@ -218,7 +226,7 @@ def test_bad_ensemble_json_stops_before_any_prediction(tiny, tmp_path, case, cap
 
 def test_truncated_model_file_is_named_before_any_prediction(tiny, tmp_path):
     run = edited_run(tiny, tmp_path / "run", lambda d: None)
-    model = run / "models" / "tu-mobilenetv3_small_075" / "fold-3.pt"
+    model = run / "models" / "triplets:tu-mobilenetv3_small_075" / "fold-3.pt"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     message = exit_message(["--run", str(run), "--stores", str(tiny["stores"])])
     assert message.startswith(f"error: {model}: unreadable model file") and "\n" not in message
@@ -226,15 +234,16 @@ def test_truncated_model_file_is_named_before_any_prediction(tiny, tmp_path):
 
 
 def test_a_model_trained_on_older_inputs_is_refused(tiny, tmp_path):
-    """A model file from before INPUT_VERSION 2 (no "inputs" entry) would be fed inputs it never saw: refused."""
+    """A model file of other model inputs (here the version 2 of before the families) would be fed inputs it never
+    saw: refused."""
     run = edited_run(tiny, tmp_path / "run", lambda d: None)
-    model = run / "models" / "tu-mobilenetv3_small_075" / "fold-3.pt"
+    model = run / "models" / "triplets:tu-mobilenetv3_small_075" / "fold-3.pt"
     export = torch.load(model, weights_only=True)
-    del export["inputs"]
+    export["inputs"] = 2
     torch.save(export, model)
     message = exit_message(["--run", str(run), "--stores", str(tiny["stores"])])
-    assert message == (f"error: {model}: trained on model inputs of version 1, this inkseg makes version "
-                       f"{INPUT_VERSION} (lib/data.py): retrain it, or predict with the inkseg that trained it")
+    assert message == (f"error: {model}: inputs: model inputs of version 2, this inkseg makes version "
+                       f"{INPUT_VERSION} (lib/inputs.py): retrain, or predict with the inkseg that trained it")
     assert not (run / "previews").exists()
 
 

@@ -78,7 +78,8 @@ def test_layout(synth_root):
     assert (root / "sample_submission.csv").read_text() == "Id,Predicted\na,1 1 5 1\nb,10 20\n"
     recipe = json.loads((root / "_truth" / "synth.json").read_text())
     assert {k: v for k, v in recipe.items() if k != "fragments"} == {"size": 256, "seed": 0, "num_slices": 65, "difficulty": 0.0,
-                                                                       "layout": "kaggle"}
+                                                                       "layout": "kaggle", "geometry": "thick",
+                                                                       "reversed_depth": False}
     assert sorted(recipe["fragments"]) == ["1", "2", "3", "a", "b"]
     assert not (root.parent / (root.name + ".partial")).exists()
 
@@ -307,7 +308,8 @@ def test_cli_writes_once_then_leaves_the_dataset_alone(tmp_path):
     assert fragment.num_slices == 8
     recipe = json.loads((out / "_truth" / "synth.json").read_text())
     assert {k: v for k, v in recipe.items() if k != "fragments"} == {"size": 96, "seed": 1, "num_slices": 8, "difficulty": 1.0,
-                                                                        "layout": "kaggle"}
+                                                                        "layout": "kaggle", "geometry": "thick",
+                                                                        "reversed_depth": False}
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
 
     again = run_synth(out, "--size", 96, "--seed", 1, "--num-slices", 8, "--difficulty", "1")

@@ -14,12 +14,11 @@ import pytest
 import torch
 
 import prepare
-from lib.infer import DEFAULT_TRIPLETS
 from lib.model import build_from_config
 from lib.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKBONE = "tu-mobilenetv3_small_050"
+BACKBONE = "stack:tu-mobilenetv3_small_050"  # the default family's member name for the demo backbone
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,8 @@ def test_two_trials_write_oof_maps_models_previews_and_summary(stores, tmp_path)
         store = Store(stores / "train" / f"{fold}.h5")
         with h5py.File(run / "oof" / BACKBONE / f"{fold}.h5", "r") as h5:
             prob = h5["prob"][()]
-            assert h5.attrs["fragment_id"] == fold and bool(h5.attrs["tta"]) and h5.attrs["triplets"] == DEFAULT_TRIPLETS
+            assert h5.attrs["fragment_id"] == fold and bool(h5.attrs["tta"])
+            assert (h5.attrs["family"], h5.attrs["depth"], h5.attrs["centre_on"]) == ("stack", 12, "tile")
         assert prob.shape == store.shape and prob.dtype == "float16"
         assert prob.min() >= 0 and prob.max() <= 1
         assert (prob[store.read_map("mask") == 0] == 0).all()
@@ -83,23 +83,30 @@ class PlantedPickle:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_tricks_and_triplet_mode_reach_the_model_files_and_ensemble_json(stores, tmp_path):
-    """Every training trick switched on at once trains; the triplet mode travels: OOF map, model file, ensemble.json."""
+def test_tricks_and_model_families_reach_the_model_files_and_ensemble_json(stores, tmp_path):
+    """Every training trick switched on at once trains; three families in one grid; each member's inputs travel:
+    OOF map, model file, ensemble.json (fitted over the families together)."""
     import ensemble
 
     run = tmp_path / "run"
-    result = run_train(stores, run, "--folds", "2", "--num-cpus", "1", "--triplets", "max", "--z-reverse", "1",
-                       "--cutout", "1", "--cutmix", "1", "--label-smoothing", "0.2", "--ema", "0.9")
+    members = ["triplets:tu-mobilenetv3_small_050", "stack:tu-mobilenetv3_small_050", "stem3d:tu-mobilenetv3_small_050"]
+    result = run_train(stores, run, "--folds", "2", "--num-cpus", "2", "--triplets", "max", "--z-reverse", "1",
+                       "--cutout", "1", "--cutmix", "1", "--label-smoothing", "0.2", "--ema", "0.9",
+                       "--backbones", ",".join(members), "--depth", "8")
     assert result.returncode == 0, result.stderr[-3000:]
-    exported = torch.load(run / "models" / BACKBONE / "fold-2.pt", weights_only=True)
-    assert exported["triplets"] == "max" and 0 <= exported["oof_f05"] <= 1
-    model = build_from_config(exported["config"])
-    model.load_state_dict(exported["state_dict"])  # the EMA's weights, in the plain model's layout
-    with h5py.File(run / "oof" / BACKBONE / "2.h5", "r") as h5:
-        assert h5.attrs["triplets"] == "max"
+    assert "too unsure to flatten (read at the fragment's surface): 1 0%, 2 0%, 3 0%" in result.stdout
+    for member, channels in zip(members, (3, 8, 8)):
+        exported = torch.load(run / "models" / member / "fold-2.pt", weights_only=True)
+        assert exported["inputs"]["family"] == member.split(":")[0] and 0 <= exported["oof_f05"] <= 1
+        assert exported["config"]["in_channels"] == channels and exported["inputs"]["depth"] == 8
+        model = build_from_config(exported["config"])
+        model.load_state_dict(exported["state_dict"])  # the EMA's weights, in the plain model's layout
+    with h5py.File(run / "oof" / members[0] / "2.h5", "r") as h5:
+        assert h5.attrs["triplets"] == "max" and h5.attrs["family"] == "triplets"
     ensemble.main(["--run", str(run), "--stores", str(stores)])
-    members = json.loads((run / "ensemble.json").read_text())["members"]
-    assert [m["triplets"] for m in members] == ["max"]
+    fitted = json.loads((run / "ensemble.json").read_text())["members"]
+    assert sorted(m["backbone"] for m in fitted) == sorted(members)
+    assert {m["inputs"]["family"]: m["inputs"]["triplets"] for m in fitted}["triplets"] == "max"
 
 
 def test_resume_after_interrupt_does_not_redo_finished_trials(stores, tmp_path):
@@ -161,26 +168,20 @@ def test_full_preset_scales_the_learning_rate_with_the_batch():
     assert args.workers is None and args.precision == "auto"
 
 
-def test_flattened_inputs_are_the_default_and_set_the_triplets_and_depth_jitter():
+def test_the_default_inputs_and_how_they_set_the_triplets_and_depth_jitter():
     import train
 
     args = train.parse_args([])
-    assert (args.centre_on, args.triplets, args.depth_jitter) == ("tile", "tile", 0)
-    args = train.parse_args(["--centre-on", "nominal"])
+    assert (args.family, args.depth, args.centre_on, args.depth_jitter) == ("stack", 12, "tile", 1)
+    assert args.backbones == "stack:tu-mobilenetv3_small_050"
+    args = train.parse_args(["--family", "triplets", "--backbones", "resnet18,stem3d:resnet18"])
+    assert (args.triplets, args.depth_jitter, args.backbones) == ("tile", 0, "triplets:resnet18,stem3d:resnet18")
+    args = train.parse_args(["--family", "triplets", "--centre-on", "nominal"])
     assert (args.triplets, args.depth_jitter) == ("surface", 2)
-    args = train.parse_args(["--triplets", "max", "--depth-jitter", "1"])
-    assert (args.triplets, args.depth_jitter) == ("max", 1)
-
-
-def test_a_run_from_before_flattening_resumes_unflattened():
-    import train
-
-    args = train.parse_args([])
-    old = {k: v for k, v in vars(args).items() if k not in ("centre_on", "depth_jitter")}
-    resumed = train.resume_options(args, set(), {"options": {**old, "surface_centred": True}}, "run.json")
-    assert (resumed.centre_on, resumed.depth_jitter) == ("fragment", 2) and not hasattr(resumed, "surface_centred")
-    resumed = train.resume_options(args, set(), {"options": old}, "run.json")
-    assert (resumed.centre_on, resumed.depth_jitter) == ("nominal", 2)
+    args = train.parse_args(["--triplets", "max", "--depth-jitter", "2"])
+    assert (args.triplets, args.depth_jitter) == ("max", 2)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--backbones", "cube:resnet18"])
 
 
 def test_workers_follow_the_trials_share_of_the_cpus():

@@ -1,0 +1,185 @@
+"""What a model sees: which slices of a store, where they sit in depth, normalised how, in which views.
+
+Every store holds slices of one frame (lib.depth): the recto surface at slice 32 (NOMINAL_SURFACE), papyrus below.
+A model reads a tile in one of three ways (`centre_on`): the slices as stored ("nominal"); moved onto the
+fragment's own surface ("fragment"); or each tile flattened onto its own surface ("tile", the default), resampled
+along depth so that the surface found at each pixel (the store's surface map, lib/surface.py) is slice 32. A tile
+whose surface map is unsure (mean confidence below lib.surface.MIN_CONFIDENCE: a torn sheet, debris, no edge) is
+not flattened: it is read at the fragment's surface instead, or as stored when that is unsure too.
+
+Two model families read them (`InputSpec.family`):
+- "triplets", the original solution's: a 3-channel model fed three consecutive slices; prediction runs it on
+  several triplets and combines them (TRIPLET_MODES);
+- "stack" and "stem3d", as the top Kaggle teams did: `depth` consecutive slices around the surface (default
+  12: 26..37), as the channels of the U-Net's encoder ("stack") or through a small 3-D convolutional stem pooled
+  over depth ("stem3d", lib/model.py). Prediction's depth TTA shifts the window by -1, 0 and +1 slices.
+
+Normalisation (InputReader): the fragment's in-mask 1st..99th percentile range maps to 0..1; outside the mask each
+slice holds its in-mask median (so that the fragment's border and holes are not a bright edge that looks like ink);
+each slice of a tile is moved so that its median sits at 0.5 (so that the slow density changes across a sheet do
+not look like ink either). Training and prediction read through the same InputReader.
+"""
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from lib.depth import NOMINAL_SURFACE
+from lib.maps import PackedMap
+from lib.surface import MIN_CONFIDENCE, cell_centres, low_confidence_share, pixel_window, tile_confidence
+
+# The model inputs' version: 1, percentile range only (until 2026-11); 2, fill and centring; 3, flattened onto the
+# store's surface map, and the families. Model files record it; a model is never fed inputs of another version.
+INPUT_VERSION = 3
+FAMILIES = ("triplets", "stack", "stem3d")
+CENTRE_ON = ("nominal", "fragment", "tile")
+CENTRE_SLICES = tuple(range(28, 36))  # the triplets' 8 centre slices; slice 32 is the surface
+# The original solution averages three triplets of the 8 centre slices: (1,2,3), (4,5,6), (6,7,8), 1-indexed.
+TRIPLETS = ((0, 1, 2), (3, 4, 5), (5, 6, 7))
+MIDDLE_TRIPLET = (2, 3, 4)  # slices 30..32: used when triplet averaging is off
+# With each tile flattened onto its own surface, the triplets -1..1, 0..2 and 1..3 slices from it: the ink lies on
+# the surface, and just above it little papyrus is left to vary with depth.
+SURFACE_TRIPLETS = ((3, 4, 5), (4, 5, 6), (5, 6, 7))
+# How the triplets' predictions become one: "mean" of the three (the original solution), their "max", the "middle"
+# triplet alone, "surface": the mean on the fragment's own surface (as the 7th-place team did), or "tile": the mean
+# of SURFACE_TRIPLETS on each tile flattened onto its own surface.
+TRIPLET_MODES = ("mean", "max", "middle", "surface", "tile")
+DEPTH_TTA = (-1, 0, 1)  # slices: a stack model's window moved up and down at prediction
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model's input: its `family`, the slices it reads (`depth`, for stack and stem3d), where they sit
+    (`centre_on`), and for triplet models how prediction combines the triplets (`triplets`)."""
+    family: str = "stack"
+    depth: int = 12
+    centre_on: str = "tile"
+    triplets: str = "tile"
+
+    def __post_init__(self):
+        for value, allowed, name in ((self.family, FAMILIES, "family"), (self.centre_on, CENTRE_ON, "centre_on"),
+                                     (self.triplets, TRIPLET_MODES, "triplets")):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+        if not 2 <= self.depth <= 64:
+            raise ValueError(f"depth {self.depth} is not in 2..64")
+
+    @property
+    def channels(self):
+        return 3 if self.family == "triplets" else self.depth
+
+    @property
+    def window(self):
+        """The slices a stack model reads (before any depth shift)."""
+        first = NOMINAL_SURFACE - self.depth // 2
+        return tuple(range(first, first + self.depth))
+
+    def read_mode(self):
+        """Where prediction reads the slices: triplet modes imply it (surface: the fragment's, tile: the tile's)."""
+        if self.family != "triplets":
+            return self.centre_on
+        return {"surface": "fragment", "tile": "tile"}.get(self.triplets, "nominal")
+
+    def views(self, tta=True):
+        """(slices to read, [views: slice indices into them, one model input each], how views combine)."""
+        if self.family == "triplets":
+            if self.triplets == "middle":
+                return list(CENTRE_SLICES), [MIDDLE_TRIPLET], "mean"
+            groups = SURFACE_TRIPLETS if self.triplets == "tile" else TRIPLETS
+            return list(CENTRE_SLICES), [list(g) for g in groups], "max" if self.triplets == "max" else "mean"
+        shifts = DEPTH_TTA if tta else (0,)
+        slices = list(range(self.window[0] + min(shifts), self.window[-1] + max(shifts) + 1))
+        return slices, [[i - min(shifts) + s for i in range(self.depth)] for s in shifts], "mean"
+
+    def as_dict(self):
+        return {"version": INPUT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{k: d[k] for k in ("family", "depth", "centre_on", "triplets")})
+
+
+def surface_shift(store):
+    """Slices to move a window by so that it centres on the fragment's own surface (the store's
+    fragment_surface), kept inside the store; 0 when the store's surface is unsure."""
+    if store.fragment_surface_confidence < MIN_CONFIDENCE:
+        return 0
+    shift = int(round(store.fragment_surface - NOMINAL_SURFACE))
+    return int(np.clip(shift, store.z_start - CENTRE_SLICES[0], store.z_stop - 1 - CENTRE_SLICES[-1]))
+
+
+def unsure_share(store, tile_size, stride):
+    """Share of a store's tiles (at this tile size and stride) whose surface is too unsure to flatten onto."""
+    return low_confidence_share(store.read_dataset("surface_confidence").astype(np.float32), store.read_map("mask"),
+                                store.tiles(tile_size, stride), tile_size)
+
+
+def normalise(volume, intensity_range):
+    """uint16 -> float32 with the fragment's robust (1st, 99th percentile) range mapped to 0..1."""
+    low, high = intensity_range
+    out = volume.astype(np.float32)
+    out -= low  # in place: one float32 array per call, not four
+    out *= 1 / max(high - low, 1.0)
+    return np.clip(out, -0.5, 1.5, out=out)
+
+
+class InputReader:
+    """Model inputs of one store (INPUT_VERSION): tiles of chosen slices, placed in depth by `centre_on`, filled
+    outside the mask, normalised and centred (see the module's docstring). Training (lib.data.TileDataset) and
+    prediction (lib.infer) both read through it."""
+
+    def __init__(self, store):
+        self.store = store
+        self.intensity_range = store.intensity_range()
+        self.mask = PackedMap(store.read_map("mask"))
+        self.medians = np.round(store.slice_percentile(50)).astype(np.uint16)  # by slice - z_start
+        self.shift = surface_shift(store)
+        self._surface = None
+
+    def surface_maps(self):
+        """(surface, confidence, mask cells) grids of the store, read once (they are small: a 4 px grid)."""
+        if self._surface is None:
+            store = self.store
+            confidence = store.read_dataset("surface_confidence").astype(np.float32)
+            cells = self.mask.sample(cell_centres(store.shape[0]), cell_centres(store.shape[1])) > 0
+            self._surface = (store.read_dataset("surface").astype(np.float32), confidence, cells)
+        return self._surface
+
+    def tile_depths(self, y, x, size):
+        """(size, size) float32 surface of a tile, or None where the tile is too unsure to flatten."""
+        surface, confidence, cells = self.surface_maps()
+        if tile_confidence(confidence, cells, y, x, size) < MIN_CONFIDENCE:
+            return None
+        return pixel_window(surface, y, x, size)
+
+    def read(self, y, x, size, slices, centre_on="nominal"):
+        """(len(slices), size, size) float32 input at (y, x). Slices outside the store's are its nearest slice."""
+        store = self.store
+        depths = self.tile_depths(y, x, size) if centre_on == "tile" else None
+        shift = self.shift if centre_on == "fragment" or (centre_on == "tile" and depths is None) else 0
+        wanted = np.clip(np.asarray(slices) + shift, store.z_start, store.z_stop - 1)
+        read_slices = list(store.slices) if depths is not None else sorted(set(wanted.tolist()))
+        tile = store.read_tile(y, x, size, size, read_slices)
+        outside = self.mask.window(y, x, size) == 0
+        if outside.any():
+            tile[:, outside] = self.medians[[z - store.z_start for z in read_slices]][:, None]
+        if depths is not None:  # on the raw values: only the slices asked for become float32
+            tile = flatten(tile, store.z_start, depths, slices)
+        else:
+            tile = tile[[read_slices.index(z) for z in wanted.tolist()]]
+        tile = normalise(tile, self.intensity_range)
+        # every 4th pixel each way is plenty for a median and 16x cheaper than all of them
+        tile += 0.5 - np.median(tile[:, ::4, ::4].reshape(len(tile), -1), axis=1)[:, None, None]
+        return tile
+
+
+def flatten(volume, z_start, depths, slices):
+    """(len(slices), H, W) float32: slice z of the nominal frame (NOMINAL_SURFACE the surface) sampled in a
+    (Z, H, W) volume of the slices z_start.. at each pixel's `depths` + (z - NOMINAL_SURFACE), linearly between
+    slices, clamped to the volume."""
+    plane = volume[0].size
+    offsets = np.asarray(slices, np.float32)[:, None, None] - np.float32(NOMINAL_SURFACE + z_start)
+    position = np.clip(depths[None] + offsets, 0, len(volume) - 1)
+    lower = np.minimum(position.astype(np.intp), len(volume) - 2)
+    index = lower * plane + np.arange(plane).reshape(volume.shape[1:])  # into the flat volume: one gather a slice
+    low, high = (volume.reshape(-1).take(i).astype(np.float32) for i in (index, index + plane))
+    return low + (high - low) * (position - lower.astype(np.float32))
