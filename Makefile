@@ -6,8 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 LAYOUT ?= kaggle
-# LAYOUT=segments: the synthetic data in the scroll-segment layout (segment b reversed in depth, a 8-bit JPEG),
-# with its own stores and run; the demo then ends with probability PNGs instead of a CSV.
+# LAYOUT=segments: the synthetic data in the scroll-segment layout (segment b reversed in depth, which prepare.py
+# finds itself, a 8-bit JPEG), with its own stores and run; the demo then ends with probability PNGs instead of a CSV.
 SEG := $(filter segments,$(LAYOUT))
 SYNTH := data/synth$(if $(SEG),-segments)
 DATA ?= $(SYNTH)
@@ -61,7 +61,7 @@ prepare: $(PREPARED)
 
 # prepare.py rewrites prepared.json only when a store changed, so the steps after it rerun only then.
 $(PREPARE_DONE): $(if $(IS_SYNTH),$(SYNTH_DONE)) $(DATA_FILES) $(PREPARE_DONE_DEP) | $(VENV)/.installed
-	$(PY) prepare.py --data $(DATA) --out $(STORES) $(if $(SEG),$(if $(IS_SYNTH),--reverse b)) $(PREPARE_ARGS)
+	$(PY) prepare.py --data $(DATA) --out $(STORES) $(PREPARE_ARGS)
 	touch $@
 
 $(PREPARED): $(PREPARE_DONE) ;

@@ -175,11 +175,23 @@ class InputReader:
 def flatten(volume, z_start, depths, slices):
     """(len(slices), H, W) float32: slice z of the nominal frame (NOMINAL_SURFACE the surface) sampled in a
     (Z, H, W) volume of the slices z_start.. at each pixel's `depths` + (z - NOMINAL_SURFACE), linearly between
-    slices, clamped to the volume."""
+    slices, clamped to the volume.
+
+    The slices' offsets from the surface are whole numbers, so every output slice shares one fraction between
+    slices: one floor and one gather a slice, and the volume padded with its edge slices clamps for free."""
+    offsets = np.asarray(slices, np.intp) - (NOMINAL_SURFACE + z_start)
+    base = np.floor(depths)
+    fraction = (depths - base).astype(np.float32)
+    base = base.astype(np.intp)
+    below = max(0, -(int(base.min()) + int(offsets.min())))
+    above = max(0, int(base.max()) + int(offsets.max()) + 2 - len(volume))
+    padded = np.pad(volume, ((below, above), (0, 0), (0, 0)), mode="edge") if below or above else volume
     plane = volume[0].size
-    offsets = np.asarray(slices, np.float32)[:, None, None] - np.float32(NOMINAL_SURFACE + z_start)
-    position = np.clip(depths[None] + offsets, 0, len(volume) - 1)
-    lower = np.minimum(position.astype(np.intp), len(volume) - 2)
-    index = lower * plane + np.arange(plane).reshape(volume.shape[1:])  # into the flat volume: one gather a slice
-    low, high = (volume.reshape(-1).take(i).astype(np.float32) for i in (index, index + plane))
-    return low + (high - low) * (position - lower.astype(np.float32))
+    index = (base + below) * plane + np.arange(plane).reshape(depths.shape)
+    index = index[None] + (offsets * plane)[:, None, None]
+    flat = padded.reshape(-1)
+    low, high = flat.take(index).astype(np.float32), flat.take(index + plane).astype(np.float32)
+    high -= low
+    high *= fraction
+    low += high
+    return low

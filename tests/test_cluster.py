@@ -24,7 +24,7 @@ import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-BACKBONE = "tu-mobilenetv3_small_050"
+BACKBONE = "stack:tu-mobilenetv3_small_050"  # the default family's member name
 DEFAULT_ADDRESS_FILE = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
 
 
