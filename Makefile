@@ -14,6 +14,7 @@ DATA ?= $(SYNTH)
 SIZE ?= 640
 SEED ?= 0
 DIFFICULTY ?= medium
+GEOMETRY ?= thick
 STORES ?= data/prepared$(if $(SEG),-segments)
 RUN ?= runs/demo$(if $(SEG),-segments)
 PRESET ?= demo
@@ -52,7 +53,8 @@ $(VENV)/.installed: requirements.txt
 synth: $(SYNTH_DONE)
 
 $(SYNTH_DONE): | $(VENV)/.installed
-	$(PY) -m lib.synth $(SYNTH) --size $(SIZE) --seed $(SEED) --difficulty $(DIFFICULTY) --layout $(LAYOUT)
+	$(PY) -m lib.synth $(SYNTH) --size $(SIZE) --seed $(SEED) --difficulty $(DIFFICULTY) --layout $(LAYOUT) \
+		--geometry $(GEOMETRY)
 
 validate: $(if $(IS_SYNTH),$(SYNTH_DONE)) | $(VENV)/.installed
 	$(PY) -m lib.fragments $(DATA)

@@ -157,7 +157,7 @@ def test_doubtful_labels_warn_and_fail_with_strict(root, tmp_path, breaker, warn
     out = tmp_path / "out"
     code, stdout, stderr = prepare_here("--data", root, "--out", out)
     assert code == 0 and messages(stderr) == [f"warning: {labels}: {warning}"]
-    assert files(out) == ["test/a.h5", "train/1.h5", "train/2.h5"] and stdout.count(" tiles") == 3
+    assert files(out) == ["test/a.h5", "train/1.h5", "train/2.h5"] and stdout.count(" -> ") == 3
 
     code, _, stderr = run_validator(root, "--strict")
     assert code == 1
@@ -265,7 +265,7 @@ def test_second_writer_stops_at_once_naming_the_first(root, tmp_path):
     finally:
         first.kill()
     assert first.returncode == 0, stderr
-    assert stdout.count(" tiles") == 1
+    assert stdout.count(" -> ") == 1
     assert files(out) == ["train/1.h5"]
     check_store(out / "train" / "1.h5", full=True)
 
