@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 
 from lib.depth import find_surface, intensity_profile, kept_layers
-from lib.fragments import LAYOUTS, FragmentError, check_labels, detect_layout, open_fragments
+from lib.fragments import LAYOUTS, FragmentError, check_labels, detect_layout, open_fragments, require_utf8
 from lib.lock import LockedError, exclusive
+from lib.outputs import OutputError, check_writable
 from lib.store import DEFAULT_Z_RANGE, StoreError, check_store, fingerprint, store_matches, write_store
 
 
@@ -71,8 +72,28 @@ def depth_window(fragment, z_range, reverse):
             raise FragmentError(f"{fragment.path}: --z-range {z_range[0]}:{z_range[1]} "
                                 f"is outside its {fragment.num_slices} slices")
         return z_range, kept_layers(fragment.num_slices, z_range, reverse), None
-    surface = find_surface(intensity_profile(fragment, reverse), where)
-    return DEFAULT_Z_RANGE, kept_layers(fragment.num_slices, DEFAULT_Z_RANGE, reverse, surface, where), surface
+    try:
+        surface = find_surface(intensity_profile(fragment, reverse), where)
+    except FragmentError:
+        if not reverse:
+            raise
+        raise FragmentError(f"{where}: stored reversed (--reverse), its mean intensity does not fall from papyrus "
+                            f"to air along the depth; drop --reverse for it, or give --z-range START:STOP") from None
+    try:
+        return DEFAULT_Z_RANGE, kept_layers(fragment.num_slices, DEFAULT_Z_RANGE, reverse, surface, where), surface
+    except FragmentError as err:
+        kept = DEFAULT_Z_RANGE[1] - DEFAULT_Z_RANGE[0]
+        raise FragmentError(f"{err} (--z-range auto keeps {kept} layers centred on the surface; give --z-range "
+                            f"START:STOP inside 0:{fragment.num_slices} to keep the layers there are)") from None
+
+
+def check_out(out, fragments, windows):
+    """Before any store is written: --out is valid UTF-8 (HDF5 file names must be), accepts files, and has room
+    for the new stores, about half their raw volume each (lossless compression; stores already there count 0)."""
+    require_utf8(Path(out).absolute(), "--out")
+    need = sum(len(layers) * fragment.shape[0] * fragment.shape[1] for fragment, (_, layers, _) in zip(fragments, windows)
+               if not (Path(out) / fragment.split / f"{fragment.fragment_id}.h5").exists())
+    check_writable(out, need, "stores")
 
 
 def prepare_fragment(fragment, out, window, tile_size, stride, force, verify, reverse=False):
@@ -168,6 +189,7 @@ def main(argv=None):
                                 f"not among the fragments prepared")
         z_range = args.z_range or (DEFAULT_Z_RANGE if layout == "kaggle" else "auto")
         windows = [depth_window(f, z_range, f.fragment_id in reverse) for f in fragments]
+        check_out(args.out, fragments, windows)
         warnings = [w for fragment in fragments for w in check_labels(fragment, args.strict)[1]]
         print(found, flush=True)
         for warning in warnings:
@@ -177,7 +199,7 @@ def main(argv=None):
         for fragment, window in zip(fragments, windows):  # each line as its store is done: a later failure loses none
             print(prepare_fragment(fragment, args.out, window, args.tile_size, args.stride, args.force, args.verify,
                                    fragment.fragment_id in reverse), flush=True)
-    except (FragmentError, StoreError, LockedError) as err:
+    except (FragmentError, StoreError, LockedError, OutputError) as err:
         sys.exit(f"error: {err}")
     write_manifest(args)
 
