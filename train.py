@@ -65,7 +65,7 @@ from lib.metrics import best_threshold
 from lib.model import build_model, model_config, save_model_file
 from lib.runs import (RunFileError, finished_trials, fragment_oof_path, oof_path, planned_trials, read_record,
                       trial_file, write_json, write_record)
-from lib.outputs import OutputError, check_writable, describe, write_atomically
+from lib.outputs import OutputError, check_writable, describe, torch_save_atomically
 from lib.store import Store, StoreError, check_store, require_slices
 from lib.watchdog import outlived_by_nothing
 
@@ -214,7 +214,7 @@ def train_fold(config):
     store = Store(held_out)
     while state["epoch"] < config["epochs"]:
         metrics = run_epoch(step, scored, loss_fn, (loader, val_loader), store, fold, config, state, device)
-        save_atomically(checkpoint, {**state, "model": model.state_dict(), "step": step.state_dict(),
+        torch_save_atomically(checkpoint, {**state, "model": model.state_dict(), "step": step.state_dict(),
                                      "rng": torch.get_rng_state(), **({"ema": ema.state_dict()} if ema else {})})
         tune.report(metrics)
     scored.load_state_dict(state["best_model"])
@@ -291,11 +291,6 @@ def weight_average(model, optimizer, decay):
 def trial_path(config, folder, suffix):
     """Where this trial keeps a file of `folder` (lib.runs.trial_file)."""
     return trial_file(config["run"], folder, config["backbone"], config["fold"]["name"], suffix)
-
-
-def save_atomically(path, data):
-    """torch.save through a temp file and a rename: a full disk leaves the last checkpoint whole and no temp file."""
-    write_atomically(path, lambda file: torch.save(data, file), "wb")
 
 
 def train_loader(dataset, batch_size, per_epoch, workers, device):

@@ -11,6 +11,7 @@ stripped or tiled: only the strips or tiles that hold the band). Every problem i
 whose one-line message names the file. Every folder of a split is a fragment: one that cannot be read is an
 error, never left out. Labels that look wrong against the mask (check_labels) are warnings, not errors.
 """
+import logging
 import os
 import re
 import stat
@@ -29,6 +30,12 @@ SLICE_RE = re.compile(r"^(\d+)\.tiff?$")
 # The largest real fragment has 141 Mpx: above PIL's decompression-bomb guard, but a genuine image.
 Image.MAX_IMAGE_PIXELS = 1 << 31
 LABEL_MARGIN = 16  # px: ink up to this far outside the mask is taken as drawn over the mask's edge
+# What tifffile (and imagecodecs, zarr beneath it) raise on a damaged TIFF: besides its own TiffFileError, a garbled
+# header or tag ends as one of Python's own errors (RuntimeError: imagecodecs' decode errors). Each becomes a
+# FragmentError naming the file.
+TIFF_ERRORS = (OSError, ValueError, IndexError, KeyError, TypeError, struct.error, RuntimeError, ZeroDivisionError,
+               OverflowError, MemoryError, tifffile.TiffFileError)
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # it logs what it then raises: the FragmentError says it
 
 
 class FragmentError(ValueError):
@@ -228,8 +235,8 @@ class Fragment:
                 got = os.preadv(file.fileno(), [memoryview(out).cast("B")], offset + y0 * row_bytes)
             if got != out.nbytes:
                 raise OSError(f"read {got} of {out.nbytes} bytes at rows {y0}:{y1}")
-        except (OSError, ValueError, RuntimeError, tifffile.TiffFileError) as err:  # RuntimeError: imagecodecs decode errors
-            raise FragmentError(f"{path}: unreadable or truncated TIFF ({err})") from None
+        except TIFF_ERRORS as err:
+            raise FragmentError(f"{path}: unreadable or truncated TIFF ({_one_line(err)})") from None
         if not self.dtype.isnative:  # the bytes are in the file's order: swap them in place
             out.view(self.dtype).byteswap(inplace=True)
         return out
@@ -362,9 +369,9 @@ def _slice_header(path):
             shape, dtype = tuple(page.shape), np.dtype(page.dtype).newbyteorder(tif.byteorder)
             end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
             raw_offset = page.dataoffsets[0] if page.is_contiguous and page.compression == 1 else None
-    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as err:
-        raise FragmentError(f"{path}: unreadable TIFF ({err})") from None
-    if len(shape) != 2:
+    except TIFF_ERRORS as err:
+        raise FragmentError(f"{path}: unreadable TIFF ({_one_line(err)})") from None
+    if len(shape) != 2 or 0 in shape:
         raise FragmentError(f"{path}: expected a single-channel 2-D slice, got shape {shape}")
     if end > os.path.getsize(path):
         raise FragmentError(f"{path}: truncated TIFF (pixel data ends at byte {end}, file has {os.path.getsize(path)})")

@@ -18,13 +18,13 @@ class OutputError(OSError):
 
 
 def _existing_folder(path):
-    """The folder `path` would be created in: `path` itself when it is a folder, else its nearest existing parent."""
-    folder = Path(path)
-    while not folder.exists():
-        if folder.parent == folder:
-            break
+    """The folder a write of `path` goes into: `path` itself when it is a folder, its parent when it is a file, else
+    the nearest parent that exists (the missing ones would be created)."""
+    path = Path(path)
+    folder = path
+    while not folder.exists() and folder.parent != folder:
         folder = folder.parent
-    return folder
+    return folder.parent if folder == path and folder.is_file() else folder
 
 
 def describe(err):
@@ -68,6 +68,23 @@ def write_atomically(path, write, mode="w", **open_args):
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(err, OSError) and not isinstance(err, OutputError):
-            raise OutputError(f"{path}: cannot write: {describe(err)}") from None
+        cause = _os_error(err)
+        if cause is not None and not isinstance(err, OutputError):
+            raise OutputError(f"{path}: cannot write: {describe(cause)}") from None
         raise
+
+
+def _os_error(err):
+    """The OSError that `err` is or was raised while handling (torch.save reports a failed write as a RuntimeError
+    raised while the OSError unwinds); None when there is none."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def torch_save_atomically(path, data):
+    """torch.save through write_atomically: a full disk leaves the file there before (a trial's last checkpoint)
+    whole, and no temp file."""
+    import torch  # here: the scripts that never save a tensor (prepare.py) need not import torch
+
+    write_atomically(path, lambda file: torch.save(data, file), "wb")
