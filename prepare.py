@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from lib.depth import intensity_profile, kept_layers
-from lib.fragments import LAYOUTS, FragmentError, check_labels, detect_layout, open_fragments
+from lib.fragments import LAYOUTS, FragmentError, check_labels, detect_layout, open_fragments, require_utf8
 from lib.lock import LockedError, exclusive
+from lib.outputs import OutputError, check_writable
 from lib.store import DEFAULT_Z_RANGE, StoreError, check_store, fingerprint, store_matches, write_store
 from lib.surface import fragment_surface, orientation
 
@@ -109,8 +110,22 @@ def depth_window(fragment, z_range, reverse, keep):
         raise FragmentError(f"{where}: no papyrus-to-air edge in its mean intensity along depth (papyrus below, air "
                             f"above{', after flipping it' if flip else ''}): if its depth runs the other way give "
                             f"{other}, else --z-range START:STOP")
-    layers = kept_layers(fragment.num_slices, DEFAULT_Z_RANGE, flip, surface, where)
+    try:
+        layers = kept_layers(fragment.num_slices, DEFAULT_Z_RANGE, flip, surface, where)
+    except FragmentError as err:
+        kept = DEFAULT_Z_RANGE[1] - DEFAULT_Z_RANGE[0]
+        raise FragmentError(f"{err} (--z-range auto keeps {kept} layers centred on the surface; give --z-range "
+                            f"START:STOP inside 0:{fragment.num_slices} to keep the layers there are)") from None
     return DEFAULT_Z_RANGE, layers, surface, attrs, line
+
+
+def check_out(out, fragments, windows):
+    """Before any store is written: --out is valid UTF-8 (HDF5 file names must be), accepts files, and has room
+    for the new stores, about half their raw volume each (lossless compression; stores already there count 0)."""
+    require_utf8(Path(out).absolute(), "--out")
+    need = sum(len(window[1]) * fragment.shape[0] * fragment.shape[1] for fragment, window in zip(fragments, windows)
+               if not (Path(out) / fragment.split / f"{fragment.fragment_id}.h5").exists())
+    check_writable(out, need, "stores")
 
 
 def prepare_fragment(fragment, out, window, tile_size, stride, force, verify):
@@ -217,6 +232,7 @@ def main(argv=None):
             raise FragmentError(f"{args.data}: --reverse and --no-reverse both name {', '.join(sorted(both))}")
         z_range = args.z_range or (DEFAULT_Z_RANGE if layout == "kaggle" else "auto")
         windows = [depth_window(f, z_range, reverse, keep) for f in fragments]
+        check_out(args.out, fragments, windows)
         warnings = [w for fragment in fragments for w in check_labels(fragment, args.strict)[1]]
         print(found, flush=True)
         for window in windows:
@@ -229,7 +245,7 @@ def main(argv=None):
         for fragment, window in zip(fragments, windows):  # each line as its store is done: a later failure loses none
             print(prepare_fragment(fragment, args.out, window, args.tile_size, args.stride, args.force, args.verify),
                   flush=True)
-    except (FragmentError, StoreError, LockedError) as err:
+    except (FragmentError, StoreError, LockedError, OutputError) as err:
         sys.exit(f"error: {err}")
     write_manifest(args)
 

@@ -28,7 +28,6 @@ or percentile: the top q % of the fragment's in-mask pixels), the mask, and opti
 import argparse
 import csv
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,13 +37,14 @@ import torch
 
 from lib.fragments import FragmentError, read_png_binary
 from lib.infer import predict_fragment
-from lib.inputs import TRIPLET_MODES
+from lib.inputs import TRIPLET_MODES, slices_needed
 from lib.lock import LockedError, exclusive
 from lib.maps import save_preview, save_probability_map, save_probability_png
 from lib.metrics import binarise, confusion_counts, fbeta_counts, remove_small_components
 from lib.rle import rle_decode, rle_encode
 from lib.runs import RunFileError, load_members, read_ensemble, recorded_stores
-from lib.store import Store, StoreError, check_store
+from lib.outputs import OutputError, check_writable, describe, write_atomically
+from lib.store import Store, StoreError, check_store, require_slices
 
 
 def parse_args(argv=None):
@@ -105,8 +105,19 @@ def submission_ids(test_ids, sample):
     except UnicodeDecodeError:
         sys.exit(f"error: {sample}: not a text CSV (not UTF-8); expected the sample submission, Id,Predicted")
     if sorted(ids) != sorted(test_ids):
-        sys.exit(f"error: {sample}: ids {','.join(ids)} differ from the test stores' ids {','.join(sorted(test_ids))}")
+        sys.exit(f"error: {sample}: {id_difference(ids, test_ids)}")
     return ids
+
+
+def id_difference(sample_ids, test_ids):
+    """What differs between the sample's ids and the test stores', naming the ids: missing, extra or repeated."""
+    missing, extra = sorted(set(test_ids) - set(sample_ids)), sorted(set(sample_ids) - set(test_ids))
+    parts = ([f"no row for test store id {', '.join(missing)}"] if missing else []) + \
+        ([f"id {', '.join(extra)} has no test store"] if extra else [])
+    repeated = sorted({i for i in sample_ids if sample_ids.count(i) > 1})
+    if repeated:
+        parts.append(f"id {', '.join(repeated)} repeated")
+    return "; ".join(parts) + f" (test stores: {', '.join(sorted(test_ids))})"
 
 
 def check_truth(truth_dir, ids):
@@ -172,14 +183,14 @@ def encode_checked(fragment_id, pred):
 
 
 def write_submission(path, rows):
-    """Write `rows` [(id, rle)] as Id,Predicted through a temp file; read it back and compare before returning."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    """Write `rows` [(id, rle)] as Id,Predicted through a temp file (removed when the write fails: a full disk);
+    read it back and compare before returning."""
+    def write(f):
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["Id", "Predicted"])
         writer.writerows(rows)
-    os.replace(tmp, path)
+
+    write_atomically(path, write, newline="")
     with open(path, newline="") as f:
         written = [tuple(row) for row in csv.reader(f)]
     if written != [("Id", "Predicted"), *rows]:
@@ -195,6 +206,22 @@ def outputs(args, run, stores):
     return csv_path, png_dir if args.png is not None or not want_csv else None
 
 
+def check_outputs(run, out, png_dir, stores, save_probs):
+    """Before any prediction: every folder this run writes into accepts files and has room for about what goes
+    there (an OutputError naming it). The sizes are rough lower bounds: a PNG of up to a byte a pixel, a CSV of
+    run lengths, previews at a few bits a pixel, probability maps at two bytes a pixel."""
+    pixels = sum(store.shape[0] * store.shape[1] for store in stores.values())
+    wanted = [(run / "previews", pixels // 8, "previews")]
+    if out is not None:
+        wanted.append((out, pixels // 32, "submission CSV"))
+    if png_dir is not None:
+        wanted.append((png_dir, pixels, "prediction PNGs"))
+    if save_probs:
+        wanted.append((run / "probs", 2 * pixels, "probability maps"))
+    for path, need, what in wanted:
+        check_writable(path, need, what)
+
+
 def main(argv=None):
     args = parse_args(argv)
     run = Path(args.run)
@@ -205,8 +232,12 @@ def main(argv=None):
     try:
         with exclusive(run, "submit.py"):
             predict_test_set(run, args)
-    except (LockedError, RunFileError, StoreError) as err:  # StoreError: a corrupt chunk met while predicting
+    except (LockedError, RunFileError, StoreError, OutputError) as err:  # StoreError: a corrupt chunk met while predicting
         sys.exit(f"error: {err}")
+    except OSError as err:  # a write that failed mid-run (a preview on a disk that filled up)
+        sys.exit(f"error: {err.filename or run}: cannot write: {describe(err)}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted; nothing written after the last line above, earlier outputs untouched")
 
 
 def predict_test_set(run, args):
@@ -217,9 +248,13 @@ def predict_test_set(run, args):
     ids = submission_ids(stores, args.sample)
     if args.truth:
         check_truth(args.truth, ids)
+    check_outputs(run, out, png_dir, stores, args.save_probs)
     members = load_members(run, ensemble, args.device)  # every model file checked before any prediction
-    mode, value = ensemble["threshold"]["mode"], ensemble["threshold"]["value"]
     groups = tiling_groups(members, args.triplets)
+    for store in stores.values():  # every store holds the slices every member reads
+        for spec in sorted({spec for models in groups.values() for _, _, spec in models}, key=str):
+            require_slices(store, slices_needed(spec, store, args.tta), f"the {spec.family} member's inputs ({spec})")
+    mode, value = ensemble["threshold"]["mode"], ensemble["threshold"]["value"]
     models = sum(len(g) for g in groups.values())
     inputs = describe_inputs(groups)
     threshold = f"p >= {value:g}" if mode == "absolute" else f"top {value:g} % of each fragment's mask"

@@ -24,6 +24,7 @@ elsewhere is as safe to resume as to read.
     python train.py --stores data/prepared --run runs/full --preset full --backbones resnet34,mit_b2
 """
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -32,23 +33,42 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import ray
-import torch
-from ray import tune
+from lib.lock import LockedError, exclusive, held_descriptor, refuse_if_locked
 
-from lib.data import TileDataset, loader_worker_init, photometric
-from lib.folds import Fold, make_folds
-from lib.infer import predict_fragment
-from lib.inputs import CENTRE_ON, FAMILIES, TRIPLET_MODES, InputSpec, unsure_share
-from lib.lock import LockedError, exclusive
+
+
+def refuse_locked_run():
+    """Exit at once when another train.py holds --run: before the seconds that importing torch and Ray take."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--run", default="runs/demo")
+    try:
+        refuse_if_locked(early.parse_known_args()[0].run)
+    except LockedError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    refuse_locked_run()
+
+# The slow imports, after the lock check above.
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray import tune  # noqa: E402
+
+from lib.data import TileDataset, loader_worker_init, photometric  # noqa: E402
+from lib.folds import Fold, make_folds  # noqa: E402
+from lib.infer import predict_fragment  # noqa: E402
+from lib.inputs import CENTRE_ON, FAMILIES, TRIPLET_MODES, InputSpec, slices_needed, unsure_share  # noqa: E402
 from lib.maps import load_probability_map, save_preview, save_probability_map
 from lib.losses import LOSS_DEFAULTS, build_loss
 from lib.metrics import best_threshold
 from lib.model import build_model, model_config, parse_member, save_model_file
 from lib.runs import (RunFileError, finished_trials, fragment_oof_path, oof_path, planned_trials, read_record,
                       trial_file, write_json, write_record)
-from lib.store import Store, StoreError, check_store
+from lib.outputs import OutputError, check_writable, describe, torch_save_atomically
+from lib.store import Store, StoreError, check_store, require_slices
+from lib.watchdog import outlived_by_nothing
 
 PRESETS = {
     # The original solution's recipe (batch 16, lr 1e-4) for GPUs, with 4x the batch to fill a modern GPU and the
@@ -60,6 +80,8 @@ PRESETS = {
                  lr=3e-3, workers=0, infer_batch=16, max_tiles=512, decoder_channels="64,32,16,16,8"),
 }
 # Options that say where and how to run, not what to train: a resumed run may change them.
+RUN_FREE_BYTES = 64 * 2**20  # the least free space a run folder needs: about what a demo run writes
+ONE_STORE_BANDS = 3  # folds a single train store is cut into when no --split is given
 RUNTIME_OPTIONS = ("run", "resume", "force", "address", "num_cpus", "dashboard", "gpus_per_trial", "max_concurrent")
 SUMMARY_FIELDS = ["backbone", "fold", "fragment", "rows", "oof_f05", "threshold", "best_val_f05", "epochs", "minutes"]
 
@@ -210,12 +232,13 @@ def train_fold(config):
     store = Store(held_out)
     while state["epoch"] < config["epochs"]:
         metrics = run_epoch(step, scored, loss_fn, (loader, val_loader), store, fold, config, state, device)
-        save_atomically(checkpoint, {**state, "model": model.state_dict(), "step": step.state_dict(),
+        torch_save_atomically(checkpoint, {**state, "model": model.state_dict(), "step": step.state_dict(),
                                      "rng": torch.get_rng_state(), **({"ema": ema.state_dict()} if ema else {})})
         tune.report(metrics)
     scored.load_state_dict(state["best_model"])
-    tune.report(finish_fold(scored, store, config, fold, state, device))
+    result = finish_fold(scored, store, config, fold, state, device)
     checkpoint.unlink(missing_ok=True)  # the model file and the trial's result replace it
+    tune.report(result)  # last: Tune ends the trial on a result with done=True, running nothing after it
 
 
 def fold_loaders(config, fold, held_out, device):
@@ -286,13 +309,6 @@ def weight_average(model, optimizer, decay):
 def trial_path(config, folder, suffix):
     """Where this trial keeps a file of `folder` (lib.runs.trial_file)."""
     return trial_file(config["run"], folder, config["backbone"], config["fold"]["name"], suffix)
-
-
-def save_atomically(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
 
 
 def train_loader(dataset, batch_size, per_epoch, workers, device):
@@ -443,13 +459,18 @@ def trial_resources(args, cluster, num_trials):
 
 
 def fold_table(stores, split):
-    """(train ids, [Fold]) of the train stores in `stores`."""
+    """(train ids, [Fold]) of the train stores in `stores`. A single store with no --split is cut into
+    ONE_STORE_BANDS bands (a fold trains on the others: one whole store would leave it nothing), said in one line."""
     train_dir = Path(stores) / "train"
     train_ids = sorted(p.name[: -len(".h5")] for p in train_dir.glob("*.h5"))
     if not train_ids:
         raise SystemExit(f"error: {train_dir}: no train stores; run prepare.py first")
     for train_id in train_ids:  # before Ray starts: a bad store is one line here, not a failed trial
         check_store(train_dir / f"{train_id}.h5")
+    if len(train_ids) == 1 and not split:
+        split = f"{train_ids[0]}:{ONE_STORE_BANDS}"
+        print(f"one train store ({train_ids[0]}): {ONE_STORE_BANDS} bands of equal mask area, one fold each "
+              f"(--split {split}; give --split {train_ids[0]}:K for another K)")
     masks = None
     if split:
         fragment_id, _, count = split.rpartition(":")
@@ -470,6 +491,26 @@ def surface_report(options, train_ids):
               for i in train_ids]
     parts = ", ".join(f"{i} {share:.0%}" for i, share in zip(train_ids, shares))
     return f"inputs: each tile flattened onto its own surface; too unsure to flatten (read at the fragment's surface): {parts}"
+
+
+def require_training_slices(stores, train_ids, options):
+    """StoreError (lib.store.require_slices) unless every train store holds the slices every member's trials read
+    (lib.inputs.slices_needed: its window or triplets, and where they sit). Before run.json is written and Ray
+    starts."""
+    families = sorted({parse_member(name, options["family"])[0] for name in options["backbones"].split(",")})
+    for train_id in train_ids:
+        store = Store(Path(stores) / "train" / f"{train_id}.h5")
+        for family in families:
+            spec = input_spec(options, family)
+            require_slices(store, slices_needed(spec, store), f"a {family} model of --depth {spec.depth} "
+                           f"--centre-on {spec.centre_on}" if family != "triplets" else f"--triplets {spec.triplets}")
+        store.close()
+
+
+def ray_watchdog(args, run):
+    """A local Ray (no --address) and everything it starts end with this process, even when it is killed with
+    SIGKILL (lib.watchdog); the run's lock is held until they have, so an immediate --resume waits for them."""
+    return contextlib.nullcontext() if args.address else outlived_by_nothing(held_descriptor(run))
 
 
 def start_ray(args):
@@ -578,6 +619,13 @@ def write_summary(run, trials, results, failures, minutes):
     return text
 
 
+def remove_empty_folders(folder):
+    """Remove `folder` and the folders under it that hold no file (the checkpoints/ of finished trials)."""
+    for path in sorted(folder.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: an unfinished trial's checkpoint stays
+            path.rmdir()
+
+
 def clear_run(run):
     """--force: empty the run folder, keeping the lock file this process holds."""
     for path in run.iterdir():
@@ -606,9 +654,11 @@ def prepare_run(args, given, run):
         raise SystemExit(f"error: {run} holds no run to resume (no {record_path.name})")
     if record is not None:
         options = vars(resume_options(args, given, record, record_path))
+        require_training_slices(options["stores"], record["train_ids"], options)
         return run_options(argparse.Namespace(**options)), record["train_ids"], planned_trials(options, record["folds"])
     options = run_options(args)
     train_ids, folds = fold_table(options["stores"], args.split)
+    require_training_slices(options["stores"], train_ids, options)
     trials = planned_trials(options, folds)
     write_record(run, options, train_ids, folds)
     return options, train_ids, trials
@@ -628,7 +678,9 @@ def train(args, given, run):
         print(surface_report(options, train_ids))
     started, failures = time.time(), []
     if todo:
-        tune_results = run_trials(runtime, options, train_ids, todo, run)
+        with ray_watchdog(runtime, run):
+            tune_results = run_trials(runtime, options, train_ids, todo, run)
+        remove_empty_folders(run / "checkpoints")
         failures = report_failures(tune_results)
         interrupted = [r for r in tune_results if not r.error and not r.metrics.get("done")]
         if interrupted and not failures:  # Ctrl-C: Tune returned early
@@ -650,14 +702,17 @@ def main(argv=None):
     args, given = parse_args(argv), given_options(argv)
     run = Path(args.run)
     created = not run.exists()
-    run.mkdir(parents=True, exist_ok=True)
     try:
+        check_writable(run, RUN_FREE_BYTES, "run folder")
+        run.mkdir(parents=True, exist_ok=True)
         with exclusive(run, "train.py"):
             train(args, given, run)
-    except (LockedError, RunFileError, StoreError) as err:
+    except (LockedError, RunFileError, StoreError, OutputError) as err:
         sys.exit(f"error: {err}")
+    except OSError as err:  # a write that failed mid-run
+        sys.exit(f"error: {err.filename or run}: cannot write: {describe(err)}")
     finally:
-        if created and not any(run.iterdir()):
+        if created and run.is_dir() and not any(run.iterdir()):
             run.rmdir()  # refused before anything was written: leave no empty folder behind
 
 

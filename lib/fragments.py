@@ -11,9 +11,11 @@ stripped or tiled: only the strips or tiles that hold the band). Every problem i
 whose one-line message names the file. Every folder of a split is a fragment: one that cannot be read is an
 error, never left out. Labels that look wrong against the mask (check_labels) are warnings, not errors.
 """
+import logging
 import os
 import re
 import stat
+import struct
 import tempfile
 from pathlib import Path
 
@@ -28,6 +30,12 @@ SLICE_RE = re.compile(r"^(\d+)\.tiff?$")
 # The largest real fragment has 141 Mpx: above PIL's decompression-bomb guard, but a genuine image.
 Image.MAX_IMAGE_PIXELS = 1 << 31
 LABEL_MARGIN = 16  # px: ink up to this far outside the mask is taken as drawn over the mask's edge
+# What tifffile (and imagecodecs, zarr beneath it) raise on a damaged TIFF: besides its own TiffFileError, a garbled
+# header or tag ends as one of Python's own errors (RuntimeError: imagecodecs' decode errors). Each becomes a
+# FragmentError naming the file.
+TIFF_ERRORS = (OSError, ValueError, IndexError, KeyError, TypeError, struct.error, RuntimeError, ZeroDivisionError,
+               OverflowError, MemoryError, tifffile.TiffFileError)
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # it logs what it then raises: the FragmentError says it
 
 
 class FragmentError(ValueError):
@@ -52,6 +60,17 @@ def list_fragments(root, split):
     return [p.name for p in folders]
 
 
+def require_utf8(path, what="path"):
+    """FragmentError unless `path` is valid UTF-8: the stores are HDF5 files, whose names and attributes (the source
+    path) must be, so a folder name with another encoding's byte would fail there, after earlier stores were written."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise FragmentError(f"{shown}: {what} is not valid UTF-8 (a byte of another encoding in a folder name); "
+                            f"rename it") from None
+
+
 def _check_folder(path, what):
     """FragmentError unless `path` is a folder that can be listed (not missing, a broken link or a link loop)."""
     try:
@@ -62,41 +81,91 @@ def _check_folder(path, what):
         raise FragmentError(f"{path}: {err.strerror.lower()}; expected {what}") from None
 
 
+# PIL's errors for a bad image file: OSError (truncated, unknown format), ValueError, SyntaxError (a bad chunk or
+# CRC), EOFError, struct.error on a garbled header, DecompressionBombError (above 2 x MAX_IMAGE_PIXELS)
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+GREY_MODES = ("1", "L", "I", "I;16", "I;16L", "I;16B", "F")  # PIL modes of one grey channel
+
+
 def read_png_binary(path):
-    """A PNG mask or label as uint8 0/1 (nonzero means 1)."""
-    return (_read_png_first_channel(path) != 0).astype(np.uint8)
+    """A mask or label image as uint8 0/1, 1 where the shape is; the one reader of every mask and label.
 
-
-def _read_png_first_channel(path):
-    """Decode a PNG; a multi-channel PNG gives its first channel."""
-    image = _open_png(path)
+    Understood: grey (nonzero is the shape); RGB whose channels are equal (grey) or of which only one varies (a
+    mask drawn in one colour); with transparency (RGBA, LA, a palette with transparency): the alpha channel when
+    the colour is the same everywhere (the shape saved from an image editor as the opaque part), the colour when
+    alpha is, or both when they agree. Anything else (a colour picture, other modes) is a FragmentError naming the
+    file: guessing would turn it silently into a wrong mask."""
+    image = _open_image(path)
     try:
+        if image.mode == "P":  # a palette: what the indices stand for
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         pixels = np.asarray(image)
-    except (OSError, ValueError) as err:
-        raise FragmentError(f"{path}: unreadable or truncated PNG ({err})") from None
-    return pixels[..., 0] if pixels.ndim == 3 else pixels
+    except IMAGE_ERRORS as err:
+        raise FragmentError(f"{path}: unreadable or truncated {image_format(path)} ({_one_line(err)})") from None
+    if image.mode in GREY_MODES:
+        return (pixels != 0).astype(np.uint8)
+    if image.mode not in ("RGB", "RGBA", "LA"):
+        raise FragmentError(f"{path}: image mode {image.mode}: expected a grey, RGB or RGBA mask")
+    colour, alpha = (pixels, None) if image.mode == "RGB" else (pixels[..., :-1], pixels[..., -1])
+    shape = _colour_shape(colour)
+    if alpha is None or _flat(alpha):
+        if shape is None:
+            raise FragmentError(f"{path}: a colour image (its channels differ and more than one varies): "
+                                f"expected a grey mask, or one drawn in one colour channel")
+        return shape
+    opaque = (alpha != 0).astype(np.uint8)
+    if _flat(colour) or (shape is not None and np.array_equal(shape, opaque)):
+        return opaque
+    raise FragmentError(f"{path}: both its colour and its transparency vary and disagree: cannot tell which "
+                        f"is the mask; save it as a grey image")
+
+
+def _colour_shape(colour):
+    """(H, W) 0/1 from colour channels (H, W, C): any of them when they are equal (grey), the only varying one
+    when the others are flat (a mask drawn in one channel); None when more than one varies differently."""
+    if all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(1, colour.shape[-1])):
+        return (colour[..., 0] != 0).astype(np.uint8)
+    varying = [c for c in range(colour.shape[-1]) if not _flat(colour[..., c])]
+    if len(varying) == 1:
+        return (colour[..., varying[0]] != 0).astype(np.uint8)
+    return None
+
+
+def _flat(array):
+    return array.size == 0 or array.min() == array.max()
+
+
+def _one_line(err):
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def image_format(path):
+    """"PNG", "JPEG", "TIFF" from a file's name ("image" for other names): what its error messages call it."""
+    return LAYER_FORMATS.get(Path(path).suffix[1:].lower(), "image")
 
 
 def png_shape(path):
-    """(height, width) of a PNG from its header alone."""
-    image = _open_png(path)
+    """(height, width) of an image from its header alone."""
+    image = _open_image(path)
     return image.height, image.width
 
 
 def _verify_png(path):
     try:
-        _open_png(path).verify()
-    except (OSError, ValueError, SyntaxError) as err:  # PIL reports bad chunks and CRCs as SyntaxError
-        raise FragmentError(f"{path}: unreadable or truncated PNG ({err})") from None
+        _open_image(path).verify()
+    except IMAGE_ERRORS as err:  # PIL reports bad chunks and CRCs as SyntaxError
+        raise FragmentError(f"{path}: unreadable or truncated {image_format(path)} ({_one_line(err)})") from None
 
 
-def _open_png(path):
+def _open_image(path):
+    """PIL's lazily opened image (the header read); FragmentError naming the file and its format when it is not
+    there or not an image PIL reads."""
     if not Path(path).is_file():
         raise FragmentError(f"{path}: file not found")
     try:
         return Image.open(path)
-    except (OSError, ValueError) as err:
-        raise FragmentError(f"{path}: unreadable PNG ({err})") from None
+    except IMAGE_ERRORS as err:
+        raise FragmentError(f"{path}: unreadable {image_format(path)} ({_one_line(err)})") from None
 
 
 class Fragment:
@@ -107,6 +176,7 @@ class Fragment:
     def __init__(self, path, split=None):
         self.path = Path(path)
         self.fragment_id = self.path.name
+        require_utf8(self.path.absolute(), "the fragment's path")
         self.split = split or self.path.parent.name
         volume_dir = self.path / "surface_volume"
         if not volume_dir.is_dir():
@@ -165,8 +235,8 @@ class Fragment:
                 got = os.preadv(file.fileno(), [memoryview(out).cast("B")], offset + y0 * row_bytes)
             if got != out.nbytes:
                 raise OSError(f"read {got} of {out.nbytes} bytes at rows {y0}:{y1}")
-        except (OSError, ValueError, RuntimeError, tifffile.TiffFileError) as err:  # RuntimeError: imagecodecs decode errors
-            raise FragmentError(f"{path}: unreadable or truncated TIFF ({err})") from None
+        except TIFF_ERRORS as err:
+            raise FragmentError(f"{path}: unreadable or truncated TIFF ({_one_line(err)})") from None
         if not self.dtype.isnative:  # the bytes are in the file's order: swap them in place
             out.view(self.dtype).byteswap(inplace=True)
         return out
@@ -246,14 +316,20 @@ def open_split(root, split, ids=None):
     return [Fragment.open(root, split, i).validate() for i in chosen]
 
 
+def present_splits(root):
+    """The Kaggle splits (train, test) that `root` has folders for; a FragmentError when it has neither."""
+    splits = [s for s in SPLITS if (Path(root) / s).is_dir()]
+    if not splits:
+        raise FragmentError(f"{root}: no train/ or test/ folder: not a dataset root in the Kaggle layout")
+    return splits
+
+
 def open_fragments(root, layout, ids=None, train_ids=None, test_ids=None):
     """(fragments, a line saying how many each split holds): every fragment of `root` (of every split present in
     the Kaggle layout; segments in the roles open_segments gives them), or only those in `ids`, opened and
     validated before anything is written."""
     if layout == "kaggle":
-        splits = [s for s in SPLITS if (Path(root) / s).is_dir()]
-        if not splits:
-            raise FragmentError(f"{root}: no train/ or test/ folder: not a dataset root in the Kaggle layout")
+        splits = present_splits(root)
         counts = {split: len(list_fragments(root, split)) for split in splits}
         fragments = [f for split in splits for f in open_split(root, split, ids)]
         kind, among = "fragment", ""
@@ -293,9 +369,9 @@ def _slice_header(path):
             shape, dtype = tuple(page.shape), np.dtype(page.dtype).newbyteorder(tif.byteorder)
             end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
             raw_offset = page.dataoffsets[0] if page.is_contiguous and page.compression == 1 else None
-    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as err:
-        raise FragmentError(f"{path}: unreadable TIFF ({err})") from None
-    if len(shape) != 2:
+    except TIFF_ERRORS as err:
+        raise FragmentError(f"{path}: unreadable TIFF ({_one_line(err)})") from None
+    if len(shape) != 2 or 0 in shape:
         raise FragmentError(f"{path}: expected a single-channel 2-D slice, got shape {shape}")
     if end > os.path.getsize(path):
         raise FragmentError(f"{path}: truncated TIFF (pixel data ends at byte {end}, file has {os.path.getsize(path)})")
@@ -358,6 +434,7 @@ class Segment(Fragment):
     def __init__(self, path, split=None):
         self.path = Path(path)
         self.fragment_id = self.path.name
+        require_utf8(self.path.absolute(), "the segment's path")
         layers_dir = self.path / "layers"
         if not layers_dir.is_dir():
             raise FragmentError(f"{layers_dir}: layers folder not found")
@@ -384,7 +461,7 @@ class Segment(Fragment):
                                 f"({self.slice_paths[0].name}): mixed layer formats")
         if self.format == "TIFF":
             return super()._header(z)
-        image = _open_png(path)  # PIL opens JPEG too; only the header is read
+        image = _open_image(path)  # PIL opens JPEG too; only the header is read
         if image.mode not in IMAGE_DTYPES:
             raise FragmentError(f"{path}: expected a single-channel 8- or 16-bit greyscale layer, "
                                 f"got mode {image.mode}")
@@ -396,9 +473,9 @@ class Segment(Fragment):
         truncated JPEG padded with grey, PIL refuses it."""
         path = self.slice_paths[z]
         try:
-            pixels = np.asarray(_open_png(path))
-        except (OSError, ValueError) as err:
-            raise FragmentError(f"{path}: unreadable or truncated {self.format} layer ({err})") from None
+            pixels = np.asarray(_open_image(path))
+        except IMAGE_ERRORS as err:
+            raise FragmentError(f"{path}: unreadable or truncated {self.format} layer ({_one_line(err)})") from None
         if pixels.shape != self.shape:
             raise FragmentError(f"{path}: layer shape {pixels.shape} differs from "
                                 f"{self.slice_paths[0].name} {self.shape}")
@@ -489,7 +566,7 @@ def main(argv=None):
                 print(f"{segment.fragment_id} ({segment.split}): {segment.num_slices} {segment.format} layers of "
                       f"{h} x {w} {segment.dtype}{ink}: ok")
             return
-        for split in SPLITS:
+        for split in present_splits(args.root):  # as prepare.py: a root with train/ alone is fine
             fragments = open_split(args.root, split)
             print(f"{split}: {len(fragments)} fragments", flush=True)
             for fragment in fragments:

@@ -107,6 +107,15 @@ def surface_shift(store):
     return int(np.clip(shift, store.z_start - CENTRE_SLICES[0], store.z_stop - 1 - CENTRE_SLICES[-1]))
 
 
+def slices_needed(spec, store, tta=True):
+    """The slice numbers of `store` a model of `spec` reads: its views (with the depth TTA, the same shifts as
+    training's default depth jitter), moved onto the fragment's surface where it reads there. Flattened reads are
+    resampled from around these same numbers of the store's frame."""
+    slices = spec.views(tta)[0]
+    shift = surface_shift(store) if spec.read_mode() == "fragment" else 0
+    return [z + shift for z in slices]
+
+
 def unsure_share(store, tile_size, stride):
     """Share of a store's tiles (at this tile size and stride) whose surface is too unsure to flatten onto."""
     return low_confidence_share(store.read_dataset("surface_confidence").astype(np.float32), store.read_map("mask"),

@@ -181,6 +181,8 @@ def input_spec(path, inputs, where):
 def inside_run(run, name, where):
     """`run / name`, refused unless it is a relative path that stays inside the run folder."""
     path = Path(run) / name
+    if "\0" in name:
+        raise RunFileError(f"{where}: {name!r} is not a file name (it holds a NUL byte)")
     if Path(name).is_absolute() or not path.resolve().is_relative_to(Path(run).resolve()):
         raise RunFileError(f"{where}: {name!r} points outside the run folder {run}")
     return path
@@ -226,7 +228,7 @@ def check_model_file(path, member, device="cpu"):
 def read_json(path):
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: nested too deep
         raise RunFileError(f"{path}: not readable JSON ({_first_line(err)})") from None
     if not isinstance(data, dict):
         raise RunFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
@@ -260,9 +262,13 @@ class _Fields:
 
     def number(self, obj, key, where=""):
         value = self.get(obj, key, (int, float), where)
-        if isinstance(value, bool) or not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if isinstance(value, bool) or not math.isfinite(number):
             raise RunFileError(f"{self.path}: {where}.{key}: {value!r} is not a finite number")
-        return float(value)
+        return number
 
 
 def _first_line(err):

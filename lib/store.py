@@ -319,6 +319,30 @@ def _write_map(h5, name, image):
                       **hdf5plugin.Blosc(cname="lz4", clevel=5))
 
 
+def require_slices(store, slices, what):
+    """StoreError unless `store` (a Store or a store's path) holds every slice number in `slices`: one line naming
+    the store, the slices it keeps and those `what` (e.g. "--triplets mean") reads, and the prepare.py --z-range
+    that would keep them. Checked before any prediction or trial starts, never found mid-way."""
+    store = store if isinstance(store, Store) else Store(store)
+    needed = sorted({int(z) for z in slices})
+    missing = [z for z in needed if z not in store.slices]
+    if missing:
+        low, high = min(needed[0], DEFAULT_Z_RANGE[0]), max(needed[-1] + 1, DEFAULT_Z_RANGE[1])
+        raise StoreError(f"{store.path}: holds slices {store.z_start}:{store.z_stop}, but {what} reads slices "
+                         f"{needed[0]}:{needed[-1] + 1} (missing {_ranges(missing)}); prepare it again with "
+                         f"--z-range {low}:{high} (or auto)")
+
+
+def _ranges(numbers):
+    """Sorted integers as "a:b" half-open runs joined by commas, e.g. [1, 2, 3, 7] -> "1:4, 7:8"."""
+    runs, start = [], numbers[0]
+    for previous, number in zip(numbers, numbers[1:] + [None]):
+        if number != previous + 1:
+            runs.append(f"{start}:{previous + 1}")
+            start = number
+    return ", ".join(runs)
+
+
 def store_matches(path, sources_fingerprint, z_range, tile_size, stride, layers=None):
     """True when `path` is a store built from these sources with these settings (and these source layers: default
     z_range's own numbers, which a store from before source_layers existed holds) and intact: its file opens (HDF5
