@@ -1,7 +1,8 @@
 """HDF5 tile store of one fragment: the format, writing it in bounded memory, and reading tiles.
 
 A store `OUT/<split>/<id>.h5` holds
-    volume       (Z, H, W) uint16   the kept slices, lossless; chunk (Z, 56, 56), Blosc LZ4 + bitshuffle
+    volume       (Z, H, W) uint8 or uint16, the source's bit depth: the kept slices, lossless; chunk (Z, 56, 56),
+                 Blosc LZ4 + bitshuffle
     mask         (H, W) uint8 0/1
     labels       (H, W) uint8       train fragments only
     tiles        (N, 2) int32       top-left (y, x) of every tile_size tile on the stride grid touching the mask
@@ -43,7 +44,8 @@ import numpy as np
 from numcodecs.fletcher32 import Fletcher32
 from tqdm import tqdm
 
-FORMAT_VERSION = 3  # 3: checksums; 2: chunks one tile stride wide, maps in Blosc LZ4 (older stores are rebuilt)
+# 4: 8-bit sources stay uint8; 3: checksums; 2: chunks one tile stride wide, maps in Blosc LZ4 (older stores are rebuilt)
+FORMAT_VERSION = 4
 DEFAULT_Z_RANGE = (24, 40)  # 16 centre slices around 32: the 8 centre slices plus random depth shifts
 CHUNK_SIDE = 64  # chunk height and width when the tile grid gives none (chunk_side)
 PERCENTILE_LEVELS = (0.5, 1, 5, 25, 50, 75, 95, 99, 99.5)
@@ -131,14 +133,20 @@ def chunk_side(tile_size, stride):
     return stride if 32 <= stride <= 128 and tile_size % stride == 0 else CHUNK_SIDE
 
 
-def band_rows(num_slices, width, chunk_rows):
-    """Rows per band: whole chunks, about BAND_BYTES of uint16 volume."""
-    rows = BAND_BYTES // max(1, num_slices * width * 2)
+def band_rows(num_slices, width, chunk_rows, itemsize=2):
+    """Rows per band: whole chunks, about BAND_BYTES of volume (`itemsize` bytes a voxel)."""
+    rows = BAND_BYTES // max(1, num_slices * width * itemsize)
     return max(chunk_rows, rows // chunk_rows * chunk_rows)
 
 
+def volume_dtype(fragment):
+    """The store's volume dtype for a fragment: uint8 for 8-bit sources (half the disk and the read time; the
+    percentiles are on the same scale, so models see the same normalised inputs), else uint16."""
+    return np.dtype(np.uint8) if np.dtype(fragment.dtype).itemsize == 1 else np.dtype(np.uint16)
+
+
 def percentiles_from_histogram(histogram):
-    """Percentiles (PERCENTILE_LEVELS) of the values counted in a uint16 histogram."""
+    """Percentiles (PERCENTILE_LEVELS) of the values counted in a uint8 or uint16 histogram."""
     cumulative = np.cumsum(histogram)
     if cumulative[-1] == 0:
         return np.zeros(len(PERCENTILE_LEVELS), np.float32)
@@ -178,7 +186,7 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
         h5 = h5py.File(tmp, "w", libver=HDF5_FORMAT)
         try:
             volume = h5.create_dataset(
-                "volume", shape=(num_kept, height, width), dtype="uint16", fletcher32=True,
+                "volume", shape=(num_kept, height, width), dtype=volume_dtype(fragment), fletcher32=True,
                 chunks=(num_kept, min(side, height), min(side, width)), **volume_compression(codec))
             copy_started = time.perf_counter()
             histograms = _copy_volume(fragment, volume, mask, layers, codec, progress)
@@ -231,13 +239,13 @@ def _copy_volume(fragment, volume, mask, layers, codec, progress):
     """
     num_kept, height, width = volume.shape
     chunk_shape = volume.chunks
-    rows = band_rows(num_kept, width, chunk_shape[1])
+    rows = band_rows(num_kept, width, chunk_shape[1], volume.dtype.itemsize)
     group_width = CHUNKS_PER_TASK * chunk_shape[2]
     bands = [(y0, min(height, y0 + rows)) for y0 in range(0, height, rows)]
     histograms = np.zeros((num_kept, 65536), np.int64)
     # Two band buffers, reused: one being read while the other is compressed (peak memory two bands).
-    buffers = [np.empty((num_kept, min(rows, height), width), np.uint16) for _ in range(2)]
-    bar = tqdm(total=num_kept * height * width * 2, unit="B", unit_scale=True, disable=not progress,
+    buffers = [np.empty((num_kept, min(rows, height), width), volume.dtype) for _ in range(2)]
+    bar = tqdm(total=num_kept * height * width * volume.dtype.itemsize, unit="B", unit_scale=True, disable=not progress,
                desc=f"prepare {fragment.split}/{fragment.fragment_id}")
     with bar, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(len(os.sched_getaffinity(0))) as encoders:
         reading = reader.submit(_read_band, fragment, layers, bands[0], buffers[0])
@@ -282,7 +290,7 @@ def _encode_chunks(block, cy, cx, width, chunk_shape, codec):
 
 
 def _count_in_mask(image, inside):
-    """Histogram (65536 bins) of a uint16 image's values where the boolean `inside` is set."""
+    """Histogram (65536 bins) of a uint8 or uint16 image's values where the boolean `inside` is set."""
     return np.bincount(image[inside], minlength=65536)
 
 
@@ -326,10 +334,11 @@ def check_store(path, full=False):
             store.read_dataset(name)
         if full:
             height = store.shape[0]
-            rows = band_rows(store.z_stop - store.z_start, store.shape[1], store.h5["volume"].chunks[1])
+            volume = store.h5["volume"]
+            rows = band_rows(store.z_stop - store.z_start, store.shape[1], volume.chunks[1], volume.dtype.itemsize)
             for y0 in range(0, height, rows):
                 try:
-                    store.h5["volume"][:, y0: y0 + rows]
+                    volume[:, y0: y0 + rows]
                 except OSError as err:
                     raise _store_error(path, f"volume (rows {y0}:{min(y0 + rows, height)})", err) from None
     finally:
@@ -417,7 +426,8 @@ class Store:
         return self.read_dataset("percentiles")[:, list(PERCENTILE_LEVELS).index(level)]
 
     def read_tile(self, y, x, height, width, slices=None):
-        """Volume window (len(slices), height, width) uint16 at (y, x), zero outside the image.
+        """Volume window (len(slices), height, width) at (y, x) in the volume's dtype (uint8 or uint16), zero outside
+        the image.
 
         `slices` are absolute slice numbers (default: all kept); they must lie inside the kept range.
         """
@@ -426,12 +436,12 @@ class Store:
             raise ValueError(f"{self.path}: slices {slices} are outside the kept range {self.z_start}:{self.z_stop}")
         z_index = [z - self.z_start for z in slices]
         z0, z1 = min(z_index), max(z_index) + 1
-        out = np.zeros((len(slices), height, width), np.uint16)
+        volume = self.h5["volume"]
+        out = np.zeros((len(slices), height, width), volume.dtype)
         window = _clip_window(y, x, height, width, self.shape)
         if window is None:
             return out
         (ys, xs), (oy, ox) = window
-        volume = self.h5["volume"]
         try:
             if z_index == list(range(z0, z1)):  # consecutive slices (the usual case): straight into `out`
                 volume.read_direct(out, np.s_[z0:z1, ys, xs], np.s_[:, oy, ox])
