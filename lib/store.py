@@ -37,6 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import fsspec
 import h5py
 import hdf5plugin  # registers the Blosc filter in every process that imports this module
 import imagecodecs
@@ -81,9 +82,16 @@ def encode_chunk(chunk, codec=VOLUME_CODEC):
 
 
 def fingerprint(paths):
-    """A digest of the source files' names, sizes and mtimes: changes whenever a source changes."""
+    """A digest of the source files' names, sizes and mtimes (of a URL: the size and the server's ETag or
+    Last-Modified, through fsspec): changes whenever a source changes."""
     digest = hashlib.sha1()
     for path in paths:
+        if "://" in str(path):
+            fs, where = fsspec.core.url_to_fs(str(path))
+            info = fs.info(where)
+            stamp = info.get("ETag") or info.get("Last-Modified") or info.get("mtime")
+            digest.update(f"{str(path).rsplit('/', 1)[-1]} {info.get('size')} {stamp}\n".encode())
+            continue
         stat = os.stat(path)
         digest.update(f"{Path(path).name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -268,10 +276,7 @@ def _copy_volume(fragment, volume, mask, layers, codec, progress):
 
 def _read_band(fragment, layers, band, buffer):
     y0, y1 = band
-    block = buffer[:, : y1 - y0]
-    for i, z in enumerate(layers):
-        fragment.read_band(z, y0, y1, out=block[i])
-    return block
+    return fragment.read_layers(layers, y0, y1, out=buffer[:, : y1 - y0])
 
 
 def _encode_chunks(block, cy, cx, width, chunk_shape, codec):
