@@ -105,7 +105,9 @@ def as_weighted_models(models):
 def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, triplets=DEFAULT_TRIPLETS,
                      device="cpu", progress=False, readers=2, out=None, scale=1.0):
     """Probability map (H, W) float32 of one store, 0 outside its mask; with `out` ((H, W) float32), adds
-    `scale` x the map into it instead (an ensemble's running sum) and returns it.
+    `scale` x the map into it instead (an ensemble's running sum) and returns it. `out` may also be a row sink:
+    any object with add(y0, rows) that takes the finished rows y0.. ((n, W) float32, already x scale) in increasing
+    y0 (lib/outputs.py), so that no (H, W) map is held at all.
 
     `models`: one model, or a list of (model, weight) pairs sharing tile_size and stride: the map is then
     sum(weight x the model's map), each batch of tiles read once and run through every model.
@@ -165,7 +167,8 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
 class BlendBand:
     """Weighted sums of overlapping tiles over a band of rows [y0, y0 + rows). Tiles come row by row (their top
     rows never decrease); when one reaches below the band, the rows above its top are final: they are divided by
-    their weight sum, masked and added into `out` (x scale), and the band moves down to that tile."""
+    their weight sum, masked and added into `out` (x scale: an (H, W) array, or a row sink's add(y0, rows)), and
+    the band moves down to that tile. Rows without tiles are never added: they stay what `out` holds."""
 
     def __init__(self, mask, tile_size, out, scale):
         """`mask`: the fragment's PackedMap (InputReader.mask), so that finishing rows reads nothing from the store."""
@@ -195,7 +198,10 @@ class BlendBand:
         total, weight_sum = self.total[:n], self.weight_sum[:n]
         np.divide(total, weight_sum, out=total, where=weight_sum > 0)
         total *= self.mask.rows(self.y0, self.y0 + n)
-        self.out[self.y0: self.y0 + n] += self.scale * total
+        if isinstance(self.out, np.ndarray):
+            self.out[self.y0: self.y0 + n] += self.scale * total
+        else:
+            self.out.add(self.y0, self.scale * total)
         for array in (self.total, self.weight_sum):
             array[: self.rows - n] = array[n:].copy()
             array[self.rows - n:] = 0

@@ -55,6 +55,7 @@ BAND_BYTES = 64 * 2**20  # rows read per band: about this many bytes of volume a
 VOLUME_CODEC = {"compressor": "lz4", "level": 5, "shuffle": 2}
 CHUNKS_PER_TASK = 16  # chunks one compression task copies into chunk order and compresses
 HDF5_FORMAT = ("v110", "v110")  # the oldest file format whose metadata HDF5 checksums
+MAP_BAND_PIXELS = 64 * 2**20  # pixels of a 2-D map checked at a time (check_store)
 SMALL_DATASETS = ("tiles", "percentiles", "percentiles_all")  # besides the maps and the volume
 _CHECKSUM = Fletcher32()
 
@@ -335,8 +336,12 @@ def check_store(path, full=False):
     checks every chunk against its checksum; StoreError on the first failure."""
     store = Store(path)
     try:
-        for name in SMALL_DATASETS + tuple(n for n in ("mask", "labels") if n in store.h5):
+        for name in SMALL_DATASETS:
             store.read_dataset(name)
+        for name in (n for n in ("mask", "labels") if n in store.h5):  # whole chunk rows at a time: bounded memory
+            rows = store.h5[name].chunks[0] * max(1, MAP_BAND_PIXELS // (store.h5[name].chunks[0] * store.shape[1]))
+            for y0 in range(0, store.shape[0], rows):
+                store.read_dataset(name, np.s_[y0: y0 + rows])
         if full:
             height = store.shape[0]
             volume = store.h5["volume"]
