@@ -91,6 +91,9 @@ def parse_args(argv=None):
                         "stores and outputs on a filesystem every node sees)")
     parser.add_argument("--workers", type=int, default=0, help="spread the bands over a local Ray of this many "
                         "one-CPU workers (default 0: in this process)")
+    parser.add_argument("--band-rows", type=int, help="rows per band, rounded up to whole 512-row chunks (default: "
+                        "about 16 Mpx a band, at least 8 tiles tall): thinner bands spread over more workers but "
+                        "read the tiles that cross their edges once more")
     parser.add_argument("--truth", help="folder with <id>_inklabels.png of the test fragments: print F0.5")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core); 1 keeps "
@@ -244,7 +247,7 @@ def predict_test_set(run, args):
     for fragment_id in todo:
         store = stores[fragment_id]
         row_counts = {key: tile_row_counts(store, key[0], key[1]) for key in groups}
-        bands = plan_bands(*store.shape, largest_tile(groups))
+        bands = plan_bands(*store.shape, largest_tile(groups), args.band_rows)
         scratch = ProbabilityScratch(run / SCRATCH / f"{fragment_id}.zarr", store.shape)
         jobs += band_jobs(store, store.path, scratch.path, bands, row_counts, common)
         remaining[fragment_id] = len(bands)

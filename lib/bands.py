@@ -22,9 +22,10 @@ BAND_PIXELS = 16 * 2**20  # about this many pixels a band: its float32 buffer is
 MIN_BAND_TILES = 8  # a band is at least this many of the largest tile tall, so that re-read edge tiles stay few
 
 
-def plan_bands(height, width, tile_size):
-    """[(y0, y1)]: bands of whole OUTPUT_CHUNK rows, about BAND_PIXELS each, at least MIN_BAND_TILES tiles tall."""
-    rows = max(BAND_PIXELS // max(width, 1), MIN_BAND_TILES * tile_size)
+def plan_bands(height, width, tile_size, rows=None):
+    """[(y0, y1)]: bands of whole OUTPUT_CHUNK rows, about BAND_PIXELS each, at least MIN_BAND_TILES tiles tall
+    (or `rows` rounded up to whole chunks: more, thinner bands spread over more workers, but re-read more tiles)."""
+    rows = rows or max(BAND_PIXELS // max(width, 1), MIN_BAND_TILES * tile_size)
     rows = max(1, -(-rows // OUTPUT_CHUNK)) * OUTPUT_CHUNK
     return [(y0, min(height, y0 + rows)) for y0 in range(0, height, rows)]
 
