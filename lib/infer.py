@@ -3,7 +3,8 @@
 Tiles on a stride grid are read once with the 8 centre slices; each becomes up to 3 triplet inputs
 x 4 rotations (test-time augmentation), all run through the model in one batch, rotated back and
 averaged over rotations, then combined over triplets (TRIPLET_MODES). Overlapping tiles are blended with smooth weights that fall towards the tile edges, so there
-are no seams. Memory is the (H, W) float32 map and a band of a few tile rows, never the tiles of a fragment.
+are no seams. Memory is the (H, W) float32 map (or none, with a row sink as `out`: lib/bands.py) and a band of a few tile rows,
+never the tiles of a fragment.
 Out-of-fold predictions (train.py) and submissions (submit.py) both go through `predict_fragment`, which
 also runs an ensemble: every model sees each batch of tiles, read once.
 

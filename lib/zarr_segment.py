@@ -41,7 +41,8 @@ class Location(str):
 
     @property
     def parent(self):
-        return Location(self.rstrip("/").rsplit("/", 1)[0])
+        head, _, _ = self.rstrip("/").rpartition("/")
+        return Location(head or ("/" if self.startswith("/") else "."))
 
     def child(self, name):
         return Location(f"{self.rstrip('/')}/{name}")

@@ -14,18 +14,10 @@ import tifffile
 import zarr
 
 import lib.store as store_mod
-import prepare
+from test_segments import run_prepare
 
 COMPARED = ("volume", "mask", "labels", "tiles", "percentiles", "percentiles_all")
 TILES = ("--tile-size", "32", "--stride", "16", "--z-range", "2:10")
-
-
-def run_prepare(*args):
-    try:
-        prepare.main([str(a) for a in args])
-    except SystemExit as exit_:
-        return str(exit_.code)
-    return ""
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +80,25 @@ def assert_same_stores(a, b):
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_local_zarr_array_equals_tiff_layers(tmp_path, monkeypatch, dtype):
+    """uint8: a plain zarr v3 array, PNG maps beside it; uint16: an OME-Zarr 0.5 group (zarr v3, metadata under
+    "ome"), its labels a zarr array beside it."""
     volume = segment_volume(dtype)
     expected = tiff_store(tmp_path, volume, "s1")
     data = tmp_path / "zarrs"
     data.mkdir()
-    zarr.create_array(data / "s1.zarr", shape=volume.shape, dtype=volume.dtype, chunks=(4, 16, 32))[...] = volume
     write_maps(data, "s1", volume.shape[1:])
+    if dtype == np.uint8:
+        zarr.create_array(data / "s1.zarr", shape=volume.shape, dtype=volume.dtype, chunks=(4, 16, 32))[...] = volume
+    else:
+        group = zarr.open_group(data / "s1.zarr", mode="w", zarr_format=3)
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [{"datasets": [{"path": "full"}]}]}
+        group.create_array("full", shape=volume.shape, dtype=volume.dtype, chunks=(4, 16, 32))[...] = volume
+        labels = cv2.imread(str(data / "s1_inklabels.png"), cv2.IMREAD_UNCHANGED)
+        (data / "s1_inklabels.png").unlink()
+        zarr.create_array(data / "s1_inklabels.zarr", shape=labels.shape, dtype=np.uint8)[...] = labels > 0
     monkeypatch.setattr(store_mod, "BAND_BYTES", 8 * 52 * 16 * 2)  # several bands of 16 rows
-    assert run_prepare("--data", data / "s1.zarr", "--out", tmp_path / "stores", *TILES) == ""
+    monkeypatch.chdir(data)  # a relative source: its maps are found beside it all the same
+    assert run_prepare("--data", "s1.zarr", "--out", tmp_path / "stores", *TILES) == ""
     assert_same_stores(tmp_path / "stores" / "train" / "s1.h5", expected)
     with h5py.File(tmp_path / "stores" / "train" / "s1.h5") as h5:
         assert h5["volume"].dtype == dtype and h5.attrs["source"] == str(data / "s1.zarr")
