@@ -41,7 +41,7 @@ ifneq ($(shell grep -s -l '^Unfinished:' $(SUMMARY)),)
 SUMMARY_DEP := FORCE
 endif
 
-.PHONY: setup demo synth validate prepare train ensemble submit test bench bench-prepare bench-submit bench-gpu sweep clean-data FORCE
+.PHONY: setup demo synth validate prepare train ensemble submit test bench bench-prepare bench-submit bench-scale bench-gpu sweep clean-data FORCE
 
 setup: $(VENV)/.installed
 
@@ -111,6 +111,11 @@ bench-submit: setup
 
 bench-gpu: setup
 	$(PY) bench/bench_gpu.py
+
+# Scroll scale: submit.py's peak RSS on 20 000 x 10 000 and 40 000 x 20 000 px segments, 1 vs 2 Ray workers, prepare
+# from zarr over HTTP vs local TIFF (heavy: tens of minutes; not part of `make bench`).
+bench-scale: setup
+	$(PY) bench/bench_scale.py
 
 # The demo recipe at three difficulty levels of the synthetic ink (tens of minutes on 2 cores).
 sweep: setup

@@ -7,6 +7,9 @@ In:  --data ROOT in the Kaggle layout (train/<id>/surface_volume/00.tif.., mask.
 Out: --out/<split>/<id>.h5, one store per fragment (format: lib/store.py), and a one-line summary each;
      --out/prepared.json, the manifest of the stores there (rewritten only when a store changed, so that the
      Makefile reruns the steps after this one only then).
+     Zarr segments: --data SOURCE.zarr[,SOURCE.zarr..], each a (Z, H, W) zarr array or an OME-Zarr group (its
+     full-resolution level), local or http(s)://, with <id>_mask.png and <id>_inklabels.png (or .tif / .zarr)
+     beside it (lib/zarr_segment.py); read in bands of rows like TIFF layers.
      Segments have no split on disk: --train / --test name them (default: labelled ones train, the others test).
 
 Depth (lib/depth.py, lib/surface.py): models see the recto surface at slice 32 with papyrus below and air above.
@@ -42,6 +45,7 @@ from lib.lock import LockedError, exclusive
 from lib.outputs import OutputError, check_writable
 from lib.store import DEFAULT_Z_RANGE, StoreError, check_store, fingerprint, store_matches, write_store
 from lib.surface import fragment_surface, orientation
+from lib.zarr_segment import is_zarr_source, open_zarr_segments
 
 
 def parse_z_range(text):
@@ -93,7 +97,7 @@ def decide_orientation(fragment, profile, reverse, keep):
 def depth_window(fragment, z_range, reverse, keep):
     """(slices in the model frame, the source layer of each, the detected surface or None, attributes to record, a
     line to print or None) of one fragment."""
-    where = fragment.slice_paths[0].parent
+    where = fragment.layers_location
     if z_range != "auto" and not 0 <= z_range[0] < z_range[1] <= fragment.num_slices:
         raise FragmentError(f"{fragment.path}: --z-range {z_range[0]}:{z_range[1]} "
                             f"is outside its {fragment.num_slices} slices")
@@ -172,7 +176,8 @@ def write_manifest(args):
     out = Path(args.out)
     stores = {str(p.relative_to(out)): [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(out.glob("*/*.h5"))}
     z_range = list(args.z_range) if isinstance(args.z_range, tuple) else args.z_range  # as JSON reads it back
-    manifest = {"data": os.path.abspath(args.data), "z_range": z_range, "tile_size": args.tile_size,
+    data = args.data if "://" in args.data else os.path.abspath(args.data)
+    manifest = {"data": data, "z_range": z_range, "tile_size": args.tile_size,
                 "stride": args.stride, "stores": stores}
     path = out / "prepared.json"
     try:
@@ -185,9 +190,25 @@ def write_manifest(args):
     os.replace(tmp, path)
 
 
+def open_inputs(args, ids):
+    """(layout, fragments, a line saying what was found) of --data: a dataset root, or zarr segments."""
+    if is_zarr_source(args.data.split(",")[0]):
+        segments = open_zarr_segments([s for s in args.data.split(",") if s], parse_ids(args.train),
+                                      parse_ids(args.test))
+        fragments = [s for s in segments if ids is None or s.fragment_id in ids]
+        return "segments", fragments, f"{len(segments)} zarr segments; preparing {len(fragments)}"
+    layout = detect_layout(args.data) if args.layout == "auto" else args.layout
+    if layout == "kaggle" and (args.train is not None or args.test is not None):
+        raise FragmentError(f"{args.data}: --train / --test choose the roles of segments; the Kaggle "
+                            f"layout's roles are its train/ and test/ folders")
+    fragments, found = open_fragments(args.data, layout, ids, parse_ids(args.train), parse_ids(args.test))
+    return layout, fragments, found
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data/synth", help="dataset root in the Kaggle or the segment layout")
+    parser.add_argument("--data", default="data/synth", help="dataset root in the Kaggle or the segment layout, "
+                        "or zarr segments: SOURCE.zarr[,SOURCE.zarr..], local or http(s)://")
     parser.add_argument("--out", default="data/prepared", help="folder for the stores")
     parser.add_argument("--layout", choices=("auto",) + LAYOUTS, default="auto",
                         help="dataset layout (default: detected: train/ or test/ folders mean kaggle, "
@@ -216,12 +237,7 @@ def main(argv=None):
     ids, keep = parse_ids(args.ids), set(parse_ids(args.no_reverse))
     reverse = None if args.reverse == "none" else set() if args.reverse == "auto" else set(parse_ids(args.reverse))
     try:
-        layout = detect_layout(args.data) if args.layout == "auto" else args.layout
-        if layout == "kaggle":
-            if args.train is not None or args.test is not None:
-                raise FragmentError(f"{args.data}: --train / --test choose the roles of segments; the Kaggle "
-                                    f"layout's roles are its train/ and test/ folders")
-        fragments, found = open_fragments(args.data, layout, ids, parse_ids(args.train), parse_ids(args.test))
+        layout, fragments, found = open_inputs(args, ids)
         for flag, named in (("--reverse", reverse or set()), ("--no-reverse", keep)):
             unknown = named - {f.fragment_id for f in fragments}
             if unknown:

@@ -9,7 +9,12 @@ Out: --out (default runs/NAME/submission.csv): "Id,Predicted", one row per test 
      runs/NAME/previews/<id>.png  probability | binary mask
      DIR/<id>_prediction.png      with --png [DIR] (default DIR: runs/NAME/predictions): the ensemble's probability
                                   as 8-bit greyscale (round(255 p)), 0 outside the mask, full size
+     DIR/<id>_prediction.zarr     with --zarr [DIR]: the same 8-bit values, chunked; .tif with --tif [DIR]: tiled,
+                                  compressed BigTIFF
      runs/NAME/probs/<id>.h5      the ensemble's probability map (with --save-probs)
+     runs/NAME/predicted/<id>.json  what a fragment's outputs were made from, written last: a later call skips the
+                                  fragments whose outputs are complete and up to date (unless a CSV or --truth
+                                  needs every one, or --force)
      with --truth DIR (DIR/<id>_inklabels.png, e.g. data/synth/_truth): F0.5 per fragment and over all of them.
      CSV or not: the CSV is written when --sample or --out is given or any test store comes from the Kaggle layout;
      test stores from scroll segments alone (prepare.py on the segment layout), with neither option, give only
@@ -23,11 +28,21 @@ share a tile size, stride and way of reading slices run together: each batch of 
 through all of them; then its threshold (absolute,
 or percentile: the top q % of the fragment's in-mask pixels), the mask, and optionally --min-component.
 
+Memory does not grow with a fragment's size: it is predicted in bands of rows (lib/bands.py), each band's
+probability sum goes to a scratch zarr (RUN/.scratch), and every output is written from it band by band
+(lib/writers.py); only --min-component holds the whole binary mask (1 byte a pixel). The bands run in this process,
+or as Ray tasks with --workers N (a local Ray) or --address auto|HOST:PORT (a cluster): a band whose worker dies is
+retried, each band's end is printed, and the result equals this process's exactly when torch has the same number
+of CPU threads (--threads) in both (lib/distributed.py).
+
     python submit.py --run runs/demo --stores data/prepared [--sample data/synth/sample_submission.csv]
+    python submit.py --run runs/seg --stores data/prepared-seg --segments '2023*' --zarr --workers 2
 """
 import argparse
 import csv
-import dataclasses
+import fnmatch
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,15 +51,15 @@ import numpy as np
 import torch
 
 from lib.fragments import FragmentError, read_png_binary
-from lib.infer import predict_fragment
+from lib.bands import plan_bands, tile_row_counts
+from lib.distributed import band_jobs, describe_inputs, preload, run_jobs, tiling_groups
 from lib.inputs import TRIPLET_MODES, slices_needed
 from lib.lock import LockedError, exclusive
-from lib.maps import save_preview, save_probability_map, save_probability_png
-from lib.metrics import binarise, confusion_counts, fbeta_counts, remove_small_components
-from lib.rle import rle_decode, rle_encode
-from lib.runs import RunFileError, load_members, read_ensemble, recorded_stores
+from lib.metrics import fbeta_counts
 from lib.outputs import OutputError, check_writable, describe, write_atomically
-from lib.store import Store, StoreError, check_store, require_slices
+from lib.runs import RunFileError, load_members, read_ensemble, recorded_stores, write_json
+from lib.store import Store, StoreError, check_store, fingerprint, require_slices
+from lib.writers import PngWriter, ProbabilityH5Writer, ProbabilityScratch, TiffWriter, ZarrWriter, finish_fragment
 
 
 def parse_args(argv=None):
@@ -66,6 +81,21 @@ def parse_args(argv=None):
     parser.add_argument("--save-probs", action="store_true", help="also write RUN/probs/<id>.h5")
     parser.add_argument("--png", nargs="?", const="", metavar="DIR", help="also write DIR/<id>_prediction.png, "
                         "8-bit probability (default DIR: RUN/predictions); segment stores alone imply it, no CSV")
+    parser.add_argument("--zarr", dest="zarr_dir", nargs="?", const="", metavar="DIR", help="also write "
+                        "DIR/<id>_prediction.zarr: the PNG's 8-bit probability, chunked (default DIR: RUN/predictions)")
+    parser.add_argument("--tif", dest="tif_dir", nargs="?", const="", metavar="DIR", help="also write "
+                        "DIR/<id>_prediction.tif: the same as a tiled, compressed BigTIFF (default DIR: RUN/predictions)")
+    parser.add_argument("--segments", metavar="PATTERN,..", help="predict only the test stores whose id matches one "
+                        "of these glob patterns (e.g. '2023*'; default: all)")
+    parser.add_argument("--force", action="store_true", help="predict fragments whose outputs are complete and up "
+                        "to date too (without it they are skipped, unless a CSV or --truth needs every fragment)")
+    parser.add_argument("--address", help="spread the bands over the Ray cluster at auto or HOST:PORT (run folder, "
+                        "stores and outputs on a filesystem every node sees)")
+    parser.add_argument("--workers", type=int, default=0, help="spread the bands over a local Ray of this many "
+                        "one-CPU workers (default 0: in this process)")
+    parser.add_argument("--band-rows", type=int, help="rows per band, rounded up to whole 512-row chunks (default: "
+                        "about 16 Mpx a band, at least 8 tiles tall): thinner bands spread over more workers but "
+                        "read the tiles that cross their edges once more")
     parser.add_argument("--truth", help="folder with <id>_inklabels.png of the test fragments: print F0.5")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core); 1 keeps "
@@ -76,13 +106,22 @@ def parse_args(argv=None):
     return args
 
 
+SCRATCH = ".scratch"  # RUN/.scratch/<id>.zarr: a fragment's probability sum while its bands are predicted
+
+
 # ------------------------------------------------------------------------------------------- inputs
 
 
-def test_stores(stores):
-    """{id: Store} of the test stores, each opened and its maps and statistics checked before any prediction."""
+def test_stores(stores, segments=None):
+    """{id: Store} of the test stores (those whose id matches a --segments pattern, when given), each opened and its
+    maps and statistics checked before any prediction."""
     folder = Path(stores) / "test"
     paths = {p.stem: p for p in sorted(folder.glob("*.h5"))}
+    if segments:
+        patterns = [p for p in segments.split(",") if p]
+        paths = {i: p for i, p in paths.items() if any(fnmatch.fnmatchcase(i, pattern) for pattern in patterns)}
+        if not paths:
+            sys.exit(f"error: {folder}: no test store matches --segments {segments}")
     if not paths:
         sys.exit(f"error: {folder}: no test stores (<id>.h5); run prepare.py first")
     try:
@@ -142,44 +181,9 @@ def read_truth(truth_dir, fragment_id, shape):
 # ------------------------------------------------------------------------------------------- prediction
 
 
-def tiling_groups(members, triplets=None):
-    """{(tile_size, stride, how slices are read): [(model, weight, InputSpec), ...]}: every fold model of the members
-    (lib.runs.load_members), weighted member weight / number of folds, grouped so that one pass over a fragment's
-    tiles serves each group: their tiling and where their slices are read (InputSpec.read_mode). `triplets`
-    overrides the triplet mode of triplet models."""
-    groups = {}
-    for member in members:
-        spec = member["spec"]
-        if triplets and spec.family == "triplets":
-            spec = dataclasses.replace(spec, triplets=triplets)
-        key = (member["tile_size"], member["stride"], spec.read_mode())
-        for model, _ in member["models"]:
-            groups.setdefault(key, []).append((model, member["weight"] / len(member["models"]), spec))
-    return groups
-
-
-def ensemble_probability(groups, store, args):
-    """(H, W) float32: the ensemble's weighted sum; one pass over the fragment's tiles per group (tiling_groups)."""
-    total = np.zeros(store.shape, np.float32)
-    for (tile_size, stride, _), models in groups.items():
-        predict_fragment(models, store, tile_size, stride, args.batch_size, tta=args.tta, device=args.device,
-                         progress=True, out=total)
-    return total
-
-
-def describe_inputs(groups):
-    """The members' families and input modes, e.g. "stack (12 slices, tile), triplets (tile)"."""
-    specs = {spec for models in groups.values() for _, _, spec in models}
-    return ", ".join(sorted(f"{s.family} ({s.triplets})" if s.family == "triplets" else
-                            f"{s.family} ({s.depth} slices, {s.centre_on})" for s in specs))
-
-
-def encode_checked(fragment_id, pred):
-    """The row-major RLE of `pred`, decoded again and compared: a wrong submission must never be written."""
-    rle = rle_encode(pred)
-    if not np.array_equal(rle_decode(rle, pred.shape), pred):
-        sys.exit(f"error: RLE of fragment {fragment_id} does not decode to its mask")
-    return rle
+def largest_tile(groups):
+    """The largest tile size of the ensemble's tilings: bands are at least a few of them tall."""
+    return max(tile_size for tile_size, _, _ in groups)
 
 
 def write_submission(path, rows):
@@ -206,16 +210,17 @@ def outputs(args, run, stores):
     return csv_path, png_dir if args.png is not None or not want_csv else None
 
 
-def check_outputs(run, out, png_dir, stores, save_probs):
+def check_outputs(run, out, folders, stores, save_probs):
     """Before any prediction: every folder this run writes into accepts files and has room for about what goes
-    there (an OutputError naming it). The sizes are rough lower bounds: a PNG of up to a byte a pixel, a CSV of
-    run lengths, previews at a few bits a pixel, probability maps at two bytes a pixel."""
-    pixels = sum(store.shape[0] * store.shape[1] for store in stores.values())
-    wanted = [(run / "previews", pixels // 8, "previews")]
+    there (an OutputError naming it). The sizes are rough lower bounds: a PNG, zarr or TIFF of up to a byte a pixel,
+    a CSV of run lengths, previews at a few bits a pixel, probability maps at two bytes a pixel, and the scratch
+    probability sum of the largest fragment at four."""
+    sizes = [store.shape[0] * store.shape[1] for store in stores.values()]
+    pixels = sum(sizes)
+    wanted = [(run / "previews", pixels // 8, "previews"), (run / SCRATCH, 4 * max(sizes), "scratch probabilities")]
     if out is not None:
         wanted.append((out, pixels // 32, "submission CSV"))
-    if png_dir is not None:
-        wanted.append((png_dir, pixels, "prediction PNGs"))
+    wanted += [(folder, pixels, f"prediction {kind.upper()}s") for kind, folder in folders.items() if folder is not None]
     if save_probs:
         wanted.append((run / "probs", 2 * pixels, "probability maps"))
     for path, need, what in wanted:
@@ -241,14 +246,17 @@ def main(argv=None):
 
 
 def predict_test_set(run, args):
-    """Check every input, then predict each test fragment and write the submission, previews and scores."""
+    """Check every input, then predict the test fragments band by band (here, or as Ray tasks) and write each one's
+    outputs as its last band finishes; then the submission and the scores."""
     ensemble = read_ensemble(run)
-    stores = test_stores(recorded_stores(run, args.stores))
+    stores = test_stores(recorded_stores(run, args.stores), args.segments)
     out, png_dir = outputs(args, run, stores)
+    args.zarr_dir, args.tif_dir = (None if d is None else Path(d or run / "predictions") for d in (args.zarr_dir,
+                                                                                               args.tif_dir))
     ids = submission_ids(stores, args.sample)
     if args.truth:
         check_truth(args.truth, ids)
-    check_outputs(run, out, png_dir, stores, args.save_probs)
+    check_outputs(run, out, {"png": png_dir, "zarr": args.zarr_dir, "tif": args.tif_dir}, stores, args.save_probs)
     members = load_members(run, ensemble, args.device)  # every model file checked before any prediction
     groups = tiling_groups(members, args.triplets)
     for store in stores.values():  # every store holds the slices every member reads
@@ -258,43 +266,112 @@ def predict_test_set(run, args):
     models = sum(len(g) for g in groups.values())
     inputs = describe_inputs(groups)
     threshold = f"p >= {value:g}" if mode == "absolute" else f"top {value:g} % of each fragment's mask"
+    where = f"Ray at {args.address}" if args.address else f"{args.workers} local Ray workers" if args.workers else \
+        "this process"
     print(f"{len(ids)} test fragments, {models} models, ink where {threshold}, device {args.device}, "
-          f"TTA {args.tta}, inputs {inputs}, {args.batch_size} tiles per batch")
-
-    rows, totals = [], np.zeros(3, np.int64)  # pooled (tp, fp, fn) for --truth
+          f"TTA {args.tta}, inputs {inputs}, {args.batch_size} tiles per batch, bands in {where}")
+    targets = {i: prediction_files(args, run, png_dir, i) for i in ids}
+    stamps = {i: prediction_stamp(stores[i], run, args, targets[i]) for i in ids}
+    skippable = out is None and not args.truth and not args.force  # a CSV or scores need every fragment
+    todo = [i for i in ids if not (skippable and is_up_to_date(run, i, stamps[i], targets[i]))]
     for fragment_id in ids:
-        started = time.time()
-        store = stores[fragment_id]
-        truth = read_truth(args.truth, fragment_id, store.shape) if args.truth else None
-        prob = ensemble_probability(groups, store, args)
-        mask = store.read_map("mask")
-        pred = binarise(prob, mask, mode, value)
-        if args.min_component > 0:
-            pred = remove_small_components(pred, args.min_component)
-        if out is not None:
-            rows.append((fragment_id, encode_checked(fragment_id, pred)))
-        if png_dir is not None:
-            save_probability_png(png_dir / f"{fragment_id}_prediction.png", prob)
-        save_preview(run / "previews" / f"{fragment_id}.png", [prob, pred])
-        if args.save_probs:
-            save_probability_map(run / "probs" / f"{fragment_id}.h5", prob, fragment_id=fragment_id,
-                                 tta=args.tta, inputs=inputs)
-        line = (f"{fragment_id}: {store.shape[0]} x {store.shape[1]}, ink in {pred.sum() / max(mask.sum(), 1):.1%} "
-                f"of the mask, {time.time() - started:.0f} s")
-        if truth is not None:
-            counts = confusion_counts(pred, truth)
-            totals += counts
-            line += f", F0.5 {fbeta_counts(*counts):.4f}"
-        print(line)
-        store.close()
+        if fragment_id not in todo:
+            print(f"{fragment_id}: outputs complete and up to date, skipped (--force redoes it)")
 
+    common = {"run": str(run), "ensemble": ensemble, "triplets": args.triplets, "device": args.device,
+              "batch_size": args.batch_size, "tta": args.tta, "threads": args.threads}
+    preload(common, groups)  # this process's bands use the models loaded above
+    jobs, remaining, started = [], {}, {}
+    for fragment_id in todo:
+        store = stores[fragment_id]
+        row_counts = {key: tile_row_counts(store, key[0], key[1]) for key in groups}
+        bands = plan_bands(*store.shape, largest_tile(groups), args.band_rows)
+        scratch = ProbabilityScratch(run / SCRATCH / f"{fragment_id}.zarr", store.shape)
+        jobs += band_jobs(store, store.path, scratch.path, bands, row_counts, common)
+        remaining[fragment_id] = len(bands)
+    rows, totals = {}, np.zeros(3, np.int64)  # pooled (tp, fp, fn) for --truth
+
+    def on_band(job, seconds):
+        fragment_id = job["fragment_id"]
+        started.setdefault(fragment_id, time.time() - seconds)
+        remaining[fragment_id] -= 1
+        count = sum(j["fragment_id"] == fragment_id for j in jobs)
+        if count > 1:  # with one band, the fragment's own line says it is done
+            print(f"{fragment_id}: band {count - remaining[fragment_id]}/{count} (rows {job['band'][0]}:"
+                  f"{job['band'][1]}) predicted in {seconds:.0f} s", flush=True)
+        if remaining[fragment_id] == 0:
+            result = finish(run, args, stores[fragment_id], targets[fragment_id], (mode, value), out is not None,
+                            inputs, started[fragment_id])
+            if result["rle"] is not None:
+                rows[fragment_id] = result["rle"]
+            if result["counts"] is not None:
+                totals[:] += result["counts"]
+            write_json(stamp_path(run, fragment_id), stamps[fragment_id])
+
+    run_jobs(jobs, on_band, args.address, args.workers, 1 if args.device.startswith("cuda") and
+             (args.address or args.workers) else 0)
+    shutil.rmtree(run / SCRATCH, ignore_errors=True)
     if out is not None:
-        write_submission(out, rows)
+        write_submission(out, [(i, rows[i]) for i in ids])
     if args.truth:
         print(f"F0.5 over all test pixels: {fbeta_counts(*totals):.4f}")
     wrote = ([f"{out} ({len(rows)} rows)"] if out is not None else []) + \
-        ([f"{png_dir}/<id>_prediction.png"] if png_dir is not None else [])
+        [f"{folder}/<id>_prediction.{kind}" for kind, folder in (("png", png_dir), ("zarr", args.zarr_dir),
+                                                                 ("tif", args.tif_dir)) if folder is not None]
     print(f"wrote {' and '.join(wrote)}, previews in {run / 'previews'}")
+
+
+def prediction_files(args, run, png_dir, fragment_id):
+    """{kind: path} of one fragment's output files (the CSV row aside)."""
+    files = {"preview": run / "previews" / f"{fragment_id}.png"}
+    for kind, folder in (("png", png_dir), ("zarr", args.zarr_dir), ("tif", args.tif_dir)):
+        if folder is not None:
+            files[kind] = Path(folder) / f"{fragment_id}_prediction.{kind}"
+    if args.save_probs:
+        files["probs"] = run / "probs" / f"{fragment_id}.h5"
+    return files
+
+
+def finish(run, args, store, files, threshold, want_rle, inputs, started):
+    """Write one fragment's outputs from its scratch (lib.writers.finish_fragment) and print its line."""
+    height, width = store.shape
+    writers = [{"png": PngWriter, "zarr": ZarrWriter, "tif": TiffWriter}[kind](files[kind], height, width)
+               for kind in ("png", "zarr", "tif") if kind in files]
+    if "probs" in files:
+        writers.append(ProbabilityH5Writer(files["probs"], height, width, fragment_id=store.fragment_id,
+                                           tta=args.tta, inputs=inputs))
+    truth = read_truth(args.truth, store.fragment_id, store.shape) if args.truth else None
+    scratch = ProbabilityScratch(run / SCRATCH / f"{store.fragment_id}.zarr")
+    result = finish_fragment(scratch, store, threshold, writers, rle=want_rle, preview=files["preview"],
+                             min_component=args.min_component, truth=truth)
+    scratch.remove()
+    line = (f"{store.fragment_id}: {height} x {width}, ink in {result['ink'] / max(result['mask'], 1):.1%} of the "
+            f"mask, {time.time() - started:.0f} s")
+    if result["counts"] is not None:
+        line += f", F0.5 {fbeta_counts(*result['counts']):.4f}"
+    print(line, flush=True)
+    return result
+
+
+def stamp_path(run, fragment_id):
+    return run / "predicted" / f"{fragment_id}.json"
+
+
+def prediction_stamp(store, run, args, files):
+    """What a fragment's outputs were made from: the store (size, mtime), ensemble.json and its model files
+    (sizes, mtimes), the settings that change the values, and the files written."""
+    sources = [store.path, run / "ensemble.json"] + sorted((run / "models").rglob("*.pt"))
+    return {"sources": fingerprint(sources), "tta": args.tta, "triplets": args.triplets,
+            "min_component": args.min_component, "files": {kind: str(path) for kind, path in files.items()}}
+
+
+def is_up_to_date(run, fragment_id, stamp, files):
+    """True when the fragment's stamp (written after its last output) matches and every output file is there."""
+    try:
+        recorded = json.loads(stamp_path(run, fragment_id).read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded == stamp and all(Path(path).exists() for path in files.values())
 
 
 if __name__ == "__main__":

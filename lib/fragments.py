@@ -241,6 +241,20 @@ class Fragment:
             out.view(self.dtype).byteswap(inplace=True)
         return out
 
+    def read_layers(self, layers, y0, y1, out=None):
+        """Rows [y0, y1) of the source `layers` as (len(layers), y1 - y0, W) (into `out` when given), a layer at a
+        time (a zarr segment reads them together)."""
+        if out is None:
+            out = np.empty((len(layers), y1 - y0, self.shape[1]), self.dtype.newbyteorder("="))
+        for i, z in enumerate(layers):
+            self.read_band(z, y0, y1, out=out[i])
+        return out
+
+    @property
+    def layers_location(self):
+        """Where the layers are, for messages."""
+        return self.slice_paths[0].parent
+
     def _header(self, z):
         """(shape, dtype) of slice `z` from its header; remembers where its raw pixels start, if they can be read raw."""
         shape, dtype, self._raw_offsets[z] = _slice_header(self.slice_paths[z])

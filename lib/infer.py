@@ -4,9 +4,10 @@ Tiles on a stride grid are read once with every slice the models need (lib.input
 models' views (a triplet model's triplets, a stack model's window shifted by the depth TTA: InputSpec.views) x 4
 rotations (test-time augmentation), run through the model in one batch, rotated back and averaged over rotations,
 then combined over views. Overlapping tiles are blended with smooth weights that fall towards the tile edges, so
-there are no seams. Memory is the (H, W) float32 map and a band of a few tile rows, never the tiles of a fragment.
-Out-of-fold predictions (train.py) and submissions (submit.py) both go through `predict_fragment`, which also runs
-an ensemble: every model sees each batch of tiles, read once, whatever its family.
+there are no seams. Memory is the (H, W) float32 map (or none, with a row sink as `out`: lib/bands.py) and a band
+of a few tile rows, never the tiles of a fragment. Out-of-fold predictions (train.py) and submissions (submit.py)
+both go through `predict_fragment`, which also runs an ensemble: every model sees each batch of tiles, read once,
+whatever its family.
 
 Keeping the model busy: background threads read and normalise the next batches while the model runs; a batch
 goes to the device as the slices of its tiles (the TTA inputs are built there); on a GPU the blending of one batch
@@ -97,7 +98,9 @@ def as_members(models, spec):
 def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, spec=InputSpec(), device="cpu",
                      progress=False, readers=2, out=None, scale=1.0):
     """Probability map (H, W) float32 of one store, 0 outside its mask; with `out` ((H, W) float32), adds
-    `scale` x the map into it instead (an ensemble's running sum) and returns it.
+    `scale` x the map into it instead (an ensemble's running sum) and returns it. `out` may also be a row sink:
+    any object with add(y0, rows) that takes the finished rows y0.. ((n, W) float32, already x scale) in increasing
+    y0 (lib/writers.py), so that no (H, W) map is held at all.
 
     `models`: one model, whose input is `spec`, or a list of (model, weight, InputSpec) sharing tile_size and
     stride, of any families that read their slices alike (member_views): the map is then sum(weight x the
@@ -158,7 +161,8 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
 class BlendBand:
     """Weighted sums of overlapping tiles over a band of rows [y0, y0 + rows). Tiles come row by row (their top
     rows never decrease); when one reaches below the band, the rows above its top are final: they are divided by
-    their weight sum, masked and added into `out` (x scale), and the band moves down to that tile."""
+    their weight sum, masked and added into `out` (x scale: an (H, W) array, or a row sink's add(y0, rows)), and
+    the band moves down to that tile. Rows without tiles are never added: they stay what `out` holds."""
 
     def __init__(self, mask, tile_size, out, scale):
         """`mask`: the fragment's PackedMap (InputReader.mask), so that finishing rows reads nothing from the store."""
@@ -188,7 +192,10 @@ class BlendBand:
         total, weight_sum = self.total[:n], self.weight_sum[:n]
         np.divide(total, weight_sum, out=total, where=weight_sum > 0)
         total *= self.mask.rows(self.y0, self.y0 + n)
-        self.out[self.y0: self.y0 + n] += self.scale * total
+        if isinstance(self.out, np.ndarray):
+            self.out[self.y0: self.y0 + n] += self.scale * total
+        else:
+            self.out.add(self.y0, self.scale * total)
         for array in (self.total, self.weight_sum):
             array[: self.rows - n] = array[n:].copy()
             array[self.rows - n:] = 0

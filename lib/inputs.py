@@ -25,7 +25,7 @@ import numpy as np
 
 from lib.depth import NOMINAL_SURFACE
 from lib.maps import PackedMap
-from lib.surface import MIN_CONFIDENCE, cell_centres, low_confidence_share, pixel_window, tile_confidence
+from lib.surface import MIN_CONFIDENCE, covered_cells, low_confidence_share, pixel_window, tile_confidence
 
 # The model inputs' version: 1, percentile range only (until 2026-11); 2, fill and centring; 3, flattened onto the
 # store's surface map, and the families. Model files record it; a model is never fed inputs of another version.
@@ -118,8 +118,7 @@ def slices_needed(spec, store, tta=True):
 
 def unsure_share(store, tile_size, stride):
     """Share of a store's tiles (at this tile size and stride) whose surface is too unsure to flatten onto."""
-    return low_confidence_share(store.read_dataset("surface_confidence").astype(np.float32), store.read_map("mask"),
-                                store.tiles(tile_size, stride), tile_size)
+    return low_confidence_share(store.read_dataset("surface_confidence"), store.tiles(tile_size, stride), tile_size)
 
 
 def normalise(volume, intensity_range):
@@ -142,23 +141,15 @@ class InputReader:
         self.mask = PackedMap(store.read_map("mask"))
         self.medians = np.round(store.slice_percentile(50)).astype(np.uint16)  # by slice - z_start
         self.shift = surface_shift(store)
-        self._surface = None
-
-    def surface_maps(self):
-        """(surface, confidence, mask cells) grids of the store, read once (they are small: a 4 px grid)."""
-        if self._surface is None:
-            store = self.store
-            confidence = store.read_dataset("surface_confidence").astype(np.float32)
-            cells = self.mask.sample(cell_centres(store.shape[0]), cell_centres(store.shape[1])) > 0
-            self._surface = (store.read_dataset("surface").astype(np.float32), confidence, cells)
-        return self._surface
 
     def tile_depths(self, y, x, size):
-        """(size, size) float32 surface of a tile, or None where the tile is too unsure to flatten."""
-        surface, confidence, cells = self.surface_maps()
-        if tile_confidence(confidence, cells, y, x, size) < MIN_CONFIDENCE:
+        """(size, size) float32 surface of a tile (from the store's surface map, reading only the tile's cells), or
+        None where the tile is too unsure to flatten."""
+        store = self.store
+        y += store.row_offset  # a view of some rows of the store (lib.bands.RowWindow) reads the whole store's maps
+        if tile_confidence(store.read_dataset("surface_confidence", covered_cells(y, x, size))) < MIN_CONFIDENCE:
             return None
-        return pixel_window(surface, y, x, size)
+        return pixel_window(lambda cells: store.read_dataset("surface", cells), store.h5["surface"].shape, y, x, size)
 
     def read(self, y, x, size, slices, centre_on="nominal"):
         """(len(slices), size, size) float32 input at (y, x). Slices outside the store's are its nearest slice."""

@@ -54,3 +54,30 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     steps[starts + lengths - 1] -= 1
     flat = np.cumsum(steps[:-1], dtype=np.int8)
     return flat.astype(np.uint8).reshape(shape)
+
+
+class RleBuilder:
+    """The RLE of a (H, W) mask given a band of rows at a time, in order: each band encoded (rle_encode), checked by
+    decoding it (a wrong submission must never be written), moved to its place in the whole, and a run that
+    crosses a band's edge joined."""
+
+    def __init__(self, width):
+        self.width, self.next_row, self.runs = width, 0, []
+
+    def add(self, y0, band):
+        if y0 != self.next_row or band.shape[1] != self.width:
+            raise ValueError(f"RLE band at row {y0}, expected row {self.next_row} and width {self.width}")
+        text = rle_encode(band)
+        if not np.array_equal(rle_decode(text, band.shape), np.asarray(band) != 0):
+            raise ValueError(f"RLE of rows {y0}:{y0 + len(band)} does not decode to them")
+        runs = np.array(text.split(), np.int64).reshape(-1, 2)
+        runs[:, 0] += y0 * self.width
+        if len(runs) and self.runs and self.runs[-1][-1].sum() == runs[0, 0]:  # the last run ends where this starts
+            self.runs[-1][-1, 1] += runs[0, 1]
+            runs = runs[1:]
+        if len(runs):
+            self.runs.append(runs)
+        self.next_row = y0 + len(band)
+
+    def text(self):
+        return " ".join(map(str, np.concatenate(self.runs).ravel().tolist())) if self.runs else ""

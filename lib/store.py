@@ -1,7 +1,8 @@
 """HDF5 tile store of one fragment: the format, writing it in bounded memory, and reading tiles.
 
 A store `OUT/<split>/<id>.h5` holds
-    volume       (Z, H, W) uint16   the kept slices, lossless; chunk (Z, 56, 56), Blosc LZ4 + bitshuffle
+    volume       (Z, H, W) uint8 or uint16, the source's bit depth: the kept slices, lossless; chunk (Z, 56, 56),
+                 Blosc LZ4 + bitshuffle
     mask         (H, W) uint8 0/1
     labels       (H, W) uint8       train fragments only
     tiles        (N, 2) int32       top-left (y, x) of every tile_size tile on the stride grid touching the mask
@@ -42,6 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import fsspec
 import h5py
 import hdf5plugin  # registers the Blosc filter in every process that imports this module
 import imagecodecs
@@ -52,7 +54,8 @@ from tqdm import tqdm
 from lib.depth import NOMINAL_SURFACE
 from lib.surface import fragment_surface, low_confidence_share, surface_map
 
-FORMAT_VERSION = 4  # 4: surface maps; 3: checksums; 2: chunks one tile stride wide (older stores are rebuilt)
+# 5: surface maps; 4: 8-bit sources stay uint8; 3: checksums; 2: chunks one tile stride wide (older stores are rebuilt)
+FORMAT_VERSION = 5
 DEFAULT_Z_RANGE = (24, 40)  # 16 centre slices around 32: the 8 centre slices plus random depth shifts
 CHUNK_SIDE = 64  # chunk height and width when the tile grid gives none (chunk_side)
 PERCENTILE_LEVELS = (0.5, 1, 5, 25, 50, 75, 95, 99, 99.5)
@@ -61,6 +64,7 @@ BAND_BYTES = 64 * 2**20  # rows read per band: about this many bytes of volume a
 VOLUME_CODEC = {"compressor": "lz4", "level": 5, "shuffle": 2}
 CHUNKS_PER_TASK = 16  # chunks one compression task copies into chunk order and compresses
 HDF5_FORMAT = ("v110", "v110")  # the oldest file format whose metadata HDF5 checksums
+MAP_BAND_PIXELS = 64 * 2**20  # pixels of a 2-D map checked at a time (check_store)
 SMALL_DATASETS = ("tiles", "percentiles", "percentiles_all", "surface", "surface_confidence")  # besides mask, labels, volume
 _CHECKSUM = Fletcher32()
 
@@ -88,9 +92,16 @@ def encode_chunk(chunk, codec=VOLUME_CODEC):
 
 
 def fingerprint(paths):
-    """A digest of the source files' names, sizes and mtimes: changes whenever a source changes."""
+    """A digest of the source files' names, sizes and mtimes (of a URL: the size and the server's ETag or
+    Last-Modified, through fsspec): changes whenever a source changes."""
     digest = hashlib.sha1()
     for path in paths:
+        if "://" in str(path):
+            fs, where = fsspec.core.url_to_fs(str(path))
+            info = fs.info(where)
+            stamp = info.get("ETag") or info.get("Last-Modified") or info.get("mtime")
+            digest.update(f"{str(path).rsplit('/', 1)[-1]} {info.get('size')} {stamp}\n".encode())
+            continue
         stat = os.stat(path)
         digest.update(f"{Path(path).name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -140,14 +151,20 @@ def chunk_side(tile_size, stride):
     return stride if 32 <= stride <= 128 and tile_size % stride == 0 else CHUNK_SIDE
 
 
-def band_rows(num_slices, width, chunk_rows):
-    """Rows per band: whole chunks, about BAND_BYTES of uint16 volume."""
-    rows = BAND_BYTES // max(1, num_slices * width * 2)
+def band_rows(num_slices, width, chunk_rows, itemsize=2):
+    """Rows per band: whole chunks, about BAND_BYTES of volume (`itemsize` bytes a voxel)."""
+    rows = BAND_BYTES // max(1, num_slices * width * itemsize)
     return max(chunk_rows, rows // chunk_rows * chunk_rows)
 
 
+def volume_dtype(fragment):
+    """The store's volume dtype for a fragment: uint8 for 8-bit sources (half the disk and the read time; the
+    percentiles are on the same scale, so models see the same normalised inputs), else uint16."""
+    return np.dtype(np.uint8) if np.dtype(fragment.dtype).itemsize == 1 else np.dtype(np.uint16)
+
+
 def percentiles_from_histogram(histogram):
-    """Percentiles (PERCENTILE_LEVELS) of the values counted in a uint16 histogram."""
+    """Percentiles (PERCENTILE_LEVELS) of the values counted in a uint8 or uint16 histogram."""
     cumulative = np.cumsum(histogram)
     if cumulative[-1] == 0:
         return np.zeros(len(PERCENTILE_LEVELS), np.float32)
@@ -187,7 +204,7 @@ def write_store(fragment, path, z_range=DEFAULT_Z_RANGE, tile_size=224, stride=5
         h5 = h5py.File(tmp, "w", libver=HDF5_FORMAT)
         try:
             volume = h5.create_dataset(
-                "volume", shape=(num_kept, height, width), dtype="uint16", fletcher32=True,
+                "volume", shape=(num_kept, height, width), dtype=volume_dtype(fragment), fletcher32=True,
                 chunks=(num_kept, min(side, height), min(side, width)), **volume_compression(codec))
             copy_started = time.perf_counter()
             histograms = _copy_volume(fragment, volume, mask, layers, codec, progress)
@@ -237,7 +254,7 @@ def _write_surface(h5, volume, mask, z_start, tiles, tile_size):
     for name, grid in (("surface", depth), ("surface_confidence", cell_confidence)):
         h5.create_dataset(name, data=grid.astype(np.float16), fletcher32=True, **hdf5plugin.Blosc(cname="lz4", clevel=5))
     return {"fragment_surface": float(expected), "fragment_surface_confidence": confidence,
-            "low_confidence_share": low_confidence_share(cell_confidence, mask, tiles, tile_size)}
+            "low_confidence_share": low_confidence_share(cell_confidence, tiles, tile_size)}
 
 
 def _close_flushed(h5, path):
@@ -258,13 +275,13 @@ def _copy_volume(fragment, volume, mask, layers, codec, progress):
     """
     num_kept, height, width = volume.shape
     chunk_shape = volume.chunks
-    rows = band_rows(num_kept, width, chunk_shape[1])
+    rows = band_rows(num_kept, width, chunk_shape[1], volume.dtype.itemsize)
     group_width = CHUNKS_PER_TASK * chunk_shape[2]
     bands = [(y0, min(height, y0 + rows)) for y0 in range(0, height, rows)]
     histograms = np.zeros((num_kept, 65536), np.int64)
     # Two band buffers, reused: one being read while the other is compressed (peak memory two bands).
-    buffers = [np.empty((num_kept, min(rows, height), width), np.uint16) for _ in range(2)]
-    bar = tqdm(total=num_kept * height * width * 2, unit="B", unit_scale=True, disable=not progress,
+    buffers = [np.empty((num_kept, min(rows, height), width), volume.dtype) for _ in range(2)]
+    bar = tqdm(total=num_kept * height * width * volume.dtype.itemsize, unit="B", unit_scale=True, disable=not progress,
                desc=f"prepare {fragment.split}/{fragment.fragment_id}")
     with bar, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(len(os.sched_getaffinity(0))) as encoders:
         reading = reader.submit(_read_band, fragment, layers, bands[0], buffers[0])
@@ -287,10 +304,7 @@ def _copy_volume(fragment, volume, mask, layers, codec, progress):
 
 def _read_band(fragment, layers, band, buffer):
     y0, y1 = band
-    block = buffer[:, : y1 - y0]
-    for i, z in enumerate(layers):
-        fragment.read_band(z, y0, y1, out=block[i])
-    return block
+    return fragment.read_layers(layers, y0, y1, out=buffer[:, : y1 - y0])
 
 
 def _encode_chunks(block, cy, cx, width, chunk_shape, codec):
@@ -309,7 +323,7 @@ def _encode_chunks(block, cy, cx, width, chunk_shape, codec):
 
 
 def _count_in_mask(image, inside):
-    """Histogram (65536 bins) of a uint16 image's values where the boolean `inside` is set."""
+    """Histogram (65536 bins) of a uint8 or uint16 image's values where the boolean `inside` is set."""
     return np.bincount(image[inside], minlength=65536)
 
 
@@ -373,14 +387,19 @@ def check_store(path, full=False):
     checks every chunk against its checksum; StoreError on the first failure."""
     store = Store(path)
     try:
-        for name in SMALL_DATASETS + tuple(n for n in ("mask", "labels") if n in store.h5):
+        for name in SMALL_DATASETS:
             store.read_dataset(name)
+        for name in (n for n in ("mask", "labels") if n in store.h5):  # whole chunk rows at a time: bounded memory
+            rows = store.h5[name].chunks[0] * max(1, MAP_BAND_PIXELS // (store.h5[name].chunks[0] * store.shape[1]))
+            for y0 in range(0, store.shape[0], rows):
+                store.read_dataset(name, np.s_[y0: y0 + rows])
         if full:
             height = store.shape[0]
-            rows = band_rows(store.z_stop - store.z_start, store.shape[1], store.h5["volume"].chunks[1])
+            volume = store.h5["volume"]
+            rows = band_rows(store.z_stop - store.z_start, store.shape[1], volume.chunks[1], volume.dtype.itemsize)
             for y0 in range(0, height, rows):
                 try:
-                    store.h5["volume"][:, y0: y0 + rows]
+                    volume[:, y0: y0 + rows]
                 except OSError as err:
                     raise _store_error(path, f"volume (rows {y0}:{min(y0 + rows, height)})", err) from None
     finally:
@@ -416,6 +435,7 @@ class Store:
         self.fragment_surface = float(a["fragment_surface"])  # in this store's slice numbers
         self.fragment_surface_confidence = float(a["fragment_surface_confidence"])
         self.low_confidence_share = float(a["low_confidence_share"])
+        self.row_offset = 0  # the rows a view of the store starts at (lib.bands.RowWindow), for the surface maps
         self._h5 = None
         self._pid = None
 
@@ -471,7 +491,8 @@ class Store:
         return self.read_dataset("percentiles")[:, list(PERCENTILE_LEVELS).index(level)]
 
     def read_tile(self, y, x, height, width, slices=None):
-        """Volume window (len(slices), height, width) uint16 at (y, x), zero outside the image.
+        """Volume window (len(slices), height, width) at (y, x) in the volume's dtype (uint8 or uint16), zero outside
+        the image.
 
         `slices` are absolute slice numbers (default: all kept); they must lie inside the kept range.
         """
@@ -480,12 +501,12 @@ class Store:
             raise ValueError(f"{self.path}: slices {slices} are outside the kept range {self.z_start}:{self.z_stop}")
         z_index = [z - self.z_start for z in slices]
         z0, z1 = min(z_index), max(z_index) + 1
-        out = np.zeros((len(slices), height, width), np.uint16)
+        volume = self.h5["volume"]
+        out = np.zeros((len(slices), height, width), volume.dtype)
         window = _clip_window(y, x, height, width, self.shape)
         if window is None:
             return out
         (ys, xs), (oy, ox) = window
-        volume = self.h5["volume"]
         try:
             if z_index == list(range(z0, z1)):  # consecutive slices (the usual case): straight into `out`
                 volume.read_direct(out, np.s_[z0:z1, ys, xs], np.s_[:, oy, ox])

@@ -13,8 +13,8 @@ edge of that kind nearest where the surface is expected.
   centred on the middle has both at the same distance, and then nothing is decided.
 - `fragment_surface` (a fragment's mean profile): the falling edge nearest the middle.
 - `surface_map` (a store's volume, on a 4 px grid): each pixel's falling edge nearest the fragment's surface, with a
-  confidence: the edge's fall as a share of what a clean papyrus-to-air edge falls. Where it is low (no edge: the
-  sheet is torn, debris, a neighbour), the map holds the fragment's surface.
+  confidence: the edge's fall as a share of what a clean papyrus-to-air edge falls (NaN off the papyrus). Where it
+  is low (no edge: the sheet is torn, debris, a neighbour), the map holds the fragment's surface.
 Edges are found between slices: the fall between slices k and k + 1, refined to a fraction of a slice by a
 parabola through the falls around its peak.
 """
@@ -119,8 +119,8 @@ def surface_grid(volume, mask, z_start, expected, contrast):
     """(depth, confidence), each (H / SURFACE_STEP, W / SURFACE_STEP) float32, of a (Z, H, W) volume of the slices
     z_start.. (papyrus below) and its (H, W) mask: each grid cell's falling edge nearest `expected` (a slice number)
     in the slices blurred across the sheet, over the papyrus only (outside the mask the intensity says nothing
-    about this sheet's depth); cells with no edge, or no papyrus near them, hold `expected` at confidence 0.
-    `contrast`: the fragment's papyrus-minus-air intensity."""
+    about this sheet's depth); cells with no edge hold `expected` at confidence 0, and cells with no papyrus near
+    them confidence NaN (they say nothing either way). `contrast`: the fragment's papyrus-minus-air intensity."""
     grid = grid_shape(volume.shape[1:])
     pad = ((0, grid[0] * SURFACE_STEP - volume.shape[1]), (0, grid[1] * SURFACE_STEP - volume.shape[2]))
 
@@ -132,10 +132,11 @@ def surface_grid(volume, mask, z_start, expected, contrast):
     weight = blur(inside)
     cells = np.stack([blur(s.astype(np.float32) * inside) for s in volume]) / np.maximum(weight, 1e-6)
     position, fall = nearest_edge(cells, expected - z_start, 1, MIN_FALL * contrast)
-    found = ~np.isnan(position) & (weight > 0.05)
-    confidence = np.minimum(1.0, fall / max(CLEAN_FALL * contrast, 1e-9))
+    papyrus = weight > 0.05
+    found = ~np.isnan(position) & papyrus
+    confidence = np.where(found, np.minimum(1.0, fall / max(CLEAN_FALL * contrast, 1e-9)), 0)
     depth = np.where(found, position + z_start, expected).astype(np.float32)
-    return depth, np.where(found, confidence, 0).astype(np.float32)
+    return depth, np.where(papyrus, confidence, np.nan).astype(np.float32)
 
 
 def surface_map(read_rows, shape, z_start, expected, contrast, band_rows=512):
@@ -156,13 +157,14 @@ def surface_map(read_rows, shape, z_start, expected, contrast, band_rows=512):
     return depth, confidence
 
 
-def pixel_window(grid, y, x, size):
-    """(size, size) float32 of a SURFACE_STEP grid map at the pixels of the window at (y, x), bilinear between cell
-    centres (edge cells held beyond the map)."""
-    rows, columns = grid.shape
-    g0, g1 = max(0, y // SURFACE_STEP - 1), min(rows, (y + size) // SURFACE_STEP + 2)
-    h0, h1 = max(0, x // SURFACE_STEP - 1), min(columns, (x + size) // SURFACE_STEP + 2)
-    part = np.asarray(grid[g0:g1, h0:h1], np.float32)
+def pixel_window(read, grid, y, x, size):
+    """(size, size) float32 of a SURFACE_STEP grid map of `grid` (rows, columns) cells at the pixels of the window
+    at (y, x), bilinear between cell centres (edge cells held beyond the map). `read(selection)` returns the cells
+    of a (rows, columns) slice selection (from a store: a tile reads only its own)."""
+    rows, columns = grid
+    g0, h0 = max(0, y // SURFACE_STEP - 1), max(0, x // SURFACE_STEP - 1)
+    part = np.asarray(read(np.s_[g0: min(rows, (y + size) // SURFACE_STEP + 2),
+                                 h0: min(columns, (x + size) // SURFACE_STEP + 2)]), np.float32)
     pixels = cv2.resize(part, (part.shape[1] * SURFACE_STEP, part.shape[0] * SURFACE_STEP),
                         interpolation=cv2.INTER_LINEAR)
     oy, ox = y - g0 * SURFACE_STEP, x - h0 * SURFACE_STEP
@@ -171,28 +173,22 @@ def pixel_window(grid, y, x, size):
     return np.pad(window, pad, mode="edge") if any(p for side in pad for p in side) else window
 
 
-def cell_centres(length):
-    """Pixel indices, along one axis of `length` px, of the grid cells' centres (the pixel each cell samples)."""
-    return np.minimum(np.arange(-(-length // SURFACE_STEP)) * SURFACE_STEP + SURFACE_STEP // 2, length - 1)
+def covered_cells(y, x, size):
+    """The (rows, columns) slice selection of the grid cells a window at (y, x) of `size` px covers."""
+    return np.s_[max(0, y) // SURFACE_STEP: -(-(y + size) // SURFACE_STEP),
+                 max(0, x) // SURFACE_STEP: -(-(x + size) // SURFACE_STEP)]
 
 
-def cells_of(grid, y, x, size):
-    """The grid cells a window at (y, x) of `size` px covers."""
-    return grid[max(0, y) // SURFACE_STEP: -(-(y + size) // SURFACE_STEP), max(0, x) // SURFACE_STEP:
-                -(-(x + size) // SURFACE_STEP)]
+def tile_confidence(cells):
+    """Mean surface confidence of a tile's grid cells on the papyrus (NaN cells are off it); 1 when none are."""
+    cells = np.asarray(cells, np.float32)
+    return float(np.nanmean(cells)) if np.isfinite(cells).any() else 1.0
 
 
-def low_confidence_share(confidence, mask, positions, tile_size):
-    """Share of the tiles at `positions` whose mean surface confidence over their in-mask cells is below
-    MIN_CONFIDENCE (tiles that will not be flattened)."""
+def low_confidence_share(confidence, positions, tile_size):
+    """Share of the tiles at `positions` whose mean surface confidence (tile_confidence) is below MIN_CONFIDENCE:
+    the tiles that will not be flattened."""
     if len(positions) == 0:
         return 0.0
-    mask_cells = np.asarray(mask)[np.ix_(cell_centres(mask.shape[0]), cell_centres(mask.shape[1]))] > 0
-    low = [tile_confidence(confidence, mask_cells, y, x, tile_size) < MIN_CONFIDENCE for y, x in positions]
-    return float(np.mean(low))
-
-
-def tile_confidence(confidence, mask_cells, y, x, size):
-    """Mean surface confidence over the in-mask grid cells of a tile (1 when it has none in the mask)."""
-    values, inside = cells_of(confidence, y, x, size), cells_of(mask_cells, y, x, size)
-    return float(values[inside].mean()) if inside.any() else 1.0
+    return float(np.mean([tile_confidence(confidence[covered_cells(y, x, tile_size)]) < MIN_CONFIDENCE
+                          for y, x in positions]))

@@ -131,8 +131,8 @@ def test_jpeg_layers_store_the_decoded_pixels(layouts):
         volume, layers = h5["volume"][()], list(h5.attrs["source_layers"])
     folder = layouts["segments"] / EIGHT_BIT_SEGMENT / "layers"
     decoded = np.stack([np.asarray(Image.open(folder / f"{z:02d}.jpg")) for z in layers])  # the reader's decoder
-    assert decoded.dtype == np.uint8 and volume.dtype == np.uint16
-    assert np.array_equal(volume, decoded.astype(np.uint16))
+    assert decoded.dtype == np.uint8 and volume.dtype == np.uint8
+    assert np.array_equal(volume, decoded)
     low, high = store.intensity_range()
     assert 0 <= low < 20 < high <= 255  # the percentiles carry the 8-bit scale to normalisation
 
@@ -163,7 +163,7 @@ def test_8bit_layers_round_trip_exactly(tmp_path, ext):
     make_segment(tmp_path / "data", "u16", dtype=np.uint16, ext="png", num_layers=12, labels=False, seed=1)
     assert run_prepare("--data", tmp_path / "data", "--out", tmp_path / "out", "--z-range", "2:10") == ""
     with h5py.File(tmp_path / "out" / "train" / "s8.h5") as h5:
-        assert h5["volume"].dtype == np.uint16 and np.array_equal(h5["volume"][()], volume[2:10].astype(np.uint16))
+        assert h5["volume"].dtype == np.uint8 and np.array_equal(h5["volume"][()], volume[2:10])
         assert list(h5.attrs["source_layers"]) == list(range(2, 10)) and h5.attrs["layout"] == "segments"
     with h5py.File(tmp_path / "out" / "test" / "u16.h5") as h5:  # unlabelled: a test store; 16-bit PNG layers
         layers = [cv2.imread(str(tmp_path / "data" / "u16" / "layers" / f"{z:02d}.png"), cv2.IMREAD_UNCHANGED)

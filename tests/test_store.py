@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 import lib.store as store_mod
@@ -400,12 +401,12 @@ def test_partial_edge_chunks_round_trip(tmp_path, monkeypatch, band_bytes):
     assert all(lo <= g <= hi for lo, g, hi in zip(lower, store.intensity_range(1, 99), higher))
 
 
-def test_eight_bit_slices_are_stored_as_uint16(tmp_path):
+def test_eight_bit_slices_stay_uint8(tmp_path):
     volume = np.random.default_rng(3).integers(0, 256, size=(4, 70, 90), dtype=np.uint8)
     fragment = _fragment_from_volume(tmp_path / "root", volume, np.ones((70, 90), bool))
     write_store(fragment, tmp_path / "f.h5", z_range=(0, 4), progress=False)
     tile = Store(tmp_path / "f.h5").read_tile(0, 0, 70, 90)
-    assert tile.dtype == np.uint16
+    assert tile.dtype == np.uint8
     np.testing.assert_array_equal(tile, volume)
 
 
@@ -520,3 +521,32 @@ def test_truncated_or_missing_store_is_a_store_error(stores, tmp_path):
         Store(path)
     with pytest.raises(StoreError, match=rf"{tmp_path / 'none.h5'}: unreadable"):
         Store(tmp_path / "none.h5")
+
+
+def test_same_data_at_8_and_16_bits_predicts_the_same(tmp_path, one_thread):
+    """8-bit layers stay uint8 (half the bytes) and the 16-bit copy of the same data (x 257, full scale) gives the same
+    normalised inputs, so the same prediction within float rounding."""
+    from lib.infer import predict_fragment
+    from lib.model import build_model
+
+    rng = np.random.default_rng(5)
+    depth = np.linspace(220, 20, 40)[:, None, None]  # papyrus below, air above: a surface for the flattening
+    volume = np.clip(depth + rng.normal(0, 25, (40, 96, 80)), 0, 255).astype(np.uint8)
+    mask = np.zeros((96, 80), bool)
+    mask[6:90, 4:76] = True
+    paths = {}
+    for bits, pixels in ((8, volume), (16, volume.astype(np.uint16) * 257)):
+        fragment = _fragment_from_volume(tmp_path / f"root{bits}", pixels, mask)
+        paths[bits] = tmp_path / f"{bits}.h5"
+        write_store(fragment, paths[bits], tile_size=64, stride=32, progress=False)
+    with h5py.File(paths[8]) as h8, h5py.File(paths[16]) as h16:
+        assert h8["volume"].dtype == np.uint8 and h16["volume"].dtype == np.uint16
+        assert h8["volume"].id.get_storage_size() < h16["volume"].id.get_storage_size()
+    torch.manual_seed(0)
+    model = build_model("tu-mobilenetv3_small_050").eval()
+    # plain slices: the inputs differ by float rounding alone; flattened onto each tile's surface (the default), the
+    # surface's interpolation moves by rounding too: still far below an 8-bit output step (1/255)
+    for triplets, tolerance in (("middle", 1e-5), ("tile", 1e-3)):
+        maps = [predict_fragment(model, Store(paths[bits]), 64, 32, 4, triplets=triplets) for bits in (8, 16)]
+        assert maps[0][mask].std() > 1e-3  # not a constant map
+        np.testing.assert_allclose(maps[0], maps[1], atol=tolerance)

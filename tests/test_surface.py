@@ -59,10 +59,10 @@ def test_the_surface_map_finds_each_pixels_surface(geometry):
     kept = volume[24:40]
     medians = np.median(kept[:, mask > 0], axis=1)
     grid, confidence = surface_grid(kept, mask, 24, 32.0, medians.max() - medians.min())
-    found = pixel_window(grid, 0, 0, max(mask.shape))[: mask.shape[0], : mask.shape[1]]
+    found = pixel_window(lambda cells: grid[cells], grid.shape, 0, 0, max(mask.shape))[: mask.shape[0], : mask.shape[1]]
     error = np.abs(found - depth)[mask > 0]
     assert np.median(error) < 0.35 and np.percentile(error, 95) < 1.5, geometry
-    assert confidence[cv2.resize(mask, confidence.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0].mean() > 0.8
+    assert np.nanmean(confidence) > 0.8 and np.isnan(confidence).any()  # NaN: cells off the papyrus
 
 
 def half_without_surface(folder):

@@ -1,0 +1,186 @@
+"""Benchmark scroll-scale prediction and zarr input (`make bench-scale`); writes bench/README.md's table "scale".
+
+1. Peak RSS (VmHWM) of submit.main, in a fresh process, on synthetic 8-bit segments of each --sizes (H x W) whose
+   mask covers the same 512 x 512 px (so the same compute): it must not grow with the segment's area.
+2. submit.py --workers 1 and 2 (a local Ray of that many one-CPU workers, one torch thread each) on one segment of
+   --ray-size, in --band-rows bands: wall seconds and the speed-up.
+3. prepare.py on the same layers as local TIFF files and as an OME-Zarr served over HTTP by `python -m
+   http.server` (another process, on this machine): MB/s of kept volume, each in a fresh process, and the ratio.
+"""
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+import torch
+import zarr
+
+from bench_common import in_fresh_process, maxrss_mb, parser, stamp, write_fragment, write_tables
+import prepare
+import submit
+from lib.fragments import Fragment
+from lib.model import build_model, load_model_file, model_config, save_model_file
+from lib.runs import write_json
+from lib.store import write_store
+
+SETTINGS = dict(sizes="20000x10000,40000x20000", ray_size="4096x2048", band_rows=1024, prepare_size="4096x4096",
+                zarr_chunks="16,512,512")  # --ray-size none: no Ray table (the tiny run of tests/test_bench.py)
+BACKBONE = "tu-mobilenetv3_small_050"
+TILE, STRIDE = 64, 32  # the demo preset's tiles, what CPU runs use
+MASK_SIDE = 512  # px: the papyrus square of the RSS segments
+
+
+class SquareSegment:
+    """A synthetic 8-bit test segment of any size, made up as it is read: 40 layers of lib.synth texture on a centred
+    MASK_SIDE square of papyrus, zero elsewhere (no source files: write_store reads it like a Fragment)."""
+
+    layout, split, has_labels, num_slices, dtype = "segments", "test", False, 40, np.dtype(np.uint8)
+
+    def __init__(self, folder, height, width):
+        from lib.synth import FragmentFields
+
+        self.path, self.fragment_id, self.shape = Path(folder), "seg", (height, width)
+        self.top, self.left = (height - MASK_SIDE) // 2, (width - MASK_SIDE) // 2
+        rng = np.random.default_rng(0)
+        fields = FragmentFields(rng, (MASK_SIDE, MASK_SIDE))
+        fields.mask[:] = 1
+        self.texture = np.stack([fields.slice(rng, z) >> 8 for z in range(self.num_slices)]).astype(np.uint8)
+
+    def source_files(self):
+        return []
+
+    def read_mask(self):
+        mask = np.zeros(self.shape, np.uint8)
+        mask[self.top: self.top + MASK_SIDE, self.left: self.left + MASK_SIDE] = 1
+        return mask
+
+    def read_layers(self, layers, y0, y1, out):
+        out[...] = 0
+        a, b = max(y0, self.top), min(y1, self.top + MASK_SIDE)
+        if a < b:
+            out[:, a - y0: b - y0, self.left: self.left + MASK_SIDE] = self.texture[layers, a - self.top: b - self.top]
+        return out
+
+
+def write_run(run):
+    """One random-weight model (seed 0), absolute threshold 0.5."""
+    model_file = run / "models" / BACKBONE / "fold-1.pt"
+    torch.manual_seed(0)
+    save_model_file(model_file, build_model(BACKBONE), config=model_config(BACKBONE, 3), fold="1", tile_size=TILE,
+                    stride=STRIDE)
+    member = dict(backbone=BACKBONE, weight=1.0, models=[str(model_file.relative_to(run))], tile_size=TILE,
+                  stride=STRIDE)
+    write_json(run / "ensemble.json", {"members": [member], "threshold": {"mode": "absolute", "value": 0.5}})
+    return model_file
+
+
+def child_submit(run, model_file, stores, extra):
+    torch.set_num_threads(1)  # memory does not depend on it; two threads contend with other work on 2 cores
+    load_model_file(model_file)
+    before, started = maxrss_mb(), time.perf_counter()
+    submit.main(["--run", str(run), "--stores", str(stores), "--no-tta", "--no-triplets", "--threads", "1",
+                 "--force", *extra])
+    return maxrss_mb(), before, time.perf_counter() - started
+
+
+def rss_rows(work, run, model_file, sizes):
+    rows = []
+    for size in sizes.split(","):
+        height, width = map(int, size.split("x"))
+        stores = work / f"rss-{size}"
+        started = time.perf_counter()
+        summary = write_store(SquareSegment(work, height, width), stores / "test" / "seg.h5", tile_size=TILE,
+                              stride=STRIDE, progress=False)
+        seconds = time.perf_counter() - started
+        peak, before, predict = in_fresh_process(child_submit, run, model_file, stores, ["--zarr"])
+        rows.append(f"{height} x {width} | {height * width / 1e6:.0f} | {peak:.0f} | {before:.0f} | {peak - before:.0f} | "
+                    f"{predict:.0f} | {summary['bytes'] / 2**20:.0f} MiB, {seconds:.0f} s")
+    return rows
+
+
+def ray_rows(work, run, model_file, size, band_rows):
+    height, width = map(int, size.split("x"))
+    data, stores = work / "ray-data", work / "ray-stores"
+    write_fragment(data / "test" / "frag", height, width, 40, labels=False)
+    write_store(Fragment.open(data, "test", "frag"), stores / "test" / "frag.h5", tile_size=TILE, stride=STRIDE,
+                progress=False)
+    seconds = {workers: in_fresh_process(child_submit, run, model_file, stores,
+                                         ["--workers", str(workers), "--band-rows", str(band_rows), "--zarr"])[2]
+               for workers in (1, 2)}
+    outputs = [zarr.open_array(run / "predictions" / "frag_prediction.zarr")[...]]  # the last run's, to compare
+    in_fresh_process(child_submit, run, model_file, stores, ["--band-rows", str(band_rows), "--zarr"])
+    same = np.array_equal(outputs[0], zarr.open_array(run / "predictions" / "frag_prediction.zarr")[...])
+    bands = -(-height // (-(-band_rows // 512) * 512))
+    return [f"{height} x {width}, {bands} bands | {workers} | {seconds[workers]:.1f} | "
+            f"{seconds[1] / seconds[workers]:.2f} | {'yes' if same else 'NO'}" for workers in (1, 2)]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_prepare(data, out):
+    started = time.perf_counter()
+    prepare.main(["--data", str(data), "--out", str(out), "--z-range", "24:40", "--force", "--tile-size", "224",
+                  "--stride", "56"])
+    return time.perf_counter() - started, maxrss_mb()
+
+
+def prepare_rows(work, size, chunks):
+    height, width = map(int, size.split("x"))
+    tiffs, served = work / "prep-tiff", work / "served"
+    write_fragment(tiffs / "test" / "frag", height, width, 40, labels=False)
+    served.mkdir()
+    slices = sorted((tiffs / "test" / "frag" / "surface_volume").glob("*.tif"))
+    group = zarr.open_group(served / "frag.zarr", mode="w", zarr_format=2)  # OME-Zarr 0.4, as segments are served
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}]}]
+    volume = group.create_array("0", shape=(len(slices), height, width), dtype=np.uint16,
+                                chunks=tuple(int(c) for c in chunks.split(",")))
+    for z, path in enumerate(slices):
+        volume[z] = tifffile.imread(path)
+    cv2.imwrite(str(served / "frag_mask.png"), cv2.imread(str(tiffs / "test" / "frag" / "mask.png")))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               str(served)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        mb = 16 * height * width * 2 / 1e6
+        rates = {}
+        for name, data in (("local TIFF", tiffs), ("OME-Zarr over HTTP", f"http://127.0.0.1:{port}/frag.zarr")):
+            seconds, rss = in_fresh_process(child_prepare, data, work / f"prep-out-{len(rates)}")
+            rates[name] = (mb / seconds, rss)
+    finally:
+        server.terminate()
+        server.wait()
+    base = rates["local TIFF"][0]
+    return [f"{name} | {height} x {width}, 16 of 40 slices | {mb:.0f} | {rate:.0f} | {rate / base:.2f} | {rss:.0f}"
+            for name, (rate, rss) in rates.items()]
+
+
+def main():
+    args = parser(__doc__, SETTINGS).parse_args()
+    line, started = stamp(), time.time()
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        run = work / "run"
+        model_file = write_run(run)
+        rss = rss_rows(work, run, model_file, args.sizes)
+        speed = [] if args.ray_size == "none" else ray_rows(work, run, model_file, args.ray_size, args.band_rows)
+        inputs = prepare_rows(work, args.prepare_size, args.zarr_chunks)
+    tables = [("segment (8-bit, 512 x 512 px mask) | Mpx | peak RSS MiB | before MiB | growth MiB | seconds | store",
+               rss),
+              ("segment | Ray workers | seconds | speed-up | output equals the single-process run", speed),
+              ("prepare.py source | layers | volume MB | MB/s | vs local TIFF | peak RSS MiB", inputs)]
+    write_tables(args.readme, "scale", f"{line}; {time.time() - started:.0f} s in all. {BACKBONE}, {TILE} px tiles, "
+                 f"stride {STRIDE}, no TTA, one torch thread a process.", *[t for t in tables if t[1]])
+
+
+if __name__ == "__main__":
+    main()
