@@ -36,8 +36,8 @@ def small_bands(monkeypatch):
 def whole_map(groups, store, batch_size, tta):
     """The ensemble's probability as submit.py summed it before bands: one whole (H, W) map, group after group."""
     total = np.zeros(store.shape, np.float32)
-    for (tile_size, stride, triplets), models in groups.items():
-        predict_fragment(models, store, tile_size, stride, batch_size, tta=tta, triplets=triplets, out=total)
+    for (tile_size, stride, _), models in groups.items():
+        predict_fragment(models, store, tile_size, stride, batch_size, tta=tta, out=total)
     return total
 
 

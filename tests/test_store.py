@@ -527,6 +527,7 @@ def test_same_data_at_8_and_16_bits_predicts_the_same(tmp_path, one_thread):
     """8-bit layers stay uint8 (half the bytes) and the 16-bit copy of the same data (x 257, full scale) gives the same
     normalised inputs, so the same prediction within float rounding."""
     from lib.infer import predict_fragment
+    from lib.inputs import InputSpec
     from lib.model import build_model
 
     rng = np.random.default_rng(5)
@@ -547,6 +548,7 @@ def test_same_data_at_8_and_16_bits_predicts_the_same(tmp_path, one_thread):
     # plain slices: the inputs differ by float rounding alone; flattened onto each tile's surface (the default), the
     # surface's interpolation moves by rounding too: still far below an 8-bit output step (1/255)
     for triplets, tolerance in (("middle", 1e-5), ("tile", 1e-3)):
-        maps = [predict_fragment(model, Store(paths[bits]), 64, 32, 4, triplets=triplets) for bits in (8, 16)]
+        spec = InputSpec("triplets", centre_on="tile" if triplets == "tile" else "nominal", triplets=triplets)
+        maps = [predict_fragment(model, Store(paths[bits]), 64, 32, 4, spec=spec) for bits in (8, 16)]
         assert maps[0][mask].std() > 1e-3  # not a constant map
         np.testing.assert_allclose(maps[0], maps[1], atol=tolerance)
