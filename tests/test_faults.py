@@ -21,7 +21,7 @@ import lib.fragments
 import submit
 import train
 from lib.store import check_store
-from test_prepare import SLOW_PREPARE, make_fragment, prepare_here, run_prepare
+from test_prepare import SLOW_PREPARE, make_fragment, prepare_here, run_prepare, store_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -191,7 +191,7 @@ def test_corrupt_small_dataset_is_rebuilt_not_skipped(root, prepared, dataset):
     flip_bit(store, dataset)
     code, stdout, stderr = prepare_here("--data", root, "--out", prepared)
     assert code == 0, stderr
-    lines = stdout.splitlines()
+    lines = store_lines(stdout)
     assert lines[1:3] == ["train/1: up to date, skipped (" + str(prepared / "train" / "1.h5") + ")",
                           f"train/2: {store}: dataset {dataset}: unreadable, truncated or corrupt "
                           "(Can't synchronously read data (filter returned failure during read)): rebuilding"]
@@ -209,7 +209,7 @@ def test_corrupt_volume_chunk_found_by_verify_and_rebuilt(root, prepared):
     assert code == 0 and stdout.count("up to date, skipped") == 3
     code, stdout, stderr = prepare_here("--data", root, "--out", prepared, "--verify")
     assert code == 0, stderr
-    lines = stdout.splitlines()
+    lines = store_lines(stdout)
     assert lines[1] == (f"train/1: {store}: dataset volume (rows 0:40): unreadable, truncated or corrupt "
                         "(Can't synchronously read data (filter returned failure during read)): rebuilding")
     assert lines[2].startswith("train/1: 40 x 52, slices 24:40")
@@ -238,7 +238,7 @@ def test_stale_temp_file_is_removed_by_the_next_run(root, prepared):
     orphan.write_bytes(b"\0" * 10)
     code, stdout, stderr = prepare_here("--data", root, "--out", prepared)
     assert code == 0, stderr
-    assert stdout.splitlines()[1:3] == [f"removed {orphan}, left by an interrupted run",
+    assert store_lines(stdout)[1:3] == [f"removed {orphan}, left by an interrupted run",
                                         f"removed {stale}, left by an interrupted run"]
     assert stdout.count("up to date, skipped") == 3
     assert files(prepared) == ["test/a.h5", "train/1.h5", "train/2.h5"]

@@ -38,6 +38,11 @@ SLOW_PREPARE = textwrap.dedent("""
 """).format(root=str(ROOT))
 
 
+def store_lines(stdout):
+    """prepare.py's output without its lines on which way each fragment's depth runs."""
+    return [line for line in stdout.splitlines() if ": depth " not in line and "which way its depth runs" not in line]
+
+
 def prepare_here(*args):
     """prepare.main in this process (saves the ~1 s of imports a subprocess costs): (exit code, stdout, stderr).
     `sys.exit("error: ...")` would print its message as the process's only stderr line; it is returned as stderr."""
