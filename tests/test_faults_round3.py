@@ -341,6 +341,18 @@ def alive(pids):
     return running
 
 
+def commands(pids):
+    """{pid: its command line, and its state}, for the message of a failed assertion."""
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            found[pid] = (Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ")[:60],
+                          Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2],
+                          [v for v in Path(f"/proc/{pid}/environ").read_text(errors="replace").split("\0")
+                           if v.startswith("INKSEG")])
+    return found
+
+
 def wait_for(condition, seconds, what):
     deadline = time.time() + seconds
     while not condition():
@@ -354,23 +366,23 @@ def test_sigkill_then_resume_at_once_leaves_no_process_and_no_checkpoints(synth1
     stores, run = tmp_path / "one", tmp_path / "run"
     (stores / "train").mkdir(parents=True)
     os.link(synth160["stores"] / "train" / "1.h5", stores / "train" / "1.h5")
-    argv = [PYTHON, "train.py", "--stores", stores, "--run", run, "--preset", "demo", "--epochs", "2",
+    argv = [PYTHON, "train.py", "--stores", stores, "--run", run, "--preset", "demo", "--epochs", "1",
             "--max-tiles", "32", "--no-dashboard", "--num-cpus", "2"]
     first = subprocess.Popen(list(map(str, argv)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = []
     try:
-        wait_for(lambda: first.poll() is not None or any((run / "checkpoints").rglob("*.pt")), 180, "a checkpoint")
+        wait_for(lambda: first.poll() is not None or any("ray::ImplicitFunc" in line for line, *_ in
+                                                         commands(descendants(first.pid)).values()), 180, "a trial")
         assert first.poll() is None, "the run ended before it could be killed"
         started = descendants(first.pid)
-        assert any("ray::" in Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in alive(started))
         first.send_signal(signal.SIGKILL)
         first.wait(30)
         resume = subprocess.Popen([PYTHON, "train.py", "--run", str(run), "--resume", "--no-dashboard", "--num-cpus",
                                    "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
         first_line = resume.stdout.readline()  # printed once it holds the run's lock
-        assert first_line.startswith(f"resuming {run}: 0 of 3 trial(s) finished"), first_line
-        assert alive(started) == [], "processes of the killed run still running when the resume took the run"
+        assert first_line.startswith(f"resuming {run}: 0 of 3 trial(s) finished, 3 to go"), first_line
+        assert alive(started) == [], f"still running when the resume took the run: {commands(alive(started))}"
         rest, err = resume.communicate(timeout=300)
     finally:
         for pid in alive(started):  # only if the test failed: the processes this test started
