@@ -14,8 +14,9 @@ Out: --run runs/NAME with
      tune/attempt-<n>/                each attempt's Ray Tune experiment: progress.csv, TensorBoard logs
 
 One trial per (backbone, fold); fold k holds out train fragment k (--split FRAG:K cuts fragment FRAG
-into K bands of equal mask area, each its own fold). Trials run in parallel as far as the cluster's
-CPUs and GPUs allow; --address joins an existing Ray cluster. One train.py at a time writes a run folder
+into K bands of equal mask area, each its own fold; a single train store is cut into 3 by default). Trials run
+in parallel as far as the cluster's CPUs and GPUs allow; --address joins an existing Ray cluster; a local Ray
+and all it starts end with train.py, even on SIGKILL (lib/watchdog.py). One train.py at a time writes a run folder
 (a second one exits naming the first). --resume continues an interrupted run with the options recorded
 in run.json, from the trials' own checkpoints; no Ray Tune state is unpickled, so a run folder from
 elsewhere is as safe to resume as to read.
@@ -92,7 +93,8 @@ def build_parser():
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--backbones", help="comma-separated smp encoder names (default: the preset's)")
     parser.add_argument("--folds", help="comma-separated fold names to run (default: all)")
-    parser.add_argument("--split", help="FRAG:K cuts train fragment FRAG into K bands of equal mask area, one fold each")
+    parser.add_argument("--split", help="FRAG:K cuts train fragment FRAG into K bands of equal mask area, one fold each "
+                        f"(default with a single train store: FRAG:{ONE_STORE_BANDS})")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--tile-size", type=int)
     parser.add_argument("--stride", type=int)
