@@ -27,6 +27,7 @@ import train
 from lib.fragments import Fragment, FragmentError, Segment, read_png_binary
 from lib.lock import exclusive
 from lib.store import Store, StoreError, require_slices
+from helpers import in_process
 from test_faults import assert_one_error, messages, run_validator
 from test_prepare import make_fragment, prepare_here
 
@@ -64,20 +65,6 @@ def on_tmpfs(tmp_path, argv, size="1m", readonly=False, fill=False, setup=""):
     subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *map(str, argv)], cwd=ROOT, timeout=300, check=True)
     left = {str(p.relative_to(report / "after")): p.read_bytes() for p in (report / "after").rglob("*") if p.is_file()}
     return (int((report / "rc").read_text()), (report / "stdout").read_text(), (report / "stderr").read_text(), left)
-
-
-def in_process(main, argv):
-    """main(argv) in this process: (exit code, stdout, stderr), a sys.exit message as the last stderr line."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as exit_:
-            code = exit_.code
-    if isinstance(code, str):
-        return 1, stdout.getvalue(), stderr.getvalue() + code + "\n"
-    return code or 0, stdout.getvalue(), stderr.getvalue()
 
 
 def prediction_lines(stderr):
@@ -527,10 +514,13 @@ from lib.runs import RunFileError, check_model_file, read_ensemble, read_record 
 
 
 fuzz = pytest.mark.filterwarnings("ignore")
+SLICE = np.arange(24 * 20, dtype=np.uint16).reshape(24, 20) * 97  # the 16-bit slice the TIFF cases start from
+EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "TIFF": "tif"}
 
 
 def fuzz_settings(examples):
-    return settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+    """`examples` cases (times $INKSEG_FUZZ_SCALE, for a deeper search by hand: INKSEG_FUZZ_SCALE=20 pytest -k fuzz)."""
+    return settings(max_examples=examples * int(os.environ.get("INKSEG_FUZZ_SCALE", 1)), deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -540,7 +530,7 @@ def image_bytes(kind, fmt):
     on = shape_image((24, 20)).astype(np.uint8) * 255
     pixels = {"grey": on, "rgba": np.dstack([np.full_like(on, 255)] * 3 + [on]),
               "green": np.dstack([np.zeros_like(on), on, np.zeros_like(on)]),
-              "slice": (np.arange(24 * 20, dtype=np.uint16).reshape(24, 20) * 97)}[kind]
+              "slice": SLICE}[kind]
     buffer = io.BytesIO()
     if fmt == "TIFF":
         tifffile.imwrite(buffer, pixels)
@@ -588,7 +578,7 @@ def fuzz_dir(tmp_path_factory):
                                       ("grey", "TIFF")])
 def test_fuzz_mask_and_label_reader(fuzz_dir, kind, fmt):
     valid = image_bytes(kind, fmt)
-    path = fuzz_dir / f"mask-{kind}.{ {'PNG': 'png', 'JPEG': 'jpg', 'TIFF': 'tif'}[fmt]}"
+    path = fuzz_dir / f"mask-{kind}.{EXTENSIONS[fmt]}"
 
     @fuzz_settings(120)
     @given(mutated(valid))
@@ -604,50 +594,32 @@ def test_fuzz_mask_and_label_reader(fuzz_dir, kind, fmt):
 
 
 @fuzz
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
-def test_fuzz_segment_layer_reader(fuzz_dir, fmt):
-    """A segment of one fuzzed layer: opening it (the header), then reading its first rows."""
-    ext = {"PNG": "png", "JPEG": "jpg", "TIFF": "tif"}[fmt]
-    valid = image_bytes("grey", fmt) if fmt != "TIFF" else image_bytes("slice", fmt)
-    folder = fuzz_dir / f"segment-{ext}" / "s"
-    (folder / "layers").mkdir(parents=True)
-    layer = folder / "layers" / f"00.{ext}"
+@pytest.mark.parametrize("layout,fmt,examples", [("segments", "PNG", 160), ("segments", "JPEG", 160),
+                                                 ("segments", "TIFF", 160), ("kaggle", "TIFF", 200)])
+def test_fuzz_layer_and_slice_readers(fuzz_dir, layout, fmt, examples):
+    """A segment or Kaggle fragment of one fuzzed layer or slice: opening it (the header), then reading rows."""
+    ext = EXTENSIONS[fmt]
+    if layout == "kaggle":
+        folder, opened = fuzz_dir / "kaggle" / "train" / "1", Fragment
+        path = folder / "surface_volume" / "00.tif"
+    else:
+        folder, opened = fuzz_dir / f"segment-{ext}" / "s", Segment
+        path = folder / "layers" / f"00.{ext}"
+    path.parent.mkdir(parents=True)
+    valid = image_bytes("slice" if fmt == "TIFF" else "grey", fmt)
 
-    @fuzz_settings(160)
-    @given(mutated(valid))
-    def read(data):
-        layer.write_bytes(data)
-
-        def open_and_read():
-            segment = Segment(folder, "test")
-            return segment.read_band(0, 0, min(segment.shape[0], 4))
-
-        rows = assert_read_or_one_line(open_and_read, layer, FragmentError)
-        if data == valid:
-            assert rows.shape == (4, 20)
-
-    read()
-
-
-@fuzz
-def test_fuzz_kaggle_slice_reader(fuzz_dir):
-    valid = image_bytes("slice", "TIFF")
-    folder = fuzz_dir / "kaggle" / "train" / "1"
-    (folder / "surface_volume").mkdir(parents=True)
-    path = folder / "surface_volume" / "00.tif"
-
-    @fuzz_settings(200)
+    @fuzz_settings(examples)
     @given(mutated(valid))
     def read(data):
         path.write_bytes(data)
 
         def open_and_read():
-            fragment = Fragment(folder, "train")
+            fragment = opened(folder, "train")
             return fragment.read_band(0, 0, min(fragment.shape[0], 4))
 
         rows = assert_read_or_one_line(open_and_read, path, FragmentError)
         if data == valid:
-            assert np.array_equal(rows, (np.arange(80, dtype=np.uint16) * 97).reshape(4, 20))
+            assert rows.shape == (4, 20) and (fmt != "TIFF" or np.array_equal(rows, SLICE[:4]))
 
     read()
 
@@ -689,42 +661,36 @@ ENSEMBLE_FIELDS = [("members",), ("threshold",), ("members", 0), ("members", 0, 
                    ("threshold", "value")]
 
 
-@fuzz
-def test_fuzz_ensemble_json(fuzz_dir):
-    run = fuzz_dir / "run-ensemble"
-    run.mkdir()
-    path = run / "ensemble.json"
-
-    @fuzz_settings(450)
-    @given(json_files(ENSEMBLE, ENSEMBLE_FIELDS))
-    def read(data):
-        path.write_bytes(data)
-        ensemble = assert_read_or_one_line(lambda: read_ensemble(run), path, RunFileError)
-        if ensemble is not None:
-            assert all(m["paths"][0].resolve().is_relative_to(run.resolve()) for m in ensemble["members"])
-
-    read()
-
-
 RECORD = {"options": {"stores": "/data/prepared", "backbones": "b", "folds": None}, "train_ids": ["1", "2"],
           "folds": [{"name": "1", "fragment_id": "1", "rows": None}, {"name": "2.1", "fragment_id": "2", "rows": [0, 9]}]}
 RECORD_FIELDS = [("options",), ("train_ids",), ("folds",), ("folds", 0), ("folds", 1, "name"), ("folds", 1, "rows"),
                  ("folds", 1, "rows", 0), ("folds", 0, "fragment_id")]
 
 
-@fuzz
-def test_fuzz_run_json(fuzz_dir):
-    run = fuzz_dir / "run-record"
-    run.mkdir()
-    path = run / "run.json"
+def ensemble_paths_inside(ensemble, run):
+    return all(m["paths"][0].resolve().is_relative_to(run.resolve()) for m in ensemble["members"])
 
-    @fuzz_settings(350)
-    @given(json_files(RECORD, RECORD_FIELDS))
+
+def record_folds_typed(record, run):
+    return all(isinstance(f, train.Fold) for f in record["folds"])
+
+
+@fuzz
+@pytest.mark.parametrize("name,read_file,document,fields,examples,check", [
+    ("ensemble.json", read_ensemble, ENSEMBLE, ENSEMBLE_FIELDS, 450, ensemble_paths_inside),
+    ("run.json", read_record, RECORD, RECORD_FIELDS, 350, record_folds_typed)])
+def test_fuzz_run_files(fuzz_dir, name, read_file, document, fields, examples, check):
+    """ensemble.json (read_ensemble) and run.json (read_record): a correct read passes its own check."""
+    run = fuzz_dir / f"run-{name}"
+    run.mkdir()
+    path = run / name
+
+    @fuzz_settings(examples)
+    @given(json_files(document, fields))
     def read(data):
         path.write_bytes(data)
-        record = assert_read_or_one_line(lambda: read_record(run), path, RunFileError)
-        if record is not None:
-            assert all(isinstance(f, train.Fold) for f in record["folds"])
+        content = assert_read_or_one_line(lambda: read_file(run), path, RunFileError)
+        assert content is None or check(content, run)
 
     read()
 
