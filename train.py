@@ -35,21 +35,26 @@ import time
 from pathlib import Path
 
 from lib.lock import LockedError, exclusive, held_descriptor, refuse_if_locked
+from lib.outputs import OutputError, check_writable, describe, torch_save_atomically
+
+RUN_FREE_BYTES = 64 * 2**20  # the least free space a run folder needs: about what a demo run writes
 
 
-
-def refuse_locked_run():
-    """Exit at once when another train.py holds --run: before the seconds that importing torch and Ray take."""
+def refuse_early():
+    """Exit at once when another train.py holds --run, or it cannot be written (read-only, full): before the
+    seconds that importing torch and Ray take. main() checks both again (for callers of main())."""
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--run", default="runs/demo")
+    run = early.parse_known_args()[0].run
     try:
-        refuse_if_locked(early.parse_known_args()[0].run)
-    except LockedError as err:
+        refuse_if_locked(run)
+        check_writable(run, RUN_FREE_BYTES, "run folder")
+    except (LockedError, OutputError) as err:
         sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
-    refuse_locked_run()
+    refuse_early()
 
 # The slow imports, after the lock check above.
 import numpy as np  # noqa: E402
@@ -66,7 +71,6 @@ from lib.metrics import best_threshold
 from lib.model import build_model, model_config, save_model_file
 from lib.runs import (RunFileError, finished_trials, fragment_oof_path, oof_path, planned_trials, read_record,
                       trial_file, write_json, write_record)
-from lib.outputs import OutputError, check_writable, describe, torch_save_atomically
 from lib.store import Store, StoreError, check_store, require_slices
 from lib.watchdog import outlived_by_nothing
 
@@ -80,7 +84,6 @@ PRESETS = {
                  lr=3e-3, workers=0, infer_batch=16, max_tiles=512, decoder_channels="64,32,16,16,8"),
 }
 # Options that say where and how to run, not what to train: a resumed run may change them.
-RUN_FREE_BYTES = 64 * 2**20  # the least free space a run folder needs: about what a demo run writes
 ONE_STORE_BANDS = 3  # folds a single train store is cut into when no --split is given
 RUNTIME_OPTIONS = ("run", "resume", "force", "address", "num_cpus", "dashboard", "gpus_per_trial", "max_concurrent")
 SUMMARY_FIELDS = ["backbone", "fold", "fragment", "rows", "oof_f05", "threshold", "best_val_f05", "epochs", "minutes"]
