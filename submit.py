@@ -3,7 +3,9 @@
 In:  --run runs/NAME holding ensemble.json (from ensemble.py) and the model files it names (relative to the
      run folder and inside it: a copy of just models/ and ensemble.json works anywhere, offline); both are
      checked, every model file loaded, before any prediction;
-     --stores with the test stores test/<id>.h5 (prepare.py); default: the stores in the run's run.json.
+     --stores with the test stores test/<id>.h5 (prepare.py); default: the stores in the run's run.json. Every
+     store must hold the slices the members' triplet modes read, and every output folder must accept files and
+     have room for them: both are checked before any prediction.
 Out: --out (default runs/NAME/submission.csv): "Id,Predicted", one row per test fragment, its ink mask
      run-length encoded row-major (lib/rle.py); rows in the order of --sample when given, else sorted by id.
      runs/NAME/previews/<id>.png  probability | binary mask

@@ -14,8 +14,9 @@ Out: --run runs/NAME with
      tune/attempt-<n>/                each attempt's Ray Tune experiment: progress.csv, TensorBoard logs
 
 One trial per (backbone, fold); fold k holds out train fragment k (--split FRAG:K cuts fragment FRAG
-into K bands of equal mask area, each its own fold). Trials run in parallel as far as the cluster's
-CPUs and GPUs allow; --address joins an existing Ray cluster. One train.py at a time writes a run folder
+into K bands of equal mask area, each its own fold; a single train store is cut into 3 by default). Trials run
+in parallel as far as the cluster's CPUs and GPUs allow; --address joins an existing Ray cluster; a local Ray
+and all it starts end with train.py, even on SIGKILL (lib/watchdog.py). One train.py at a time writes a run folder
 (a second one exits naming the first). --resume continues an interrupted run with the options recorded
 in run.json, from the trials' own checkpoints; no Ray Tune state is unpickled, so a run folder from
 elsewhere is as safe to resume as to read.
@@ -34,21 +35,26 @@ import time
 from pathlib import Path
 
 from lib.lock import LockedError, exclusive, held_descriptor, refuse_if_locked
+from lib.outputs import OutputError, check_writable, describe, torch_save_atomically
+
+RUN_FREE_BYTES = 64 * 2**20  # the least free space a run folder needs: about what a demo run writes
 
 
-
-def refuse_locked_run():
-    """Exit at once when another train.py holds --run: before the seconds that importing torch and Ray take."""
+def refuse_early():
+    """Exit at once when another train.py holds --run, or it cannot be written (read-only, full): before the
+    seconds that importing torch and Ray take. main() checks both again (for callers of main())."""
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--run", default="runs/demo")
+    run = early.parse_known_args()[0].run
     try:
-        refuse_if_locked(early.parse_known_args()[0].run)
-    except LockedError as err:
+        refuse_if_locked(run)
+        check_writable(run, RUN_FREE_BYTES, "run folder")
+    except (LockedError, OutputError) as err:
         sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
-    refuse_locked_run()
+    refuse_early()
 
 # The slow imports, after the lock check above.
 import numpy as np  # noqa: E402
@@ -66,7 +72,6 @@ from lib.metrics import best_threshold
 from lib.model import build_model, model_config, parse_member, save_model_file
 from lib.runs import (RunFileError, finished_trials, fragment_oof_path, oof_path, planned_trials, read_record,
                       trial_file, write_json, write_record)
-from lib.outputs import OutputError, check_writable, describe, torch_save_atomically
 from lib.store import Store, StoreError, check_store, require_slices
 from lib.watchdog import outlived_by_nothing
 
@@ -80,7 +85,6 @@ PRESETS = {
                  lr=3e-3, workers=0, infer_batch=16, max_tiles=512, decoder_channels="64,32,16,16,8"),
 }
 # Options that say where and how to run, not what to train: a resumed run may change them.
-RUN_FREE_BYTES = 64 * 2**20  # the least free space a run folder needs: about what a demo run writes
 ONE_STORE_BANDS = 3  # folds a single train store is cut into when no --split is given
 RUNTIME_OPTIONS = ("run", "resume", "force", "address", "num_cpus", "dashboard", "gpus_per_trial", "max_concurrent")
 SUMMARY_FIELDS = ["backbone", "fold", "fragment", "rows", "oof_f05", "threshold", "best_val_f05", "epochs", "minutes"]
@@ -99,7 +103,8 @@ def build_parser():
     parser.add_argument("--depth", type=int, default=12, help="slices a stack or stem3d model reads, centred on the "
                         "surface (default %(default)s)")
     parser.add_argument("--folds", help="comma-separated fold names to run (default: all)")
-    parser.add_argument("--split", help="FRAG:K cuts train fragment FRAG into K bands of equal mask area, one fold each")
+    parser.add_argument("--split", help="FRAG:K cuts train fragment FRAG into K bands of equal mask area, one fold each "
+                        f"(default with a single train store: FRAG:{ONE_STORE_BANDS})")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--tile-size", type=int)
     parser.add_argument("--stride", type=int)

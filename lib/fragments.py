@@ -217,12 +217,12 @@ class Fragment:
         """
         path = self.slice_paths[z]
         native = self.dtype.newbyteorder("=")
-        if out is None:
-            out = np.empty((y1 - y0, self.shape[1]), native)
-        elif out.dtype != native:  # e.g. 8-bit slices into a uint16 band
+        if out is not None and out.dtype != native:  # e.g. 8-bit slices into a uint16 band
             out[...] = self.read_band(z, y0, y1)
             return out
         try:
+            if out is None:  # in the try: a damaged header may claim more pixels than memory holds
+                out = np.empty((y1 - y0, self.shape[1]), native)
             if z not in self._raw_offsets:
                 self._header(z)
             offset = self._raw_offsets[z]
@@ -380,15 +380,20 @@ def _slice_header(path):
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            shape, dtype = tuple(page.shape), np.dtype(page.dtype).newbyteorder(tif.byteorder)
+            shape, dtype = tuple(int(n) for n in page.shape), np.dtype(page.dtype).newbyteorder(tif.byteorder)
             end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
-            raw_offset = page.dataoffsets[0] if page.is_contiguous and page.compression == 1 else None
+            uncompressed = page.compression == 1
+            stored = sum(page.databytecounts)
+            raw_offset = page.dataoffsets[0] if page.is_contiguous and uncompressed else None
     except TIFF_ERRORS as err:
         raise FragmentError(f"{path}: unreadable TIFF ({_one_line(err)})") from None
     if len(shape) != 2 or 0 in shape:
         raise FragmentError(f"{path}: expected a single-channel 2-D slice, got shape {shape}")
     if end > os.path.getsize(path):
         raise FragmentError(f"{path}: truncated TIFF (pixel data ends at byte {end}, file has {os.path.getsize(path)})")
+    if uncompressed and stored < shape[0] * shape[1] * dtype.itemsize:
+        raise FragmentError(f"{path}: truncated or damaged TIFF (its header says {shape[0]} x {shape[1]} pixels, "
+                            f"its uncompressed pixel data holds {stored} bytes)")
     return shape, dtype, raw_offset
 
 

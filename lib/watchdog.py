@@ -3,9 +3,12 @@ started beneath it (its local Ray: gcs_server, raylet, agents, trial workers and
 
 `with outlived_by_nothing(lock_fd):` marks this process's environment with a token (INKSEG_DRIVER=<pid>:<random>)
 that every process started from here on inherits, and starts `python -m lib.watchdog TOKEN` holding the read end
-of a pipe whose write end only this process has. When this process ends (normally or by SIGKILL) the kernel closes
-that pipe; the watchdog then kills every process whose environment holds the token, until none is left. Processes
-reparented to PID 1 are found too, since the token, not the process tree, marks them.
+of a pipe whose write end only this process has. While it waits, the watchdog notes every process below the driver
+twice a second. When the driver ends (normally or by SIGKILL) the kernel closes that pipe; the watchdog then kills
+every process whose environment holds the token or that it saw below the driver (the same process: same start
+time), and their children, until none is left. Processes reparented to PID 1 are found too: the token and the notes,
+not today's process tree, mark them. (Both, since a process may overwrite its environment's memory, as Ray's
+workers do with their process titles.)
 
 The watchdog also holds the driver's run lock (`lock_fd`, an inherited descriptor of the same flock), so the lock
 is released only once nothing of the run is left running: a `--resume` started at once waits for the sweep
@@ -14,6 +17,7 @@ is released only once nothing of the run is left running: a `--resume` started a
 import contextlib
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 TOKEN_VARIABLE = "INKSEG_DRIVER"
+NOTE_SECONDS = 0.5  # how often the watchdog notes the processes below the driver
 SWEEP_SECONDS = 30  # the most a sweep keeps killing (processes still starting while it runs are killed too)
 
 
@@ -40,11 +45,41 @@ def marked_processes(token):
     return found
 
 
-def sweep(token, seconds=SWEEP_SECONDS):
-    """SIGKILL every process marked with `token` until none is left (or `seconds` pass); returns how many."""
-    killed, deadline = set(), time.monotonic() + seconds
+def process_table():
+    """{pid: (parent pid, start time, running)} of every process (start time in clock ticks since boot)."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                table[int(entry.name)] = (int(fields[1]), int(fields[19]), fields[0] != "Z")
+    return table
+
+
+def below(table, roots):
+    """The PIDs below `roots` in a process_table (not the roots themselves)."""
+    children = {}
+    for pid, (parent, _, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def sweep(token, seen=None, seconds=SWEEP_SECONDS):
+    """SIGKILL every process marked with `token`, or noted in `seen` ({pid: start time}, still that process), and
+    those below them, until none is left (or `seconds` pass); returns how many were killed."""
+    killed, deadline, seen = set(), time.monotonic() + seconds, seen or {}
     while time.monotonic() < deadline:
-        alive = [pid for pid in marked_processes(token) if _is_running(pid)]
+        table = process_table()
+        targets = set(marked_processes(token)) | {pid for pid, start in seen.items()
+                                                   if pid in table and table[pid][1] == start}
+        targets |= below(table, targets)
+        alive = [pid for pid in targets if pid in table and table[pid][2] and pid != os.getpid()]
         if not alive:
             break
         for pid in alive:
@@ -53,14 +88,6 @@ def sweep(token, seconds=SWEEP_SECONDS):
             killed.add(pid)
         time.sleep(0.05)
     return len(killed)
-
-
-def _is_running(pid):
-    """False for a zombie (dead, waiting for its parent to reap it) or a process that is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @contextlib.contextmanager
@@ -84,12 +111,16 @@ def outlived_by_nothing(lock_fd=None):
 
 
 def main():
-    """`python -m lib.watchdog TOKEN`: wait for stdin to close (the driver is gone), then sweep TOKEN's processes."""
+    """`python -m lib.watchdog TOKEN`: note the driver's (the parent's) processes until stdin closes (the driver is
+    gone), then sweep them and TOKEN's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    token = sys.argv[1]
-    while os.read(0, 4096):
-        pass
-    sweep(token)
+    token, driver, seen = sys.argv[1], os.getppid(), {}
+    while True:
+        if select.select([0], [], [], NOTE_SECONDS)[0] and not os.read(0, 4096):
+            break
+        table = process_table()
+        seen.update({pid: table[pid][1] for pid in below(table, [driver]) if pid != os.getpid()})
+    sweep(token, seen)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
 """Fault injection: bad fragment folders, doubtful labels, corrupt and truncated stores, stale temp files, two
 writers, a full disk, odd sample submissions. Each case checks the exit code, the one-line message (no
 traceback) and that the output printed or written before the fault is still there and unchanged."""
-import contextlib
-import io
 import os
 import resource
 import shutil
@@ -17,6 +15,7 @@ import pytest
 from PIL import Image
 
 import ensemble
+from helpers import in_process
 import lib.fragments
 import submit
 import train
@@ -30,16 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_validator(root, *extra):
     """`python -m lib.fragments ROOT` in this process: (exit code, stdout, stderr), a sys.exit message as stderr."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            lib.fragments.main([str(root), *extra])
-        except SystemExit as exit_:
-            code = exit_.code
-    if isinstance(code, str):
-        return 1, stdout.getvalue(), stderr.getvalue() + code + "\n"
-    return code or 0, stdout.getvalue(), stderr.getvalue()
+    return in_process(lib.fragments.main, [root, *extra])
 
 
 def messages(stderr):

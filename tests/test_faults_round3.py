@@ -27,6 +27,7 @@ import train
 from lib.fragments import Fragment, FragmentError, Segment, read_png_binary
 from lib.lock import exclusive
 from lib.store import Store, StoreError, require_slices
+from helpers import in_process
 from test_faults import assert_one_error, messages, run_validator
 from test_prepare import make_fragment, prepare_here
 
@@ -66,18 +67,11 @@ def on_tmpfs(tmp_path, argv, size="1m", readonly=False, fill=False, setup=""):
     return (int((report / "rc").read_text()), (report / "stdout").read_text(), (report / "stderr").read_text(), left)
 
 
-def in_process(main, argv):
-    """main(argv) in this process: (exit code, stdout, stderr), a sys.exit message as the last stderr line."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as exit_:
-            code = exit_.code
-    if isinstance(code, str):
-        return 1, stdout.getvalue(), stderr.getvalue() + code + "\n"
-    return code or 0, stdout.getvalue(), stderr.getvalue()
+def split_import_times(stderr):
+    """(the modules a `python -X importtime` run imported, the rest of its stderr)."""
+    lines = stderr.splitlines()
+    imported = [line.split("|")[-1].strip() for line in lines if line.startswith("import time:")]
+    return imported, "".join(line + "\n" for line in lines if not line.startswith("import time:"))
 
 
 def prediction_lines(stderr):
@@ -168,10 +162,13 @@ def test_submit_disk_filled_while_predicting_removes_its_temp_file(tiny, tmp_pat
 @needs_unshare
 @pytest.mark.parametrize("disk", ["full", "read-only"])
 def test_train_refuses_a_full_or_read_only_run_folder(synth160, tmp_path, disk):
+    """At once: before the seconds of importing torch and Ray (and in main(), for callers of main())."""
     mnt = tmp_path / "mnt"
-    code, out, err, left = on_tmpfs(tmp_path, [PYTHON, "train.py", "--stores", synth160["stores"], "--run",
-                                               mnt / "run", "--no-dashboard"],
+    code, out, err, left = on_tmpfs(tmp_path, [PYTHON, "-X", "importtime", "train.py", "--stores", synth160["stores"],
+                                               "--run", mnt / "run", "--no-dashboard"],
                                     size="1m", readonly=disk == "read-only")
+    imported, err = split_import_times(err)
+    assert "torch" not in imported and "ray" not in imported
     reason = "No space left on device" if disk == "full" else "Read-only file system"
     assert code == 1 and out == ""
     assert_one_error(err, f"{mnt / 'run'}: cannot write the run folder: {reason}")
@@ -341,6 +338,18 @@ def alive(pids):
     return running
 
 
+def commands(pids):
+    """{pid: its command line, and its state}, for the message of a failed assertion."""
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            found[pid] = (Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ")[:60],
+                          Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2],
+                          [v for v in Path(f"/proc/{pid}/environ").read_text(errors="replace").split("\0")
+                           if v.startswith("INKSEG")])
+    return found
+
+
 def wait_for(condition, seconds, what):
     deadline = time.time() + seconds
     while not condition():
@@ -349,28 +358,28 @@ def wait_for(condition, seconds, what):
 
 
 def test_sigkill_then_resume_at_once_leaves_no_process_and_no_checkpoints(synth160, tmp_path):
-    """One train store (3 band folds), killed with SIGKILL mid-trial: every process it started is gone by the time
+    """One train store (3 band folds, 2 of them trained), killed with SIGKILL mid-trial: every process it started is gone by the time
     an immediate --resume holds the run, the resume finishes the run, and no checkpoints/ remain."""
     stores, run = tmp_path / "one", tmp_path / "run"
     (stores / "train").mkdir(parents=True)
     os.link(synth160["stores"] / "train" / "1.h5", stores / "train" / "1.h5")
-    argv = [PYTHON, "train.py", "--stores", stores, "--run", run, "--preset", "demo", "--epochs", "2",
-            "--max-tiles", "32", "--no-dashboard", "--num-cpus", "2"]
+    argv = [PYTHON, "train.py", "--stores", stores, "--run", run, "--preset", "demo", "--epochs", "1",
+            "--max-tiles", "32", "--no-dashboard", "--num-cpus", "2", "--folds", "1.1,1.2"]  # 2 trials at once
     first = subprocess.Popen(list(map(str, argv)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = []
     try:
-        wait_for(lambda: first.poll() is not None or any((run / "checkpoints").rglob("*.pt")), 180, "a checkpoint")
+        wait_for(lambda: first.poll() is not None or any("ray::ImplicitFunc" in line for line, *_ in
+                                                         commands(descendants(first.pid)).values()), 180, "a trial")
         assert first.poll() is None, "the run ended before it could be killed"
         started = descendants(first.pid)
-        assert any("ray::" in Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in alive(started))
         first.send_signal(signal.SIGKILL)
         first.wait(30)
         resume = subprocess.Popen([PYTHON, "train.py", "--run", str(run), "--resume", "--no-dashboard", "--num-cpus",
                                    "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
         first_line = resume.stdout.readline()  # printed once it holds the run's lock
-        assert first_line.startswith(f"resuming {run}: 0 of 3 trial(s) finished"), first_line
-        assert alive(started) == [], "processes of the killed run still running when the resume took the run"
+        assert first_line.startswith(f"resuming {run}: 0 of 2 trial(s) finished, 2 to go"), first_line
+        assert alive(started) == [], f"still running when the resume took the run: {commands(alive(started))}"
         rest, err = resume.communicate(timeout=300)
     finally:
         for pid in alive(started):  # only if the test failed: the processes this test started
@@ -378,7 +387,7 @@ def test_sigkill_then_resume_at_once_leaves_no_process_and_no_checkpoints(synth1
     assert resume.returncode == 0, err
     assert "Unfinished" not in (run / "summary.md").read_text()
     assert sorted(p.name for p in (run / "models" / "tu-mobilenetv3_small_050").iterdir()) == [
-        "fold-1.1.pt", "fold-1.2.pt", "fold-1.3.pt"]
+        "fold-1.1.pt", "fold-1.2.pt"]
     assert not (run / "checkpoints").exists()
     assert alive(started) == [] and marked_by(resume.pid) == []  # the resume's Ray went with it too
 
@@ -487,8 +496,8 @@ def test_locked_run_is_refused_before_torch_and_ray_are_imported(tmp_path):
     with exclusive(run, "holder-test"):
         result = subprocess.run([PYTHON, "-X", "importtime", "train.py", "--run", str(run)], cwd=ROOT,
                                 capture_output=True, text=True, timeout=120)
-    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
-    said = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    imported, stderr = split_import_times(result.stderr)
+    said = stderr.splitlines()
     assert result.returncode == 1
     assert len(said) == 1 and said[0].startswith(f"error: {run}: already being written by holder-test (pid {os.getpid()}")
     assert "torch" not in imported and "ray" not in imported
@@ -515,10 +524,13 @@ from lib.runs import RunFileError, check_model_file, read_ensemble, read_record 
 
 
 fuzz = pytest.mark.filterwarnings("ignore")
+SLICE = np.arange(24 * 20, dtype=np.uint16).reshape(24, 20) * 97  # the 16-bit slice the TIFF cases start from
+EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "TIFF": "tif"}
 
 
 def fuzz_settings(examples):
-    return settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+    """`examples` cases (times $INKSEG_FUZZ_SCALE, for a deeper search by hand: INKSEG_FUZZ_SCALE=20 pytest -k fuzz)."""
+    return settings(max_examples=examples * int(os.environ.get("INKSEG_FUZZ_SCALE", 1)), deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -528,7 +540,7 @@ def image_bytes(kind, fmt):
     on = shape_image((24, 20)).astype(np.uint8) * 255
     pixels = {"grey": on, "rgba": np.dstack([np.full_like(on, 255)] * 3 + [on]),
               "green": np.dstack([np.zeros_like(on), on, np.zeros_like(on)]),
-              "slice": (np.arange(24 * 20, dtype=np.uint16).reshape(24, 20) * 97)}[kind]
+              "slice": SLICE}[kind]
     buffer = io.BytesIO()
     if fmt == "TIFF":
         tifffile.imwrite(buffer, pixels)
@@ -576,7 +588,7 @@ def fuzz_dir(tmp_path_factory):
                                       ("grey", "TIFF")])
 def test_fuzz_mask_and_label_reader(fuzz_dir, kind, fmt):
     valid = image_bytes(kind, fmt)
-    path = fuzz_dir / f"mask-{kind}.{ {'PNG': 'png', 'JPEG': 'jpg', 'TIFF': 'tif'}[fmt]}"
+    path = fuzz_dir / f"mask-{kind}.{EXTENSIONS[fmt]}"
 
     @fuzz_settings(120)
     @given(mutated(valid))
@@ -592,50 +604,32 @@ def test_fuzz_mask_and_label_reader(fuzz_dir, kind, fmt):
 
 
 @fuzz
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
-def test_fuzz_segment_layer_reader(fuzz_dir, fmt):
-    """A segment of one fuzzed layer: opening it (the header), then reading its first rows."""
-    ext = {"PNG": "png", "JPEG": "jpg", "TIFF": "tif"}[fmt]
-    valid = image_bytes("grey", fmt) if fmt != "TIFF" else image_bytes("slice", fmt)
-    folder = fuzz_dir / f"segment-{ext}" / "s"
-    (folder / "layers").mkdir(parents=True)
-    layer = folder / "layers" / f"00.{ext}"
+@pytest.mark.parametrize("layout,fmt,examples", [("segments", "PNG", 160), ("segments", "JPEG", 160),
+                                                 ("segments", "TIFF", 160), ("kaggle", "TIFF", 200)])
+def test_fuzz_layer_and_slice_readers(fuzz_dir, layout, fmt, examples):
+    """A segment or Kaggle fragment of one fuzzed layer or slice: opening it (the header), then reading rows."""
+    ext = EXTENSIONS[fmt]
+    if layout == "kaggle":
+        folder, opened = fuzz_dir / "kaggle" / "train" / "1", Fragment
+        path = folder / "surface_volume" / "00.tif"
+    else:
+        folder, opened = fuzz_dir / f"segment-{ext}" / "s", Segment
+        path = folder / "layers" / f"00.{ext}"
+    path.parent.mkdir(parents=True)
+    valid = image_bytes("slice" if fmt == "TIFF" else "grey", fmt)
 
-    @fuzz_settings(160)
-    @given(mutated(valid))
-    def read(data):
-        layer.write_bytes(data)
-
-        def open_and_read():
-            segment = Segment(folder, "test")
-            return segment.read_band(0, 0, min(segment.shape[0], 4))
-
-        rows = assert_read_or_one_line(open_and_read, layer, FragmentError)
-        if data == valid:
-            assert rows.shape == (4, 20)
-
-    read()
-
-
-@fuzz
-def test_fuzz_kaggle_slice_reader(fuzz_dir):
-    valid = image_bytes("slice", "TIFF")
-    folder = fuzz_dir / "kaggle" / "train" / "1"
-    (folder / "surface_volume").mkdir(parents=True)
-    path = folder / "surface_volume" / "00.tif"
-
-    @fuzz_settings(200)
+    @fuzz_settings(examples)
     @given(mutated(valid))
     def read(data):
         path.write_bytes(data)
 
         def open_and_read():
-            fragment = Fragment(folder, "train")
+            fragment = opened(folder, "train")
             return fragment.read_band(0, 0, min(fragment.shape[0], 4))
 
         rows = assert_read_or_one_line(open_and_read, path, FragmentError)
         if data == valid:
-            assert np.array_equal(rows, (np.arange(80, dtype=np.uint16) * 97).reshape(4, 20))
+            assert rows.shape == (4, 20) and (fmt != "TIFF" or np.array_equal(rows, SLICE[:4]))
 
     read()
 
@@ -677,42 +671,36 @@ ENSEMBLE_FIELDS = [("members",), ("threshold",), ("members", 0), ("members", 0, 
                    ("threshold", "value")]
 
 
-@fuzz
-def test_fuzz_ensemble_json(fuzz_dir):
-    run = fuzz_dir / "run-ensemble"
-    run.mkdir()
-    path = run / "ensemble.json"
-
-    @fuzz_settings(450)
-    @given(json_files(ENSEMBLE, ENSEMBLE_FIELDS))
-    def read(data):
-        path.write_bytes(data)
-        ensemble = assert_read_or_one_line(lambda: read_ensemble(run), path, RunFileError)
-        if ensemble is not None:
-            assert all(m["paths"][0].resolve().is_relative_to(run.resolve()) for m in ensemble["members"])
-
-    read()
-
-
 RECORD = {"options": {"stores": "/data/prepared", "backbones": "b", "folds": None}, "train_ids": ["1", "2"],
           "folds": [{"name": "1", "fragment_id": "1", "rows": None}, {"name": "2.1", "fragment_id": "2", "rows": [0, 9]}]}
 RECORD_FIELDS = [("options",), ("train_ids",), ("folds",), ("folds", 0), ("folds", 1, "name"), ("folds", 1, "rows"),
                  ("folds", 1, "rows", 0), ("folds", 0, "fragment_id")]
 
 
-@fuzz
-def test_fuzz_run_json(fuzz_dir):
-    run = fuzz_dir / "run-record"
-    run.mkdir()
-    path = run / "run.json"
+def ensemble_paths_inside(ensemble, run):
+    return all(m["paths"][0].resolve().is_relative_to(run.resolve()) for m in ensemble["members"])
 
-    @fuzz_settings(350)
-    @given(json_files(RECORD, RECORD_FIELDS))
+
+def record_folds_typed(record, run):
+    return all(isinstance(f, train.Fold) for f in record["folds"])
+
+
+@fuzz
+@pytest.mark.parametrize("name,read_file,document,fields,examples,check", [
+    ("ensemble.json", read_ensemble, ENSEMBLE, ENSEMBLE_FIELDS, 450, ensemble_paths_inside),
+    ("run.json", read_record, RECORD, RECORD_FIELDS, 350, record_folds_typed)])
+def test_fuzz_run_files(fuzz_dir, name, read_file, document, fields, examples, check):
+    """ensemble.json (read_ensemble) and run.json (read_record): a correct read passes its own check."""
+    run = fuzz_dir / f"run-{name}"
+    run.mkdir()
+    path = run / name
+
+    @fuzz_settings(examples)
+    @given(json_files(document, fields))
     def read(data):
         path.write_bytes(data)
-        record = assert_read_or_one_line(lambda: read_record(run), path, RunFileError)
-        if record is not None:
-            assert all(isinstance(f, train.Fold) for f in record["folds"])
+        content = assert_read_or_one_line(lambda: read_file(run), path, RunFileError)
+        assert content is None or check(content, run)
 
     read()
 
