@@ -40,6 +40,7 @@ of CPU threads (--threads) in both (lib/distributed.py).
 import argparse
 import csv
 import fnmatch
+import functools
 import json
 import os
 import shutil
@@ -51,10 +52,10 @@ import numpy as np
 import torch
 
 from lib.fragments import FragmentError, read_png_binary
-from lib.infer import TRIPLET_MODES
+from lib.infer import TRIPLET_MODES, predict_fragment
 from lib.lock import LockedError, exclusive
 from lib.bands import plan_bands, tile_row_counts
-from lib.distributed import band_jobs, preload, run_jobs, tiling_groups
+from lib.distributed import band_jobs, preload, run_jobs
 from lib.outputs import PngWriter, ProbabilityH5Writer, ProbabilityScratch, TiffWriter, ZarrWriter, finish_fragment
 from lib.metrics import fbeta_counts
 from lib.runs import RunFileError, load_members, read_ensemble, recorded_stores, write_json
@@ -168,6 +169,25 @@ def read_truth(truth_dir, fragment_id, shape):
 # ------------------------------------------------------------------------------------------- prediction
 
 
+def tiling_groups(members, triplets=None):
+    """{(tile_size, stride, triplet mode): [(model, weight), ...]}: every fold model of the members
+    (lib.runs.load_members), weighted member weight / number of folds, grouped by how they predict: their tiling
+    and their triplet mode (the member's own, unless `triplets` overrides it)."""
+    groups = {}
+    for member in members:
+        key = (member["tile_size"], member["stride"], triplets or member["triplets"])
+        for model, _ in member["models"]:
+            groups.setdefault(key, []).append((model, member["weight"] / len(member["models"])))
+    return groups
+
+
+def predict_group(models, store, key, out, batch_size, tta, device):
+    """Add one tiling group's (tiling_groups) weighted probability into `out`, a row sink: lib/bands.py calls it
+    on each band's window of the store, here or in a Ray task."""
+    tile_size, stride, triplets = key
+    predict_fragment(models, store, tile_size, stride, batch_size, tta=tta, triplets=triplets, device=device, out=out)
+
+
 def largest_tile(groups):
     """The largest tile size of the ensemble's tilings: bands are at least a few of them tall."""
     return max(tile_size for tile_size, _, _ in groups)
@@ -241,7 +261,9 @@ def predict_test_set(run, args):
             print(f"{fragment_id}: outputs complete and up to date, skipped (--force redoes it)")
 
     common = {"run": str(run), "ensemble": ensemble, "triplets": args.triplets, "device": args.device,
-              "batch_size": args.batch_size, "tta": args.tta, "threads": args.threads}
+              "threads": args.threads, "batch_size": args.batch_size, "group_models": tiling_groups,
+              "predict_group": functools.partial(predict_group, batch_size=args.batch_size, tta=args.tta,
+                                                 device=args.device)}
     preload(common, groups)  # this process's bands use the models loaded above
     jobs, remaining, started = [], {}, {}
     for fragment_id in todo:
