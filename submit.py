@@ -42,7 +42,9 @@ of CPU threads (--threads) in both (lib/distributed.py).
 """
 import argparse
 import csv
+import dataclasses
 import fnmatch
+import functools
 import json
 import shutil
 import sys
@@ -54,7 +56,8 @@ import torch
 
 from lib.fragments import FragmentError, read_png_binary
 from lib.bands import plan_bands, tile_row_counts
-from lib.distributed import band_jobs, describe_inputs, preload, run_jobs, tiling_groups
+from lib.distributed import band_jobs, preload, run_jobs
+from lib.infer import predict_fragment
 from lib.inputs import TRIPLET_MODES, slices_needed
 from lib.lock import LockedError, exclusive
 from lib.metrics import fbeta_counts
@@ -183,6 +186,36 @@ def read_truth(truth_dir, fragment_id, shape):
 # ------------------------------------------------------------------------------------------- prediction
 
 
+def tiling_groups(members, triplets=None):
+    """{(tile_size, stride, how slices are read): [(model, weight, InputSpec), ...]}: every fold model of the members
+    (lib.runs.load_members), weighted member weight / number of folds, grouped so that one pass over a fragment's
+    tiles serves each group: their tiling and where their slices are read (InputSpec.read_mode). `triplets`
+    overrides the triplet mode of triplet models."""
+    groups = {}
+    for member in members:
+        spec = member["spec"]
+        if triplets and spec.family == "triplets":
+            spec = dataclasses.replace(spec, triplets=triplets)
+        key = (member["tile_size"], member["stride"], spec.read_mode())
+        for model, _ in member["models"]:
+            groups.setdefault(key, []).append((model, member["weight"] / len(member["models"]), spec))
+    return groups
+
+
+def describe_inputs(groups):
+    """The members' families and input modes, e.g. "stack (12 slices, tile), triplets (tile)"."""
+    specs = {spec for models in groups.values() for _, _, spec in models}
+    return ", ".join(sorted(f"{s.family} ({s.triplets})" if s.family == "triplets" else
+                            f"{s.family} ({s.depth} slices, {s.centre_on})" for s in specs))
+
+
+def predict_group(models, store, key, out, batch_size, tta, device):
+    """Add one tiling group's (tiling_groups) weighted probability into `out`, a row sink: lib/bands.py calls it
+    on each band's window of the store, here or in a Ray task."""
+    tile_size, stride, _ = key
+    predict_fragment(models, store, tile_size, stride, batch_size, tta=tta, device=device, out=out)
+
+
 def largest_tile(groups):
     """The largest tile size of the ensemble's tilings: bands are at least a few of them tall."""
     return max(tile_size for tile_size, _, _ in groups)
@@ -281,7 +314,9 @@ def predict_test_set(run, args):
             print(f"{fragment_id}: outputs complete and up to date, skipped (--force redoes it)")
 
     common = {"run": str(run), "ensemble": ensemble, "triplets": args.triplets, "device": args.device,
-              "batch_size": args.batch_size, "tta": args.tta, "threads": args.threads}
+              "threads": args.threads, "batch_size": args.batch_size, "group_models": tiling_groups,
+              "predict_group": functools.partial(predict_group, batch_size=args.batch_size, tta=args.tta,
+                                                 device=args.device)}
     preload(common, groups)  # this process's bands use the models loaded above
     jobs, remaining, started = [], {}, {}
     for fragment_id in todo:

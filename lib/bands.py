@@ -1,8 +1,9 @@
 """Prediction of a fragment in row bands, in memory that does not grow with the fragment's height.
 
 A fragment is cut into bands of whole output chunks (plan_bands). A band is predicted on its own (predict_band):
-for each tiling of the ensemble (tile size, stride, how slices are read) it takes the tiles that overlap its rows and runs
-lib.infer.predict_fragment on a RowWindow, a view of only the store rows those tiles cover (its mask, its tiles),
+for each tiling of the ensemble (tile size, stride, how slices are read) it takes the tiles that overlap its rows
+and runs lib.infer.predict_fragment (through submit.predict_group) on a RowWindow, a view of only the store rows
+those tiles cover (its mask, its tiles),
 into a band buffer that keeps the band's own rows. So a band reads the tiles that cross its edges again (each band
 blends every tile over its rows), and memory is a band's rows, however tall the fragment.
 
@@ -14,7 +15,6 @@ order, in any process or on any node (lib/distributed.py), and the result does n
 """
 import numpy as np
 
-from lib.infer import predict_fragment
 from lib.store import grid_starts, mask_coverage
 
 OUTPUT_CHUNK = 512  # rows and columns of an output chunk; bands are whole chunk rows
@@ -119,18 +119,18 @@ class BandBuffer:
             self.rows[lo - self.y0: hi - self.y0] += rows[lo - y: hi - y]
 
 
-def predict_band(groups, store, band, row_counts, batch_size, tta=True, device="cpu"):
-    """(y1 - y0, W) float32: the ensemble's probability sum on the band's rows. `groups`: {(tile size, stride,
-    read mode): [(model, weight, InputSpec), ...]} (lib.distributed.tiling_groups); `row_counts`: {group key:
-    tile_row_counts}."""
+def predict_band(groups, store, band, row_counts, predict_group, batch_size):
+    """(y1 - y0, W) float32: the ensemble's probability sum on the band's rows. `groups`: {(tile size, stride, ...):
+    models} (submit.tiling_groups); `row_counts`: {group key: tile_row_counts}; predict_group(models, window, key,
+    out) adds a group's prediction of a store (here a RowWindow) into `out` (submit.predict_group), `batch_size`
+    tiles a batch (the band's tiles are widened to whole batches of that many)."""
     buffer = BandBuffer(band, store.shape[1])
     for key, models in groups.items():
-        tile_size, stride, _ = key
+        tile_size, stride = key[:2]
         positions = band_tiles(store, band, tile_size, stride, batch_size, row_counts[key])
         if len(positions) == 0:
             continue
         top, bottom = int(positions[0, 0]), min(store.shape[0], int(positions[-1, 0]) + tile_size)
         buffer.offset = top
-        predict_fragment(models, RowWindow(store, top, bottom, positions), tile_size, stride, batch_size, tta=tta,
-                         device=device, out=buffer)
+        predict_group(models, RowWindow(store, top, bottom, positions), key, buffer)
     return buffer.rows

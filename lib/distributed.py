@@ -1,6 +1,7 @@
 """Band jobs of submit.py, run in this process or spread as Ray tasks over whatever CPUs and GPUs a cluster has.
 
-A job is one row band of one fragment (lib/bands.py): it loads the run's models (once per worker process), reads
+A job is one row band of one fragment (lib/bands.py): it loads the run's models (once per worker process) and
+groups them by tiling with the job's group_models, reads
 its own rows' tiles, predicts them with every ensemble member and writes its rows of the fragment's
 ProbabilityScratch (lib/writers.py), whole: a job that is run again (Ray retries a band whose worker died)
 overwrites the same rows with the same values. Bands give the same result whichever process runs them and in
@@ -10,7 +11,6 @@ of CPU threads in both (its CPU kernels may round differently with another count
 On a cluster of several machines, the run folder, the stores and the outputs must be on a filesystem every node
 sees at the same path (as for train.py --address).
 """
-import dataclasses
 import os
 import time
 
@@ -26,31 +26,8 @@ _LOADED = {}  # per process: (run, ensemble, device, triplets) -> groups; store 
 MAX_RETRIES = 3  # a band whose worker died (killed, out of memory, node lost) is run again up to this often
 
 
-def tiling_groups(members, triplets=None):
-    """{(tile_size, stride, how slices are read): [(model, weight, InputSpec), ...]}: every fold model of the members
-    (lib.runs.load_members), weighted member weight / number of folds, grouped so that one pass over a fragment's
-    tiles serves each group: their tiling and where their slices are read (InputSpec.read_mode). `triplets`
-    overrides the triplet mode of triplet models."""
-    groups = {}
-    for member in members:
-        spec = member["spec"]
-        if triplets and spec.family == "triplets":
-            spec = dataclasses.replace(spec, triplets=triplets)
-        key = (member["tile_size"], member["stride"], spec.read_mode())
-        for model, _ in member["models"]:
-            groups.setdefault(key, []).append((model, member["weight"] / len(member["models"]), spec))
-    return groups
-
-
-def describe_inputs(groups):
-    """The members' families and input modes, e.g. "stack (12 slices, tile), triplets (tile)"."""
-    specs = {spec for models in groups.values() for _, _, spec in models}
-    return ", ".join(sorted(f"{s.family} ({s.triplets})" if s.family == "triplets" else
-                            f"{s.family} ({s.depth} slices, {s.centre_on})" for s in specs))
-
-
 def _groups_key(job):
-    return "groups", job["run"], repr(job["ensemble"]), job["device"], job["triplets"]
+    return "groups", job["run"], repr(job["ensemble"]), job["device"], job["triplets"], job["group_models"]
 
 
 def preload(common, groups):
@@ -61,7 +38,8 @@ def preload(common, groups):
 def _groups(job):
     key = _groups_key(job)
     if key not in _LOADED:
-        _LOADED[key] = tiling_groups(load_members(job["run"], job["ensemble"], job["device"]), job["triplets"])
+        members = load_members(job["run"], job["ensemble"], job["device"])
+        _LOADED[key] = job["group_models"](members, job["triplets"])
     return _LOADED[key]
 
 
@@ -78,8 +56,8 @@ def run_job(job):
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     store = _store(job["store"])
-    rows = predict_band(_groups(job), store, job["band"], job["row_counts"], job["batch_size"], job["tta"],
-                        job["device"])
+    rows = predict_band(_groups(job), store, job["band"], job["row_counts"], job["predict_group"],
+                        job["batch_size"])
     ProbabilityScratch(job["scratch"]).write(job["band"][0], rows)
     return job["fragment_id"], job["band"], time.perf_counter() - started
 
@@ -110,8 +88,9 @@ def run_jobs(jobs, on_band, address=None, workers=0, gpus_per_job=0):
 
 
 def band_jobs(store, store_path, scratch, bands, row_counts, common):
-    """The jobs of one fragment: one per band; `common` holds the run-wide fields (run, ensemble, triplets, device,
-    batch_size, tta, threads)."""
+    """The jobs of one fragment: one per band; `common` holds the run-wide fields: run, ensemble (read_ensemble's),
+    triplets (an override or None), device, threads (torch's, or None), batch_size, group_models(members, triplets) -> {key:
+    models} and predict_group(models, window, key, out) (submit.py's tiling_groups and predict_group)."""
     return [{**common, "fragment_id": store.fragment_id, "store": str(store_path), "scratch": str(scratch),
              "band": (int(y0), int(y1)), "row_counts": {k: tuple(np.asarray(a) for a in v) for k, v in row_counts.items()}}
             for y0, y1 in bands]

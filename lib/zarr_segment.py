@@ -20,6 +20,7 @@ import numpy as np
 import tifffile
 import zarr
 from PIL import Image
+from zarr.core.buffer.cpu import NDBuffer
 
 from lib.fragments import Fragment, FragmentError
 
@@ -167,16 +168,21 @@ class ZarrSegment(Fragment):
         return read_map(self.labels_path)
 
     def read_layers(self, layers, y0, y1, out=None):
-        """Rows [y0, y1) of the source `layers` as (len(layers), y1 - y0, W): one zarr read of their span."""
+        """Rows [y0, y1) of the source `layers` as (len(layers), y1 - y0, W): one zarr read of their span, decoded
+        straight into `out` when the layers run up or down without gaps (the usual windows, reversed or not)."""
         z0, z1 = min(layers), max(layers) + 1
+        if out is None:
+            out = np.empty((len(layers), y1 - y0, self.shape[1]), self.dtype)
+        step = 1 if list(layers) == list(range(z0, z1)) else -1 if list(layers) == list(range(z1 - 1, z0 - 1, -1)) \
+            else 0
         try:
-            block = self.volume[z0:z1, y0:y1]
+            if step:
+                self.volume.get_basic_selection((slice(z0, z1), slice(y0, y1)),
+                                                out=NDBuffer.from_numpy_array(out[::step]))
+            else:
+                out[...] = self.volume[z0:z1, y0:y1][[z - z0 for z in layers]]
         except (OSError, ValueError, RuntimeError) as err:
             raise FragmentError(f"{self.url}: unreadable rows {y0}:{y1} ({type(err).__name__}: {err})") from None
-        picked = block[[z - z0 for z in layers]]
-        if out is None:
-            return picked
-        out[...] = picked
         return out
 
     def read_band(self, z, y0, y1, out=None):

@@ -2,6 +2,7 @@
 whole-map prediction bit for bit, and its outputs written band by band (PNG, zarr, BigTIFF, CSV row, percentile
 threshold) equal the whole-map ones; a second call skips fragments whose outputs are complete and up to date."""
 import csv
+import functools
 import json
 
 import cv2
@@ -12,7 +13,6 @@ import zarr
 
 import lib.bands as bands
 import submit
-from lib.distributed import tiling_groups
 from lib.infer import predict_fragment
 from lib.metrics import binarise, percentile_cutoff
 from lib.writers import PngWriter, percentile_cutoff_in_bands
@@ -44,14 +44,15 @@ def whole_map(groups, store, batch_size, tta):
 def test_bands_equal_the_whole_map_exactly(tiny, small_bands):
     """Two tilings (an ensemble with members of different tile sizes), 3 tiles a batch (batches straddle bands)."""
     members = load_members(tiny["run"], read_ensemble(tiny["run"]))
-    groups = tiling_groups(members)
+    groups = submit.tiling_groups(members)
     (key, models), = groups.items()
     groups = {key: models[:2], (48, 24, "middle"): models[2:]}
     store = Store(tiny["stores"] / "test" / "a.h5")
     counts = {k: bands.tile_row_counts(store, k[0], k[1]) for k in groups}
     plan = bands.plan_bands(*store.shape, 64)
     assert len(plan) >= 4
-    got = np.concatenate([bands.predict_band(groups, store, band, counts, 3, tta=False) for band in plan])
+    predict_group = functools.partial(submit.predict_group, batch_size=3, tta=False, device="cpu")
+    got = np.concatenate([bands.predict_band(groups, store, band, counts, predict_group, 3) for band in plan])
     expected = whole_map(groups, store, 3, tta=False)
     assert expected[store.read_map("mask") > 0].min() > 0
     np.testing.assert_array_equal(got, expected)
@@ -88,7 +89,7 @@ def test_submit_outputs_written_in_bands_equal_the_whole_map(tiny, small_bands, 
     submit.main(["--run", str(run), "--stores", str(tiny["stores"]), "--out", str(out), "--no-tta", "--png",
                  str(tmp_path / "pred"), "--zarr", str(tmp_path / "pred"), "--tif", str(tmp_path / "pred")])
     ensemble = read_ensemble(run)
-    groups = tiling_groups(load_members(run, ensemble), None)
+    groups = submit.tiling_groups(load_members(run, ensemble), None)
     rows = dict(list(csv.reader(open(out)))[1:])
     for fragment_id in TEST_IDS:
         store = Store(tiny["stores"] / "test" / f"{fragment_id}.h5")

@@ -11,6 +11,7 @@ import psutil
 import tifffile
 import zarr
 
+import submit
 from lib.fragments import Fragment
 from lib.store import write_store
 from test_cluster import ROOT, cluster  # noqa: F401 - the fixture
@@ -32,11 +33,9 @@ def tall_fragment(root):
     return Fragment.open(root, "test", "tall")
 
 
-def submit(run, stores, out, *extra, env=None):
-    return subprocess.Popen([sys.executable, str(ROOT / "submit.py"), "--run", str(run), "--stores", str(stores),
-                             "--out", str(out), "--zarr", str(out.parent / "pred"), "--no-tta", "--threads", "1",
-                             "--batch-size", "3", "--band-rows", "512", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def submit_args(run, stores, out):
+    return ["--run", str(run), "--stores", str(stores), "--out", str(out), "--zarr", str(out.parent / "pred"),
+            "--no-tta", "--threads", "1", "--batch-size", "3", "--band-rows", "512"]
 
 
 def kill_first_band_task(ray_tmp, process, deadline=120):
@@ -55,19 +54,20 @@ def kill_first_band_task(ray_tmp, process, deadline=120):
     return None
 
 
-def test_bands_on_two_nodes_equal_one_process_and_survive_a_killed_worker(cluster, tiny, tmp_path):  # noqa: F811
+def test_bands_on_two_nodes_equal_one_process_and_survive_a_killed_worker(cluster, tiny, tmp_path, capsys,  # noqa: F811
+                                                                          one_thread):
     address, env = cluster
     run, stores = tmp_path / "run", tmp_path / "stores"
     shutil.copytree(tiny["run"] / "models", run / "models")
     shutil.copy(tiny["run"] / "ensemble.json", run / "ensemble.json")
     write_store(tall_fragment(tmp_path / "data"), stores / "test" / "tall.h5", tile_size=64, stride=32, progress=False)
 
-    alone = submit(run, stores, tmp_path / "alone" / "sub.csv")
-    printed = alone.communicate(timeout=600)[0]
-    assert alone.returncode == 0, printed[-3000:]
-    assert "tall: band 3/3" in printed
+    submit.main(submit_args(run, stores, tmp_path / "alone" / "sub.csv"))  # here, one torch thread (one_thread)
+    assert "tall: band 3/3" in capsys.readouterr().out
 
-    spread = submit(run, stores, tmp_path / "spread" / "sub.csv", "--address", address, env=env)
+    spread = subprocess.Popen([sys.executable, str(ROOT / "submit.py"), *submit_args(run, stores, tmp_path / "spread" /
+                              "sub.csv"), "--address", address], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
     killed = kill_first_band_task(env["RAY_TMPDIR"], spread)
     printed = spread.communicate(timeout=600)[0]
     assert spread.returncode == 0, printed[-3000:]

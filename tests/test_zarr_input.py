@@ -14,6 +14,7 @@ import tifffile
 import zarr
 
 import lib.store as store_mod
+from lib.zarr_segment import ZarrSegment
 from test_segments import run_prepare
 
 COMPARED = ("volume", "mask", "labels", "tiles", "percentiles", "percentiles_all")
@@ -103,6 +104,9 @@ def test_local_zarr_array_equals_tiff_layers(tmp_path, monkeypatch, dtype):
     with h5py.File(tmp_path / "stores" / "train" / "s1.h5") as h5:
         assert h5["volume"].dtype == dtype and h5.attrs["source"] == str(data / "s1.zarr")
     assert "up to date, skipped" in prepare_stdout(tmp_path, data / "s1.zarr")
+    segment = ZarrSegment(data / "s1.zarr")
+    for layers in ([3, 4, 5], [5, 4, 3], [1, 5, 2]):  # up, down (a reversed depth), neither
+        np.testing.assert_array_equal(segment.read_layers(layers, 10, 30), volume[layers, 10:30])
 
 
 def prepare_stdout(tmp_path, source):
