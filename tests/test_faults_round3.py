@@ -25,6 +25,7 @@ import prepare
 import submit
 import train
 from lib.fragments import Fragment, FragmentError, Segment, read_png_binary
+from lib.inputs import InputSpec
 from lib.lock import exclusive
 from lib.store import Store, StoreError, require_slices
 from helpers import in_process
@@ -255,9 +256,9 @@ def test_submit_refuses_stores_without_the_slices_before_predicting(tiny, shallo
     argv = ["--run", tiny["run"], "--stores", shallow_tiny, "--out", out, "--no-tta", *extra]
     code, printed, err = in_process(submit.main, argv)
     assert code == 1 and printed == ""
-    line = assert_one_error(err, f"{shallow_tiny / 'test' / 'a.h5'}: holds slices 0:16", "reads slices 28:36",
-                            "missing 28:36", "--z-range 24:40")
-    assert "--triplets" in line
+    line = assert_one_error(err, f"{shallow_tiny / 'test' / 'a.h5'}: holds slices 0:16", "reads slices 25:39",
+                            "missing 25:39", "--z-range 24:40")
+    assert "the stack member's inputs" in line  # the tiny run's members: a stack and a triplet model
     assert not out.exists()
 
 
@@ -386,7 +387,7 @@ def test_sigkill_then_resume_at_once_leaves_no_process_and_no_checkpoints(synth1
             os.kill(pid, signal.SIGKILL)
     assert resume.returncode == 0, err
     assert "Unfinished" not in (run / "summary.md").read_text()
-    assert sorted(p.name for p in (run / "models" / "tu-mobilenetv3_small_050").iterdir()) == [
+    assert sorted(p.name for p in (run / "models" / "stack:tu-mobilenetv3_small_050").iterdir()) == [
         "fold-1.1.pt", "fold-1.2.pt"]
     assert not (run / "checkpoints").exists()
     assert alive(started) == [] and marked_by(resume.pid) == []  # the resume's Ray went with it too
@@ -436,9 +437,9 @@ def test_reverse_hint_is_not_given_to_a_reversed_segment(tmp_path):
     code, _, err = in_process(prepare.main, ["--data", tmp_path / "seg", "--out", tmp_path / "out", "--test", "s1",
                                              "--reverse", "s1"])
     assert code == 1
-    line = assert_one_error(err, f"{tmp_path / 'seg' / 's1' / 'layers'}: stored reversed (--reverse)",
-                            "drop --reverse")
-    assert "is its depth reversed" not in line
+    line = assert_one_error(err, f"{tmp_path / 'seg' / 's1' / 'layers'}: no papyrus-to-air edge",
+                            "after flipping it", "give --no-reverse s1")
+    assert "give --reverse" not in line
 
 
 def test_z_range_auto_on_a_shallow_segment_says_what_is_needed(tmp_path):
@@ -663,12 +664,12 @@ def json_files(document, paths):
 
 
 ENSEMBLE = {"members": [{"backbone": "b", "weight": 1.0, "tile_size": 64, "stride": 32, "models": ["models/b/fold-1.pt"],
-                         "triplets": "mean"}],
+                         "inputs": InputSpec().as_dict()}],
             "threshold": {"mode": "absolute", "value": 0.5}}
 ENSEMBLE_FIELDS = [("members",), ("threshold",), ("members", 0), ("members", 0, "backbone"), ("members", 0, "weight"),
                    ("members", 0, "tile_size"), ("members", 0, "stride"), ("members", 0, "models"),
-                   ("members", 0, "models", 0), ("members", 0, "triplets"), ("threshold", "mode"),
-                   ("threshold", "value")]
+                   ("members", 0, "models", 0), ("members", 0, "inputs"), ("members", 0, "inputs", "family"),
+                   ("members", 0, "inputs", "version"), ("threshold", "mode"), ("threshold", "value")]
 
 
 RECORD = {"options": {"stores": "/data/prepared", "backbones": "b", "folds": None}, "train_ids": ["1", "2"],
@@ -711,11 +712,12 @@ def test_fuzz_model_file(fuzz_dir):
     from lib.model import build_model, model_config, save_model_file
 
     path = fuzz_dir / "models" / "fold-1.pt"
+    spec = InputSpec("triplets")
     torch_model = build_model("tu-mobilenetv3_small_050", decoder_channels=(16, 8, 8, 8, 8))
-    save_model_file(path, torch_model, config=model_config("tu-mobilenetv3_small_050", 3, (16, 8, 8, 8, 8)), fold="1",
-                    tile_size=64, stride=32, val_f05=0.0, oof_f05=0.0, threshold=0.5)
+    save_model_file(path, torch_model, spec, config=model_config("tu-mobilenetv3_small_050", spec, (16, 8, 8, 8, 8)),
+                    fold="1", tile_size=64, stride=32, val_f05=0.0, oof_f05=0.0, threshold=0.5)
     valid = path.read_bytes()
-    member = {"tile_size": 64, "stride": 32}
+    member = {"tile_size": 64, "stride": 32, "spec": spec}
 
     @fuzz_settings(130)
     @given(mutated(valid))
