@@ -8,6 +8,8 @@ import cv2
 import h5py
 import numpy as np
 
+from lib.outputs import write_atomically
+
 
 class PackedMap:
     """A 0/1 (H, W) map held bit-packed (1 bit a pixel: 18 MB for the largest Kaggle fragment), whose windows cost
@@ -67,9 +69,8 @@ def save_preview(path, panels):
         image = np.zeros((height, panel.shape[1]), np.uint8)
         image[: panel.shape[0]] = panel
         tiles += [image, gap]
-    tmp = path.with_name(path.stem + ".tmp.png")
-    cv2.imwrite(str(tmp), np.hstack(tiles[:-1]))
-    os.replace(tmp, path)
+    encoded = cv2.imencode(".png", np.hstack(tiles[:-1]))[1]
+    write_atomically(path, lambda file: file.write(encoded.tobytes()), "wb")  # a full disk: the old preview stays
 
 
 def _preview_panel(panel, scale):

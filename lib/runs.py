@@ -24,6 +24,7 @@ from lib.folds import Fold
 from lib.inputs import INPUT_VERSION, InputSpec
 from lib.metrics import THRESHOLD_MODES
 from lib.model import load_model_file
+from lib.outputs import write_atomically
 
 RECORD_NAME = "run.json"
 ENSEMBLE_NAME = "ensemble.json"
@@ -236,12 +237,10 @@ def read_json(path):
 
 
 def write_json(path, data):
-    """Write `data` as indented JSON through a temp file and a rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write `data` as indented JSON through a temp file and a rename: never a half-written file, no temp file left
+    when the write fails (an OutputError naming the file)."""
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomically(path, lambda file: file.write(text))
 
 
 class _Fields:

@@ -96,7 +96,7 @@ def outlived_by_nothing(lock_fd=None):
     ends (see the module docstring). On a normal exit, waits for the watchdog's sweep. Linux only (/proc)."""
     token = f"{os.getpid()}:{secrets.token_hex(8)}"
     read_end, write_end = os.pipe()  # not inheritable: only this process holds the write end
-    watchdog = subprocess.Popen([sys.executable, "-m", "lib.watchdog", token], stdin=read_end,
+    watchdog = subprocess.Popen([sys.executable, "-m", "lib.watchdog", token], stdin=read_end, stdout=subprocess.DEVNULL,
                                 pass_fds=() if lock_fd is None else (lock_fd,), cwd=Path(__file__).parents[1],
                                 start_new_session=True)  # Ctrl-C in the terminal must not kill it first
     os.close(read_end)
@@ -111,15 +111,19 @@ def outlived_by_nothing(lock_fd=None):
 
 
 def main():
-    """`python -m lib.watchdog TOKEN`: note the driver's (the parent's) processes until stdin closes (the driver is
-    gone), then sweep them and TOKEN's."""
+    """`python -m lib.watchdog TOKEN`: note the processes the driver (the parent) starts until stdin closes (the
+    driver is gone), then sweep them and TOKEN's. Those running below the driver before are left alone (a test
+    process calling train.main has its own)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     token, driver, seen = sys.argv[1], os.getppid(), {}
+    table = process_table()
+    before = {(pid, table[pid][1]) for pid in below(table, [driver])}  # not started inside the `with`: never noted
     while True:
         if select.select([0], [], [], NOTE_SECONDS)[0] and not os.read(0, 4096):
             break
         table = process_table()
-        seen.update({pid: table[pid][1] for pid in below(table, [driver]) if pid != os.getpid()})
+        seen.update({pid: table[pid][1] for pid in below(table, [driver])
+                     if pid != os.getpid() and (pid, table[pid][1]) not in before})
     sweep(token, seen)
 
 

@@ -367,7 +367,7 @@ def test_sigkill_then_resume_at_once_leaves_no_process_and_no_checkpoints(synth1
     argv = [PYTHON, "train.py", "--stores", stores, "--run", run, "--preset", "demo", "--epochs", "1",
             "--max-tiles", "32", "--no-dashboard", "--num-cpus", "2", "--folds", "1.1,1.2"]  # 2 trials at once
     first = subprocess.Popen(list(map(str, argv)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started = []
+    started, resume = [], None
     try:
         wait_for(lambda: first.poll() is not None or any("ray::ImplicitFunc" in line for line, *_ in
                                                          commands(descendants(first.pid)).values()), 180, "a trial")
@@ -381,10 +381,12 @@ def test_sigkill_then_resume_at_once_leaves_no_process_and_no_checkpoints(synth1
         first_line = resume.stdout.readline()  # printed once it holds the run's lock
         assert first_line.startswith(f"resuming {run}: 0 of 2 trial(s) finished, 2 to go"), first_line
         assert alive(started) == [], f"still running when the resume took the run: {commands(alive(started))}"
-        rest, err = resume.communicate(timeout=300)
-    finally:
-        for pid in alive(started):  # only if the test failed: the processes this test started
-            os.kill(pid, signal.SIGKILL)
+        _, err = resume.communicate(timeout=300)
+    finally:  # only if the test failed: end the processes this test started, by their ids
+        running = resume is not None and resume.poll() is None
+        for pid in alive(started) + ([resume.pid, *descendants(resume.pid)] if running else []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert resume.returncode == 0, err
     assert "Unfinished" not in (run / "summary.md").read_text()
     assert sorted(p.name for p in (run / "models" / "stack:tu-mobilenetv3_small_050").iterdir()) == [
