@@ -30,7 +30,8 @@ or percentile: the top q % of the fragment's in-mask pixels), the mask, and opti
 Memory does not grow with a fragment's size: it is predicted in bands of rows (lib/bands.py), each band's
 probability sum goes to a scratch zarr (RUN/.scratch), and every output is written from it band by band
 (lib/outputs.py); only --min-component holds the whole binary mask (1 byte a pixel). The bands run in this process,
-or as Ray tasks with --workers N (a local Ray) or --address auto|HOST:PORT (a cluster): a band whose worker dies is
+or as Ray tasks with --workers N or --gpus N (a local Ray of N one-CPU or one-GPU workers) or --address
+auto|HOST:PORT (a cluster; on CUDA each band task takes a GPU): a band whose worker dies is
 retried, each band's end is printed, and the result equals this process's exactly when torch has the same number
 of CPU threads (--threads) in both (lib/distributed.py).
 
@@ -90,6 +91,8 @@ def parse_args(argv=None):
                         "to date too (without it they are skipped, unless a CSV or --truth needs every fragment)")
     parser.add_argument("--address", help="spread the bands over the Ray cluster at auto or HOST:PORT (run folder, "
                         "stores and outputs on a filesystem every node sees)")
+    parser.add_argument("--gpus", type=int, default=0, help="spread the bands over a local Ray of this many GPUs, "
+                        "one band task on each (--device cuda)")
     parser.add_argument("--workers", type=int, default=0, help="spread the bands over a local Ray of this many "
                         "one-CPU workers (default 0: in this process)")
     parser.add_argument("--band-rows", type=int, help="rows per band, rounded up to whole 512-row chunks (default: "
@@ -102,6 +105,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 4 if args.device == "cpu" else 32
+    if args.gpus and not args.device.startswith("cuda"):
+        parser.error(f"--gpus {args.gpus} needs --device cuda (device here: {args.device})")
     return args
 
 
@@ -248,7 +253,8 @@ def predict_test_set(run, args):
     models = sum(len(g) for g in groups.values())
     triplets = ",".join(sorted({mode for _, _, mode in groups}))
     threshold = f"p >= {value:g}" if mode == "absolute" else f"top {value:g} % of each fragment's mask"
-    where = f"Ray at {args.address}" if args.address else f"{args.workers} local Ray workers" if args.workers else \
+    where = f"Ray at {args.address}" if args.address else f"{args.workers or args.gpus} local Ray workers" \
+        if args.workers or args.gpus else \
         "this process"
     print(f"{len(ids)} test fragments, {models} models, ink where {threshold}, device {args.device}, "
           f"TTA {args.tta}, triplets {triplets}, {args.batch_size} tiles per batch, bands in {where}")
@@ -292,8 +298,7 @@ def predict_test_set(run, args):
                 totals[:] += result["counts"]
             write_json(stamp_path(run, fragment_id), stamps[fragment_id])
 
-    run_jobs(jobs, on_band, args.address, args.workers, 1 if args.device.startswith("cuda") and
-             (args.address or args.workers) else 0)
+    run_jobs(jobs, on_band, args.address, args.workers, args.gpus)
     shutil.rmtree(run / SCRATCH, ignore_errors=True)
     if out is not None:
         write_submission(out, [(i, rows[i]) for i in ids])

@@ -142,3 +142,9 @@ def layouts_for_skip(tiny, tmp_path):
         with h5py.File(path, "r+") as h5:
             h5.attrs["layout"] = "segments"
     return run, stores
+
+
+def test_gpus_need_a_cuda_device(capsys):
+    with pytest.raises(SystemExit):
+        submit.parse_args(["--gpus", "2", "--device", "cpu"])
+    assert "--gpus 2 needs --device cuda" in capsys.readouterr().err
