@@ -33,7 +33,8 @@ probability sum goes to a scratch zarr (RUN/.scratch), and every output is writt
 or as Ray tasks with --workers N or --gpus N (a local Ray of N one-CPU or one-GPU workers) or --address
 auto|HOST:PORT (a cluster; on CUDA each band task takes a GPU): a band whose worker dies is
 retried, each band's end is printed, and the result equals this process's exactly when torch has the same number
-of CPU threads (--threads) in both (lib/distributed.py).
+of CPU threads (--threads) in both (lib/distributed.py). Bands are marked done as they are written: a run that
+stops keeps them, and the next one with the same settings predicts only the others.
 
     python submit.py --run runs/demo --stores data/prepared [--sample data/synth/sample_submission.csv]
     python submit.py --run runs/seg --stores data/prepared-seg --segments '2023*' --zarr --workers 2
@@ -271,32 +272,44 @@ def predict_test_set(run, args):
               "predict_group": functools.partial(predict_group, batch_size=args.batch_size, tta=args.tta,
                                                  device=args.device)}
     preload(common, groups)  # this process's bands use the models loaded above
-    jobs, remaining, started = [], {}, {}
-    for fragment_id in todo:
-        store = stores[fragment_id]
-        row_counts = {key: tile_row_counts(store, key[0], key[1]) for key in groups}
-        bands = plan_bands(*store.shape, largest_tile(groups), args.band_rows)
-        scratch = ProbabilityScratch(run / SCRATCH / f"{fragment_id}.zarr", store.shape)
-        jobs += band_jobs(store, store.path, scratch.path, bands, row_counts, common)
-        remaining[fragment_id] = len(bands)
+    jobs, remaining, total, started = [], {}, {}, {}
     rows, totals = {}, np.zeros(3, np.int64)  # pooled (tp, fp, fn) for --truth
+
+    def complete(fragment_id):
+        result = finish(run, args, stores[fragment_id], targets[fragment_id], (mode, value), out is not None,
+                        triplets, started.get(fragment_id, time.time()))
+        if result["rle"] is not None:
+            rows[fragment_id] = result["rle"]
+        if result["counts"] is not None:
+            totals[:] += result["counts"]
+        write_json(stamp_path(run, fragment_id), stamps[fragment_id])
 
     def on_band(job, seconds):
         fragment_id = job["fragment_id"]
         started.setdefault(fragment_id, time.time() - seconds)
         remaining[fragment_id] -= 1
-        count = sum(j["fragment_id"] == fragment_id for j in jobs)
-        if count > 1:  # with one band, the fragment's own line says it is done
-            print(f"{fragment_id}: band {count - remaining[fragment_id]}/{count} (rows {job['band'][0]}:"
-                  f"{job['band'][1]}) predicted in {seconds:.0f} s", flush=True)
+        if total[fragment_id] > 1:  # with one band, the fragment's own line says it is done
+            print(f"{fragment_id}: band {total[fragment_id] - remaining[fragment_id]}/{total[fragment_id]} (rows "
+                  f"{job['band'][0]}:{job['band'][1]}) predicted in {seconds:.0f} s", flush=True)
         if remaining[fragment_id] == 0:
-            result = finish(run, args, stores[fragment_id], targets[fragment_id], (mode, value), out is not None,
-                            triplets, started[fragment_id])
-            if result["rle"] is not None:
-                rows[fragment_id] = result["rle"]
-            if result["counts"] is not None:
-                totals[:] += result["counts"]
-            write_json(stamp_path(run, fragment_id), stamps[fragment_id])
+            complete(fragment_id)
+
+    for fragment_id in todo:
+        store = stores[fragment_id]
+        row_counts = {key: tile_row_counts(store, key[0], key[1]) for key in groups}
+        bands = plan_bands(*store.shape, largest_tile(groups), args.band_rows)
+        stamp = json.dumps([stamps[fragment_id]["sources"], args.tta, args.triplets, args.batch_size, args.threads,
+                            bands])  # all that the probability sum depends on
+        scratch = ProbabilityScratch(run / SCRATCH / f"{fragment_id}.zarr", store.shape, stamp)
+        done = scratch.done_bands()
+        left = [band for band in bands if band not in done]
+        if done:
+            print(f"{fragment_id}: {len(bands) - len(left)} of {len(bands)} bands predicted by an interrupted run, "
+                  f"kept", flush=True)
+        jobs += band_jobs(store, store.path, scratch.path, left, row_counts, common)
+        remaining[fragment_id], total[fragment_id] = len(left), len(bands)
+        if not left:
+            complete(fragment_id)
 
     run_jobs(jobs, on_band, args.address, args.workers, args.gpus)
     shutil.rmtree(run / SCRATCH, ignore_errors=True)
