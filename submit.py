@@ -33,9 +33,11 @@ or percentile: the top q % of the fragment's in-mask pixels), the mask, and opti
 Memory does not grow with a fragment's size: it is predicted in bands of rows (lib/bands.py), each band's
 probability sum goes to a scratch zarr (RUN/.scratch), and every output is written from it band by band
 (lib/writers.py); only --min-component holds the whole binary mask (1 byte a pixel). The bands run in this process,
-or as Ray tasks with --workers N (a local Ray) or --address auto|HOST:PORT (a cluster): a band whose worker dies is
+or as Ray tasks with --workers N or --gpus N (a local Ray of N one-CPU or one-GPU workers) or --address
+auto|HOST:PORT (a cluster; on CUDA each band task takes a GPU): a band whose worker dies is
 retried, each band's end is printed, and the result equals this process's exactly when torch has the same number
-of CPU threads (--threads) in both (lib/distributed.py).
+of CPU threads (--threads) in both (lib/distributed.py). Bands are marked done as they are written: a run that
+stops keeps them, and the next one with the same settings predicts only the others.
 
     python submit.py --run runs/demo --stores data/prepared [--sample data/synth/sample_submission.csv]
     python submit.py --run runs/seg --stores data/prepared-seg --segments '2023*' --zarr --workers 2
@@ -96,6 +98,8 @@ def parse_args(argv=None):
                         "to date too (without it they are skipped, unless a CSV or --truth needs every fragment)")
     parser.add_argument("--address", help="spread the bands over the Ray cluster at auto or HOST:PORT (run folder, "
                         "stores and outputs on a filesystem every node sees)")
+    parser.add_argument("--gpus", type=int, default=0, help="spread the bands over a local Ray of this many GPUs, "
+                        "one band task on each (--device cuda)")
     parser.add_argument("--workers", type=int, default=0, help="spread the bands over a local Ray of this many "
                         "one-CPU workers (default 0: in this process)")
     parser.add_argument("--band-rows", type=int, help="rows per band, rounded up to whole 512-row chunks (default: "
@@ -108,6 +112,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 4 if args.device == "cpu" else 32
+    if args.gpus and not args.device.startswith("cuda"):
+        parser.error(f"--gpus {args.gpus} needs --device cuda (device here: {args.device})")
     return args
 
 
@@ -301,7 +307,8 @@ def predict_test_set(run, args):
     models = sum(len(g) for g in groups.values())
     inputs = describe_inputs(groups)
     threshold = f"p >= {value:g}" if mode == "absolute" else f"top {value:g} % of each fragment's mask"
-    where = f"Ray at {args.address}" if args.address else f"{args.workers} local Ray workers" if args.workers else \
+    where = f"Ray at {args.address}" if args.address else f"{args.workers or args.gpus} local Ray workers" \
+        if args.workers or args.gpus else \
         "this process"
     print(f"{len(ids)} test fragments, {models} models, ink where {threshold}, device {args.device}, "
           f"TTA {args.tta}, inputs {inputs}, {args.batch_size} tiles per batch, bands in {where}")
@@ -318,35 +325,46 @@ def predict_test_set(run, args):
               "predict_group": functools.partial(predict_group, batch_size=args.batch_size, tta=args.tta,
                                                  device=args.device)}
     preload(common, groups)  # this process's bands use the models loaded above
-    jobs, remaining, started = [], {}, {}
-    for fragment_id in todo:
-        store = stores[fragment_id]
-        row_counts = {key: tile_row_counts(store, key[0], key[1]) for key in groups}
-        bands = plan_bands(*store.shape, largest_tile(groups), args.band_rows)
-        scratch = ProbabilityScratch(run / SCRATCH / f"{fragment_id}.zarr", store.shape)
-        jobs += band_jobs(store, store.path, scratch.path, bands, row_counts, common)
-        remaining[fragment_id] = len(bands)
+    jobs, remaining, total, started = [], {}, {}, {}
     rows, totals = {}, np.zeros(3, np.int64)  # pooled (tp, fp, fn) for --truth
+
+    def complete(fragment_id):
+        result = finish(run, args, stores[fragment_id], targets[fragment_id], (mode, value), out is not None,
+                        inputs, started.get(fragment_id, time.time()))
+        if result["rle"] is not None:
+            rows[fragment_id] = result["rle"]
+        if result["counts"] is not None:
+            totals[:] += result["counts"]
+        write_json(stamp_path(run, fragment_id), stamps[fragment_id])
 
     def on_band(job, seconds):
         fragment_id = job["fragment_id"]
         started.setdefault(fragment_id, time.time() - seconds)
         remaining[fragment_id] -= 1
-        count = sum(j["fragment_id"] == fragment_id for j in jobs)
-        if count > 1:  # with one band, the fragment's own line says it is done
-            print(f"{fragment_id}: band {count - remaining[fragment_id]}/{count} (rows {job['band'][0]}:"
-                  f"{job['band'][1]}) predicted in {seconds:.0f} s", flush=True)
+        if total[fragment_id] > 1:  # with one band, the fragment's own line says it is done
+            print(f"{fragment_id}: band {total[fragment_id] - remaining[fragment_id]}/{total[fragment_id]} (rows "
+                  f"{job['band'][0]}:{job['band'][1]}) predicted in {seconds:.0f} s", flush=True)
         if remaining[fragment_id] == 0:
-            result = finish(run, args, stores[fragment_id], targets[fragment_id], (mode, value), out is not None,
-                            inputs, started[fragment_id])
-            if result["rle"] is not None:
-                rows[fragment_id] = result["rle"]
-            if result["counts"] is not None:
-                totals[:] += result["counts"]
-            write_json(stamp_path(run, fragment_id), stamps[fragment_id])
+            complete(fragment_id)
 
-    run_jobs(jobs, on_band, args.address, args.workers, 1 if args.device.startswith("cuda") and
-             (args.address or args.workers) else 0)
+    for fragment_id in todo:
+        store = stores[fragment_id]
+        row_counts = {key: tile_row_counts(store, key[0], key[1]) for key in groups}
+        bands = plan_bands(*store.shape, largest_tile(groups), args.band_rows)
+        stamp = json.dumps([stamps[fragment_id]["sources"], args.tta, args.triplets, args.batch_size, args.threads,
+                            bands])  # all that the probability sum depends on
+        scratch = ProbabilityScratch(run / SCRATCH / f"{fragment_id}.zarr", store.shape, stamp)
+        done = scratch.done_bands()
+        left = [band for band in bands if band not in done]
+        if done:
+            print(f"{fragment_id}: {len(bands) - len(left)} of {len(bands)} bands predicted by an interrupted run, "
+                  f"kept", flush=True)
+        jobs += band_jobs(store, store.path, scratch.path, left, row_counts, common)
+        remaining[fragment_id], total[fragment_id] = len(left), len(bands)
+        if not left:
+            complete(fragment_id)
+
+    run_jobs(jobs, on_band, args.address, args.workers, args.gpus)
     shutil.rmtree(run / SCRATCH, ignore_errors=True)
     if out is not None:
         write_submission(out, [(i, rows[i]) for i in ids])

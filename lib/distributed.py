@@ -62,11 +62,12 @@ def run_job(job):
     return job["fragment_id"], job["band"], time.perf_counter() - started
 
 
-def run_jobs(jobs, on_band, address=None, workers=0, gpus_per_job=0):
-    """Run `jobs` here (neither address nor workers) or as Ray tasks: on the cluster at `address` (auto or
-    HOST:PORT), else on a local Ray of `workers` CPUs. Each job takes 1 CPU (and gpus_per_job GPUs). on_band(job,
-    seconds) is called in this process as each band finishes, in the order they finish."""
-    if not address and not workers:
+def run_jobs(jobs, on_band, address=None, workers=0, gpus=0):
+    """Run `jobs` here (no address, workers or gpus) or as Ray tasks: on the cluster at `address` (auto or
+    HOST:PORT), else on a local Ray of `workers` one-CPU workers or `gpus` one-GPU workers. A job takes 1 CPU, and
+    1 GPU when its device is CUDA. on_band(job, seconds) is called in this process as each band finishes, in the
+    order they finish."""
+    if not (address or workers or gpus):
         for job in jobs:
             on_band(job, run_job(job)[2])
         return
@@ -75,9 +76,11 @@ def run_jobs(jobs, on_band, address=None, workers=0, gpus_per_job=0):
     if address:
         ray.init(address=address)
     else:  # always a Ray of its own, never a cluster someone left running on this machine
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, object_store_memory=256 * 2**20)
+        ray.init(address="local", num_cpus=max(workers, gpus), num_gpus=gpus or None, include_dashboard=False,
+                 object_store_memory=256 * 2**20)
     try:
-        task = ray.remote(num_cpus=1, num_gpus=gpus_per_job, max_retries=MAX_RETRIES)(run_job)
+        on_gpu = any(str(job["device"]).startswith("cuda") for job in jobs)
+        task = ray.remote(num_cpus=1, num_gpus=1 if on_gpu else 0, max_retries=MAX_RETRIES)(run_job)
         pending = {task.remote(job): job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -48,32 +48,50 @@ def to_8bit(prob):
 
 
 class ProbabilityScratch:
-    """The ensemble's (H, W) float32 probability sum as a zarr on disk, written a band at a time: each band is
-    written whole (a retried band overwrites its rows), by any process that can reach the path."""
+    """The ensemble's (H, W) float32 probability sum as a zarr on disk, written a band at a time by any process that
+    can reach the path: each band is written whole (a retried band overwrites its rows) and then marked done, so
+    that a run interrupted after some bands resumes with the others (when it predicts with the same `stamp`)."""
 
-    def __init__(self, path, shape=None):
-        """Create (with `shape`) or open (without) the scratch at `path`."""
+    def __init__(self, path, shape=None, stamp=None):
+        """Open the scratch at `path`; with `shape`, create it, unless one of that shape and `stamp` (a string
+        naming everything its values depend on) is there already: then its bands marked done are kept."""
         self.path = Path(path)
+        self.marks = self.path.with_name(self.path.name + ".done")
         if shape is None:
             self.array = zarr.open_array(self.path, mode="r+")
-        else:
-            self.array = zarr.create_array(self.path, shape=shape, dtype=np.float32, fill_value=0,
-                                           chunks=(OUTPUT_CHUNK, OUTPUT_CHUNK), overwrite=True,
-                                           compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=5,
-                                                                              shuffle="bitshuffle"))
+            return
+        try:
+            self.array = zarr.open_array(self.path, mode="r+")
+            if tuple(self.array.shape) == tuple(shape) and self.array.attrs.get("stamp") == stamp:
+                return
+        except (OSError, ValueError, KeyError):  # FileNotFoundError included: none there yet
+            pass
+        shutil.rmtree(self.marks, ignore_errors=True)
+        self.array = zarr.create_array(self.path, shape=shape, dtype=np.float32, fill_value=0,
+                                       chunks=(OUTPUT_CHUNK, OUTPUT_CHUNK), overwrite=True, attributes={"stamp": stamp},
+                                       compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"))
 
     @property
     def shape(self):
         return tuple(self.array.shape)
 
     def write(self, y0, rows):
+        """Write the band of `rows` at row y0 and mark it done."""
         self.array[y0: y0 + len(rows)] = rows
+        self.marks.mkdir(exist_ok=True)
+        (self.marks / f"{y0}-{y0 + len(rows)}").touch()
+
+    def done_bands(self):
+        """{(y0, y1)} of the bands written whole."""
+        names = [p.name for p in self.marks.glob("*-*")] if self.marks.is_dir() else []
+        return {tuple(int(v) for v in name.split("-")) for name in names}
 
     def read(self, y0, y1):
         return self.array[y0:y1]
 
     def remove(self):
         shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.marks, ignore_errors=True)
 
 
 def _temp(path):

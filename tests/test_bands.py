@@ -4,6 +4,8 @@ threshold) equal the whole-map ones; a second call skips fragments whose outputs
 import csv
 import functools
 import json
+import re
+import shutil
 
 import cv2
 import numpy as np
@@ -130,7 +132,6 @@ def test_second_call_skips_up_to_date_segments(layouts_for_skip, capsys):
 def layouts_for_skip(tiny, tmp_path):
     """The tiny run's models on segment-layout copies of its test stores (no CSV: segments need none)."""
     import h5py
-    import shutil
 
     run, stores = tmp_path / "run", tmp_path / "stores"
     shutil.copytree(tiny["run"] / "models", run / "models")
@@ -142,3 +143,33 @@ def layouts_for_skip(tiny, tmp_path):
         with h5py.File(path, "r+") as h5:
             h5.attrs["layout"] = "segments"
     return run, stores
+
+
+def test_gpus_need_a_cuda_device(capsys):
+    with pytest.raises(SystemExit):
+        submit.parse_args(["--gpus", "2", "--device", "cpu"])
+    assert "--gpus 2 needs --device cuda" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_keeps_its_predicted_bands(tiny, small_bands, tmp_path, capsys):
+    """A run that fails writing the first fragment's PNG (a file where its folder should be) has predicted that
+    fragment's bands; the next run keeps them, predicts the rest, and writes the same files as the whole map."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"] / "models", run / "models")
+    shutil.copy(tiny["run"] / "ensemble.json", run / "ensemble.json")
+    (tmp_path / "blocked").write_text("")
+    common = ["--run", str(run), "--stores", str(tiny["stores"]), "--out", str(tmp_path / "sub.csv"), "--no-tta"]
+    with pytest.raises((OSError, SystemExit)):
+        submit.main(common + ["--png", str(tmp_path / "blocked" / "png")])
+    assert not (tmp_path / "sub.csv").exists()
+    capsys.readouterr()
+    submit.main(common + ["--png", str(tmp_path / "png")])
+    printed = capsys.readouterr().out
+    assert f"{TEST_IDS[0]}: 4 of 4 bands predicted by an interrupted run, kept" in printed
+    assert f"{TEST_IDS[0]}: band" not in printed and re.search(rf"{TEST_IDS[1]}: band (\d+)/\1 ", printed)
+    groups = submit.tiling_groups(load_members(run, read_ensemble(run)), None)
+    for fragment_id in TEST_IDS:
+        prob = whole_map(groups, Store(tiny["stores"] / "test" / f"{fragment_id}.h5"), 4, tta=False)
+        png = cv2.imread(str(tmp_path / "png" / f"{fragment_id}_prediction.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(png, cv2.convertScaleAbs(prob, alpha=255.0))
+    assert not (run / submit.SCRATCH).exists()
