@@ -152,18 +152,22 @@ def test_gpus_need_a_cuda_device(capsys):
 
 
 def test_an_interrupted_run_keeps_its_predicted_bands(tiny, small_bands, tmp_path, capsys):
-    """A run that fails writing the first fragment's PNG (a file where its folder should be) has predicted that
-    fragment's bands; the next run keeps them, predicts the rest, and writes the same files as the whole map."""
+    """A run that fails writing the first fragment's PNG (a folder where its temporary file should be: the output
+    folder itself passed the checks before the work) has predicted that fragment's bands; the next run keeps them,
+    predicts the rest, and writes the same files as the whole map."""
     run = tmp_path / "run"
     shutil.copytree(tiny["run"] / "models", run / "models")
     shutil.copy(tiny["run"] / "ensemble.json", run / "ensemble.json")
-    (tmp_path / "blocked").write_text("")
-    common = ["--run", str(run), "--stores", str(tiny["stores"]), "--out", str(tmp_path / "sub.csv"), "--no-tta"]
+    blocker = tmp_path / "png" / f".{TEST_IDS[0]}_prediction.png.tmp"
+    blocker.mkdir(parents=True)
+    common = ["--run", str(run), "--stores", str(tiny["stores"]), "--out", str(tmp_path / "sub.csv"), "--no-tta",
+              "--png", str(tmp_path / "png")]
     with pytest.raises((OSError, SystemExit)):
-        submit.main(common + ["--png", str(tmp_path / "blocked" / "png")])
+        submit.main(common)
     assert not (tmp_path / "sub.csv").exists()
     capsys.readouterr()
-    submit.main(common + ["--png", str(tmp_path / "png")])
+    blocker.rmdir()
+    submit.main(common)
     printed = capsys.readouterr().out
     assert f"{TEST_IDS[0]}: 4 of 4 bands predicted by an interrupted run, kept" in printed
     assert f"{TEST_IDS[0]}: band" not in printed and re.search(rf"{TEST_IDS[1]}: band (\d+)/\1 ", printed)
