@@ -67,6 +67,8 @@ def run_jobs(jobs, on_band, address=None, workers=0, gpus=0):
     HOST:PORT), else on a local Ray of `workers` one-CPU workers or `gpus` one-GPU workers. A job takes 1 CPU, and
     1 GPU when its device is CUDA. on_band(job, seconds) is called in this process as each band finishes, in the
     order they finish."""
+    if not jobs:  # every band done already (skipped or kept fragments): no Ray to start
+        return
     if not (address or workers or gpus):
         for job in jobs:
             on_band(job, run_job(job)[2])
