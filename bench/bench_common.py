@@ -79,3 +79,22 @@ def write_tables(readme, name, line, *tables):
     pattern = re.compile(rf"<!-- {re.escape(name)} -->\n.*?<!-- /{re.escape(name)} -->", re.S)
     readme.write_text(pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old.rstrip()}\n\n{block}\n")
     print(f"{text}\n\nwrote it into {readme}")
+
+
+def write_tiny_run(run, backbone, tile_size, stride):
+    """A run folder submit.py accepts: one random-weight model (seed 0) of the default model input
+    (lib.inputs.InputSpec()), absolute threshold 0.5; returns its model file."""
+    import torch
+
+    from lib.inputs import InputSpec
+    from lib.model import build_model, model_config, save_model_file
+    from lib.runs import write_json
+
+    spec, model_file = InputSpec(), Path(run) / "models" / backbone / "fold-1.pt"
+    torch.manual_seed(0)
+    save_model_file(model_file, build_model(backbone, spec.channels, family=spec.family), spec,
+                    config=model_config(backbone, spec), fold="1", tile_size=tile_size, stride=stride)
+    member = dict(backbone=backbone, weight=1.0, models=[str(model_file.relative_to(run))], tile_size=tile_size,
+                  stride=stride, inputs=spec.as_dict())
+    write_json(Path(run) / "ensemble.json", {"members": [member], "threshold": {"mode": "absolute", "value": 0.5}})
+    return model_file

@@ -20,12 +20,11 @@ import tifffile
 import torch
 import zarr
 
-from bench_common import in_fresh_process, maxrss_mb, parser, stamp, write_fragment, write_tables
+from bench_common import in_fresh_process, maxrss_mb, parser, stamp, write_fragment, write_tables, write_tiny_run
 import prepare
 import submit
 from lib.fragments import Fragment
-from lib.model import build_model, load_model_file, model_config, save_model_file
-from lib.runs import write_json
+from lib.model import load_model_file
 from lib.store import write_store
 
 SETTINGS = dict(sizes="20000x10000,40000x20000", ray_size="4096x2048", band_rows=1024, prepare_size="4096x4096",
@@ -67,16 +66,6 @@ class SquareSegment:
         return out
 
 
-def write_run(run):
-    """One random-weight model (seed 0), absolute threshold 0.5."""
-    model_file = run / "models" / BACKBONE / "fold-1.pt"
-    torch.manual_seed(0)
-    save_model_file(model_file, build_model(BACKBONE), config=model_config(BACKBONE, 3), fold="1", tile_size=TILE,
-                    stride=STRIDE)
-    member = dict(backbone=BACKBONE, weight=1.0, models=[str(model_file.relative_to(run))], tile_size=TILE,
-                  stride=STRIDE)
-    write_json(run / "ensemble.json", {"members": [member], "threshold": {"mode": "absolute", "value": 0.5}})
-    return model_file
 
 
 def child_submit(run, model_file, stores, extra):
@@ -170,7 +159,7 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         run = work / "run"
-        model_file = write_run(run)
+        model_file = write_tiny_run(run, BACKBONE, TILE, STRIDE)
         rss = rss_rows(work, run, model_file, args.sizes)
         speed = [] if args.ray_size == "none" else ray_rows(work, run, model_file, args.ray_size, args.band_rows)
         inputs = prepare_rows(work, args.prepare_size, args.zarr_chunks)

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import torch
 
-from bench_common import in_fresh_process, maxrss_mb, parser, stamp, write_fragment, write_tables
+from bench_common import in_fresh_process, maxrss_mb, parser, stamp, write_fragment, write_tables, write_tiny_run
 import submit
 from lib.fragments import Fragment
-from lib.model import build_model, load_model_file, model_config, save_model_file
-from lib.runs import write_json
+from lib.model import load_model_file
 from lib.store import write_store
 
 SETTINGS = dict(sizes="512,2048")  # test fragment sides; the first also with TTA and triplets
@@ -31,14 +30,8 @@ def main():
     args = parser(__doc__, SETTINGS).parse_args()
     line, started, rows = stamp(), time.time(), []
     with tempfile.TemporaryDirectory() as work:
-        run = Path(work) / "run"  # one random-weight model (seed 0), absolute threshold 0.5
-        model_file = run / "models" / BACKBONE / "fold-1.pt"
-        torch.manual_seed(0)
-        save_model_file(model_file, build_model(BACKBONE), config=model_config(BACKBONE, 3), fold="1",
-                        tile_size=TILE, stride=STRIDE)
-        member = dict(backbone=BACKBONE, weight=1.0, models=[str(model_file.relative_to(run))], tile_size=TILE,
-                      stride=STRIDE)
-        write_json(run / "ensemble.json", {"members": [member], "threshold": {"mode": "absolute", "value": 0.5}})
+        run = Path(work) / "run"
+        model_file = write_tiny_run(run, BACKBONE, TILE, STRIDE)
         for index, size in enumerate(int(s) for s in args.sizes.split(",")):
             data, stores = Path(work) / f"data{size}", Path(work) / f"stores{size}" / "test" / "frag.h5"
             write_fragment(data / "test" / "frag", size, size, 40, labels=False)  # 40 slices: the default 24:40

@@ -1,6 +1,6 @@
 """Every benchmark script once, tiny, so that none of them rots: each writes its table between its markers in a copy
 of bench/README.md (the real one is left alone), and every table there has rows of numbers. bench_models.py
-(`make sweep`) runs the whole chain at one level, on 128 px fragments, for one epoch of 16 tiles."""
+(`make sweep`) runs the whole chain at one level and geometry, on 128 px fragments, for one epoch of 16 tiles."""
 import re
 import shutil
 import subprocess
@@ -17,8 +17,8 @@ TINY = {  # script: (its tiny settings, the markers it writes)
                         "16,128,128"], ["scale"]),
     "bench_gpu.py": (["--device", "cpu", "--size", "128", "--steps", "1", "--loader-workers", "1", "--packing", "1",
                       "--infer-batches", "4", "--rounds", "1"], ["gpu (CPU mode)"]),
-    "bench_models.py": (["--levels", "easy", "--size", "128", "--seed", "3", "--work", "work", "--", "--epochs", "1",
-                         "--max-tiles", "16"], ["models"]),
+    "bench_models.py": (["--levels", "easy", "--geometries", "thin", "--size", "128", "--seed", "3", "--work", "work",
+                         "--", "--epochs", "1", "--max-tiles", "16"], ["models"]),
 }
 
 
@@ -55,7 +55,7 @@ def test_benchmark_writes_its_table_of_numbers(script, tmp_path):
         for row in (row for table in tables for row in table):
             assert any(number(cell) is not None for cell in row[1:]), row
     if script == "bench_models.py":  # extra train.py arguments make a row of their own, named by them
-        assert "| easy | `--epochs 1 --max-tiles 16` |" in text
+        assert "| easy | thin | `--epochs 1 --max-tiles 16` |" in text
     outside = re.compile("|".join(rf"<!-- {re.escape(m)} -->.*?<!-- /{re.escape(m)} -->" for m in markers), re.S)
     assert outside.sub("", text) == outside.sub("", before)  # the prose and the other tables are untouched
     assert (ROOT / "bench" / "README.md").read_text() == before

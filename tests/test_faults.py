@@ -278,7 +278,7 @@ def test_full_disk_during_prepare_keeps_finished_stores_and_removes_the_partial_
                             capture_output=True, text=True, timeout=120, preexec_fn=cap_file_size)
     assert result.returncode == 1
     assert_one_error(result.stderr, f"{out / 'test' / 'a.h5'}: cannot write the store: File too large")
-    lines = result.stdout.splitlines()
+    lines = store_lines(result.stdout)
     assert len(lines) == 2 and lines[1].startswith("train/1: 40 x 52, slices 24:40,") and lines[1].endswith(
         f"-> {out / 'train' / '1.h5'}")
     assert files(out) == ["train/1.h5"]

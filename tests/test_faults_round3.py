@@ -4,7 +4,6 @@ messages that misled. Each case checks the exit code, the one-line message, that
 that no temp file or process is left. Full and read-only disks are small tmpfs mounts in a private mount namespace
 (`unshare -m`, as root), skipped where that is not permitted. Then a fuzz test over the readers."""
 import contextlib
-import csv
 import functools
 import io
 import json
@@ -134,16 +133,16 @@ FILL_WHILE_PREDICTING = """
 import sys
 sys.path.insert(0, {root!r})
 import submit
-predict = submit.ensemble_probability
-def fill_then_predict(*args):  # another process fills the disk while the fragments are predicted
+predict = submit.predict_group
+def fill_then_predict(*args, **kwargs):  # another process fills the disk while the fragments are predicted
     with open({filler!r}, "ab", buffering=0) as f:
         try:
             while True:
                 f.write(bytes(4096))
         except OSError:
             pass
-    return predict(*args)
-submit.ensemble_probability = fill_then_predict
+    return predict(*args, **kwargs)
+submit.predict_group = fill_then_predict
 submit.main(sys.argv[1:])
 """
 
@@ -256,8 +255,8 @@ def test_submit_refuses_stores_without_the_slices_before_predicting(tiny, shallo
     argv = ["--run", tiny["run"], "--stores", shallow_tiny, "--out", out, "--no-tta", *extra]
     code, printed, err = in_process(submit.main, argv)
     assert code == 1 and printed == ""
-    line = assert_one_error(err, f"{shallow_tiny / 'test' / 'a.h5'}: holds slices 0:16", "reads slices 25:39",
-                            "missing 25:39", "--z-range 24:40")
+    line = assert_one_error(err, f"{shallow_tiny / 'test' / 'a.h5'}: holds slices 0:16", "reads slices 26:38",
+                            "missing 26:38", "--z-range 24:40")
     assert "the stack member's inputs" in line  # the tiny run's members: a stack and a triplet model
     assert not out.exists()
 
@@ -463,12 +462,12 @@ SLOW_SUBMIT = """
 import sys, time
 sys.path.insert(0, {root!r})
 import submit
-predict = submit.ensemble_probability
-def predict_slowly(*args):
+predict = submit.predict_group
+def predict_slowly(*args, **kwargs):
     print("predicting", flush=True)
     time.sleep(60)
-    return predict(*args)
-submit.ensemble_probability = predict_slowly
+    return predict(*args, **kwargs)
+submit.predict_group = predict_slowly
 submit.main(sys.argv[1:])
 """
 

@@ -34,7 +34,7 @@ SLOW_PREPARE = textwrap.dedent("""
         time.sleep(float(os.environ.get("READ_DELAY", 0.01)))
         return read_band(self, z, y0, y1, out)
     lib.fragments.Fragment.read_band = slow_read_band
-    prepare.main(sys.argv[1:])
+    prepare.main(sys.argv[1:] + ["--reverse", "none"])  # no depth profile: its row reads would be slowed too
 """).format(root=str(ROOT))
 
 
