@@ -11,13 +11,18 @@ LAYOUT ?= kaggle
 SEG := $(filter segments,$(LAYOUT))
 SYNTH := data/synth$(if $(SEG),-segments)
 DATA ?= $(SYNTH)
+IS_SYNTH := $(filter $(SYNTH),$(DATA))
 SIZE ?= 640
 SEED ?= 0
 DIFFICULTY ?= medium
 GEOMETRY ?= thick
-STORES ?= data/prepared$(if $(SEG),-segments)
-RUN ?= runs/demo$(if $(SEG),-segments)
 PRESET ?= demo
+# Each dataset has its stores and each preset and dataset its run (the demo's: runs/demo), so that
+# `make submit DATA=X PRESET=full` after the demo trains a run of its own. The scripts refuse a run with train
+# stores it was not trained on (other data, or prepared again since), naming the run and what it was trained on.
+DATA_NAME = $(notdir $(abspath $(DATA)))
+STORES ?= $(if $(IS_SYNTH),data/prepared$(if $(SEG),-segments),data/prepared-$(DATA_NAME))
+RUN ?= $(if $(and $(IS_SYNTH),$(filter demo,$(PRESET))),runs/demo$(if $(SEG),-segments),runs/$(PRESET)-$(DATA_NAME))
 PREPARE_ARGS ?=
 TRAIN_ARGS ?=
 SUBMIT_ARGS ?=
@@ -31,7 +36,6 @@ ENSEMBLE := $(RUN)/ensemble.json
 SUBMISSION := $(if $(SEG),$(RUN)/predictions/.done,$(RUN)/submission.csv)
 # The dataset's files, so that prepare reruns when one changes (prepare.py itself skips unchanged stores).
 DATA_FILES := $(wildcard $(DATA)/*/*/surface_volume/*.tif $(DATA)/*/*/*.png $(DATA)/*/layers/* $(DATA)/*/*.png)
-IS_SYNTH := $(filter $(SYNTH),$(DATA))
 # Stores prepared from another dataset than DATA: prepare again.
 ifneq ($(shell grep -s -o '"data": "[^"]*"' $(PREPARED)),"data": "$(abspath $(DATA))")
 PREPARE_DONE_DEP := FORCE

@@ -5,7 +5,9 @@ In:  --run runs/NAME holding ensemble.json (from ensemble.py) and the model file
      checked, every model file loaded, before any prediction;
      --stores with the test stores test/<id>.h5 (prepare.py); default: the stores in the run's run.json. Every
      store must hold the slices the members' triplet modes read, and every output folder must accept files and
-     have room for them: both are checked before any prediction.
+     have room for them: both are checked before any prediction. Train stores there must be those the run was
+     trained on (ensemble.json's trained_on), unchanged: else the run is stale for them, and that is one line
+     naming the run and what it was trained on (a folder of test stores alone, of any data, is fine).
 Out: --out (default runs/NAME/submission.csv): "Id,Predicted", one row per test fragment, its ink mask
      run-length encoded row-major (lib/rle.py); rows in the order of --sample when given, else sorted by id.
      runs/NAME/previews/<id>.png  probability | binary mask
@@ -62,7 +64,7 @@ from lib.inputs import TRIPLET_MODES, slices_needed
 from lib.lock import LockedError, exclusive
 from lib.metrics import fbeta_counts
 from lib.outputs import OutputError, check_writable, describe, write_atomically
-from lib.runs import RunFileError, load_members, read_ensemble, recorded_stores, write_json
+from lib.runs import RunFileError, check_trained_on, load_members, read_ensemble, recorded_stores, write_json
 from lib.store import Store, StoreError, check_store, fingerprint, require_slices
 from lib.writers import PngWriter, ProbabilityH5Writer, ProbabilityScratch, TiffWriter, ZarrWriter, finish_fragment
 
@@ -284,7 +286,9 @@ def predict_test_set(run, args):
     """Check every input, then predict the test fragments band by band (here, or as Ray tasks) and write each one's
     outputs as its last band finishes; then the submission and the scores."""
     ensemble = read_ensemble(run)
-    stores = test_stores(recorded_stores(run, args.stores), args.segments)
+    stores_folder = recorded_stores(run, args.stores)
+    check_trained_on(run, ensemble["trained_on"], stores_folder, test_only=True)
+    stores = test_stores(stores_folder, args.segments)
     out, png_dir = outputs(args, run, stores)
     args.zarr_dir, args.tif_dir = (None if d is None else Path(d or run / "predictions") for d in (args.zarr_dir,
                                                                                                args.tif_dir))

@@ -3,7 +3,8 @@
 In:  --stores data/prepared (the train/<id>.h5 stores from prepare.py).
 Out: --run runs/NAME with
      run.json                         the run record, written before any trial: resolved options, stores, fold
-                                      table, creator, package versions, git commit (lib/runs.py)
+                                      table, what it is trained on (each train store's fingerprint), creator,
+                                      package versions, git commit (lib/runs.py)
      oof/<backbone>/<fragment>.h5     held-out probability map of each train fragment (float16); the maps of
                                       a split fragment's bands are in oof/<backbone>/bands/<fold>.h5
      models/<backbone>/fold-<k>.pt     best weights + model config, torch.load(weights_only=True)
@@ -70,8 +71,8 @@ from lib.maps import load_probability_map, save_preview, save_probability_map
 from lib.losses import LOSS_DEFAULTS, build_loss
 from lib.metrics import best_threshold
 from lib.model import build_model, model_config, parse_member, save_model_file
-from lib.runs import (RunFileError, finished_trials, fragment_oof_path, oof_path, planned_trials, read_record,
-                      trial_file, write_json, write_record)
+from lib.runs import (RunFileError, check_trained_on, finished_trials, fragment_oof_path, oof_path, planned_trials,
+                      read_record, trial_file, write_json, write_record)
 from lib.store import Store, StoreError, check_store, require_slices
 from lib.watchdog import outlived_by_nothing
 
@@ -659,6 +660,7 @@ def prepare_run(args, given, run):
         raise SystemExit(f"error: {run} holds no run to resume (no {record_path.name})")
     if record is not None:
         options = vars(resume_options(args, given, record, record_path))
+        check_trained_on(run, record["trained_on"], options["stores"])  # the trials left must train on the same stores
         require_training_slices(options["stores"], record["train_ids"], options)
         return run_options(argparse.Namespace(**options)), record["train_ids"], planned_trials(options, record["folds"])
     options = run_options(args)

@@ -239,3 +239,28 @@ def test_binarise_counts_match_the_sweeps():
     assert (distinct >= percentile_cutoff(distinct, 12)).sum() == 120
     with pytest.raises(ValueError, match="threshold mode"):
         binarise(prob, mask, "median", 0.5)
+
+
+def test_train_stores_changed_since_the_run_are_refused(tmp_path, stores, model_state):
+    """A store prepared again after training (its sources changed: new labels) makes the run stale; so do the train
+    stores of other data. One line naming the run and what it was trained on; nothing written."""
+    import h5py
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(stores, copy)
+    run = make_run(tmp_path / "run", copy, {"a": noisy_labels}, model_state)
+    with h5py.File(copy / "train" / "2.h5", "a") as h5:
+        h5.attrs["fingerprint"] = "sources changed since"
+    was = f"error: {run} was trained on the train stores 1, 2, 3 of {(stores.parent / 'synth' / 'train').resolve()}; "
+    assert exit_message(["--run", str(run)]) == (
+        f"{was}{copy / 'train' / '2.h5'} changed since (prepared again: its sources or settings differ): the "
+        f"run is stale. Retrain it (train.py --run {run} --force, or another --run or RUN=), or give the stores it was "
+        "trained on")
+    other, root = tmp_path / "other", generate(tmp_path / "synth", size=96, seed=3, progress=False)
+    for fragment_id in TRAIN_IDS:
+        write_store(Fragment.open(root, "train", fragment_id), other / "train" / f"{fragment_id}.h5", tile_size=64,
+                    stride=32, progress=False)
+    assert exit_message(["--run", str(run), "--stores", str(other)]) == (
+        f"{was}{other / 'train'} holds 1, 2, 3 of {root.resolve() / 'train'}: other data. Train a run on these stores (another "
+        "--run or RUN=), or give the stores it was trained on")
+    assert not (run / "ensemble.json").exists()

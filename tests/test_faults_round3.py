@@ -663,19 +663,22 @@ def json_files(document, paths):
                      st.just(b'{"members": [], "threshold": 1e999}'), st.just(b"\xff\xfe{}"))
 
 
+TRAINED_ON = {"stores": "/data/prepared", "data": "/data", "train": {"1": {"fingerprint": "f", "bytes": 9, "source": "/d/1"}}}
 ENSEMBLE = {"members": [{"backbone": "b", "weight": 1.0, "tile_size": 64, "stride": 32, "models": ["models/b/fold-1.pt"],
                          "inputs": InputSpec().as_dict()}],
-            "threshold": {"mode": "absolute", "value": 0.5}}
+            "threshold": {"mode": "absolute", "value": 0.5}, "trained_on": TRAINED_ON}
 ENSEMBLE_FIELDS = [("members",), ("threshold",), ("members", 0), ("members", 0, "backbone"), ("members", 0, "weight"),
                    ("members", 0, "tile_size"), ("members", 0, "stride"), ("members", 0, "models"),
                    ("members", 0, "models", 0), ("members", 0, "inputs"), ("members", 0, "inputs", "family"),
-                   ("members", 0, "inputs", "version"), ("threshold", "mode"), ("threshold", "value")]
+                   ("members", 0, "inputs", "version"), ("threshold", "mode"), ("threshold", "value"), ("trained_on",),
+                   ("trained_on", "train"), ("trained_on", "train", "1")]
 
 
 RECORD = {"options": {"stores": "/data/prepared", "backbones": "b", "folds": None}, "train_ids": ["1", "2"],
-          "folds": [{"name": "1", "fragment_id": "1", "rows": None}, {"name": "2.1", "fragment_id": "2", "rows": [0, 9]}]}
+          "folds": [{"name": "1", "fragment_id": "1", "rows": None}, {"name": "2.1", "fragment_id": "2", "rows": [0, 9]}],
+          "trained_on": TRAINED_ON}
 RECORD_FIELDS = [("options",), ("train_ids",), ("folds",), ("folds", 0), ("folds", 1, "name"), ("folds", 1, "rows"),
-                 ("folds", 1, "rows", 0), ("folds", 0, "fragment_id")]
+                 ("folds", 1, "rows", 0), ("folds", 0, "fragment_id"), ("trained_on",), ("trained_on", "train")]
 
 
 def ensemble_paths_inside(ensemble, run):
