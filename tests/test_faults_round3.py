@@ -5,7 +5,6 @@ that no temp file or process is left. Full and read-only disks are small tmpfs m
 (`unshare -m`, as root), skipped where that is not permitted. Then a fuzz test over the readers."""
 import contextlib
 import csv
-import functools
 import io
 import json
 import os
@@ -28,7 +27,7 @@ from lib.fragments import Fragment, FragmentError, Segment, read_png_binary
 from lib.inputs import InputSpec
 from lib.lock import exclusive
 from lib.store import Store, StoreError, require_slices
-from helpers import in_process
+from helpers import in_process, needs_unshare, on_tmpfs
 from test_faults import assert_one_error, messages, run_validator
 from test_prepare import make_fragment, prepare_here
 
@@ -36,36 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-
-
-@functools.cache
-def can_unshare():
-    try:
-        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-needs_unshare = pytest.mark.skipif("not can_unshare()", reason="unshare -m (a private mount namespace) is not "
-                                   "permitted here: full and read-only tmpfs outputs need it")
-
-
-def on_tmpfs(tmp_path, argv, size="1m", readonly=False, fill=False, setup=""):
-    """Run `argv` with a fresh tmpfs of `size` mounted on tmp_path/mnt in a private mount namespace; `setup` (shell)
-    runs first (e.g. copies an old output there), then the tmpfs is filled (`fill`) or made read-only. Returns
-    (exit code, stdout, stderr, {name: bytes} of every file left on the tmpfs but the filler)."""
-    mnt, report = tmp_path / "mnt", tmp_path / "report"
-    mnt.mkdir()
-    (report / "after").mkdir(parents=True)
-    script = "\n".join([
-        "set -e", f'mount -t tmpfs -o size={size} tmpfs "{mnt}"', setup,
-        f'cat /dev/zero > "{mnt}/filler" 2>/dev/null || true' if fill else "",
-        f'mount -o remount,ro "{mnt}"' if readonly else "", "set +e",
-        f'"$@" > "{report}/stdout" 2> "{report}/stderr"; echo $? > "{report}/rc"',
-        f'rm -f "{mnt}/filler" 2>/dev/null; cp -r "{mnt}/." "{report}/after/"'])
-    subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *map(str, argv)], cwd=ROOT, timeout=300, check=True)
-    left = {str(p.relative_to(report / "after")): p.read_bytes() for p in (report / "after").rglob("*") if p.is_file()}
-    return (int((report / "rc").read_text()), (report / "stdout").read_text(), (report / "stderr").read_text(), left)
 
 
 def split_import_times(stderr):

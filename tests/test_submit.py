@@ -4,12 +4,14 @@ stride 32). The models are useless; the checks are the submission's format, orde
 import csv
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import submit
+from helpers import needs_unshare, on_tmpfs
 from lib.inputs import INPUT_VERSION, InputSpec
 from lib.lock import exclusive
 from lib.model import load_model_file
@@ -256,3 +258,32 @@ def test_stores_come_from_the_run_record_and_one_writer_at_a_time(tiny, tmp_path
     with exclusive(tiny["run"], "ensemble.py"):
         message = exit_message(["--run", str(tiny["run"]), "--out", str(tmp_path / "second.csv")])
     assert "already being written by ensemble.py" in message and not (tmp_path / "second.csv").exists()
+
+
+@needs_unshare
+def test_read_only_run_folder_is_only_read(tiny, tmp_path):
+    """The Kaggle-notebook recipe: the run folder (models/ and ensemble.json) is a read-only input; the submission
+    goes to --out and the lock, scratch, previews and stamps beside it, in RUNNAME-work. The run stays as it was."""
+    def on_read_only_run(folder, *extra):
+        run, source = folder / "mnt" / "run", tiny["run"]
+        setup = f'mkdir "{run}" && cp -r "{source}/models" "{source}/ensemble.json" "{run}/"'
+        argv = [sys.executable, "submit.py", "--run", run, "--stores", tiny["stores"], "--no-tta", "--no-triplets",
+                "--threads", "1", *extra]
+        return run, on_tmpfs(folder, argv, size="64m", readonly=True, setup=setup)
+
+    out = tmp_path / "working" / "submission.csv"
+    run, (code, printed, err, left) = on_read_only_run(tmp_path / "given", "--out", out)
+    assert code == 0, err
+    copied = {str(p.relative_to(tiny["run"])): p.read_bytes()
+              for p in [tiny["run"] / "ensemble.json", *(tiny["run"] / "models").rglob("*.pt")]}
+    assert left == {f"run/{name}": data for name, data in copied.items()}  # nothing written there
+    with open(out, newline="") as f:
+        assert list(csv.reader(f))[1:] == run_submit(tiny, "--no-tta", "--no-triplets")
+    work = out.parent / "run-work"
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()) == [
+        "predicted/a.json", "predicted/b.json", "previews/a.png", "previews/b.png"]  # no lock, no scratch left
+
+    run, (code, printed, err, left) = on_read_only_run(tmp_path / "not_given")
+    assert code == 1 and printed == ""
+    assert err.splitlines() == [f"error: {run}: cannot write the run folder: Read-only file system; give --out FILE "
+                                "(the rest goes beside it) or --work DIR"]
