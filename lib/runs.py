@@ -3,8 +3,11 @@
     RUN/run.json        written by train.py before any trial starts: the resolved options, the stores, the fold
                         table, what it is trained on (trained_on: each train store's sources fingerprint, size and
                         source folder), who created it where, package versions and the git commit
-    RUN/ensemble.json   written by ensemble.py: members (backbone, weight, model files, tile size, stride), threshold
-    RUN/models/<backbone>/fold-<name>.pt   one model file per trained fold (lib.model.save_model_file)
+    RUN/ensemble.json   written by ensemble.py: members (backbone, weight, model files and their sha256, tile size,
+                        stride), threshold, trained_on
+    RUN/models/<backbone>/fold-<name>.pt   one model file per trained fold (lib.model.save_model_file); its sha256
+                        is recorded in the trial's result (trials/<backbone>/fold-<name>.json, "model_sha256") and
+                        copied into ensemble.json, and checked before the file is loaded: a changed byte is refused
 
 Everything read here is checked before use; a bad file is a `RunFileError` whose one-line message names the file
 and the field. A run is only ever used with the train stores it was trained on (check_trained_on: a store prepared
@@ -12,11 +15,13 @@ again from changed labels, or stores of other data, make it stale). Nothing here
 """
 import dataclasses
 import getpass
+import hashlib
 import importlib.metadata
 import json
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import time
@@ -29,6 +34,7 @@ from lib.model import load_model_file
 from lib.store import Store
 
 RECORD_NAME = "run.json"
+SHA256_DIGEST = re.compile(r"[0-9a-f]{64}")
 ENSEMBLE_NAME = "ensemble.json"
 PACKAGES = ("torch", "torchvision", "ray", "segmentation-models-pytorch", "timm", "numpy", "h5py", "hdf5plugin")
 # threshold value ranges per mode: a probability strictly inside (0, 1); a share of the mask in (0, 100] %
@@ -223,6 +229,11 @@ def read_ensemble(run):
         if not models or not all(isinstance(m, str) for m in models):
             raise RunFileError(f"{path}: {where}.models: must be a non-empty list of file names")
         member["paths"] = [inside_run(run, m, f"{path}: {where}.models") for m in models]
+        digests = field.get(member, "sha256", dict, where)
+        for name in models:
+            if not (isinstance(digests.get(name), str) and SHA256_DIGEST.fullmatch(digests[name])):
+                raise RunFileError(f"{path}: {where}.sha256: no sha256 (64 hex digits) of {name!r}")
+        member["digests"] = [digests[m] for m in models]
         member["spec"] = input_spec(path, field.get(member, "inputs", dict, where), f"{where}.inputs")
     try:
         check_trained_on_field(data.get("trained_on"))
@@ -271,15 +282,19 @@ def load_members(run, ensemble, device="cpu"):
     for member in ensemble["members"]:
         if member["weight"] == 0:
             continue  # the fit dropped it: no need to run it
-        models = [(check_model_file(path, member, device), path) for path in member["paths"]]
+        models = [(check_model_file(path, member, device, digest), path)
+                  for path, digest in zip(member["paths"], member["digests"])]
         loaded.append({**member, "models": models})
     return loaded
 
 
-def check_model_file(path, member, device="cpu"):
-    """A fold model of `member`, loaded; a one-line RunFileError when it is missing, unreadable or does not fit."""
+def check_model_file(path, member, device="cpu", sha256=None):
+    """A fold model of `member`, loaded; a one-line RunFileError when it is missing, differs from its recorded
+    `sha256` (when given), is unreadable or does not fit."""
     if not Path(path).is_file():
         raise RunFileError(f"{path}: model file not found")
+    if sha256 is not None:
+        check_sha256(path, sha256, ENSEMBLE_NAME)
     try:
         model, export = load_model_file(path, device)
     except KeyError as err:
@@ -296,6 +311,20 @@ def check_model_file(path, member, device="cpu"):
             raise RunFileError(f"{path}: {key} {export.get(key)} differs from its member's {key} {member[key]} "
                                f"in {ENSEMBLE_NAME}")
     return model
+
+
+def file_sha256(path):
+    """The sha256 of a file's bytes, as 64 hex digits."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def check_sha256(path, expected, recorded_in):
+    """RunFileError unless the file's sha256 is `expected` (recorded in `recorded_in` when it was written)."""
+    actual = file_sha256(path)
+    if actual != expected:
+        raise RunFileError(f"{path}: sha256 {actual[:16]}... differs from {expected[:16]}... recorded in {recorded_in} "
+                           "when it was trained: the file changed since (a damaged copy?); copy it again or retrain")
 
 
 # ------------------------------------------------------------------------------------------- JSON files

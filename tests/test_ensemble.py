@@ -264,3 +264,15 @@ def test_train_stores_changed_since_the_run_are_refused(tmp_path, stores, model_
         f"{was}{other / 'train'} holds 1, 2, 3 of {root.resolve() / 'train'}: other data. Train a run on these stores (another "
         "--run or RUN=), or give the stores it was trained on")
     assert not (run / "ensemble.json").exists()
+
+
+def test_flipped_byte_in_a_model_file_is_refused_naming_it(tmp_path, stores, model_state):
+    from test_submit import flip_a_byte
+
+    run = make_run(tmp_path / "run", stores, {"a": noisy_labels}, model_state)
+    model = run / "models" / "a" / "fold-3.pt"
+    flip_a_byte(model)
+    message = exit_message(["--run", str(run)])
+    assert message.startswith(f"error: {model}: sha256 ") and "\n" not in message
+    assert f"recorded in {run / 'trials' / 'a' / 'fold-3.json'} when it was trained" in message
+    assert not (run / "ensemble.json").exists()

@@ -634,13 +634,14 @@ def json_files(document, paths):
 
 TRAINED_ON = {"stores": "/data/prepared", "data": "/data", "train": {"1": {"fingerprint": "f", "bytes": 9, "source": "/d/1"}}}
 ENSEMBLE = {"members": [{"backbone": "b", "weight": 1.0, "tile_size": 64, "stride": 32, "models": ["models/b/fold-1.pt"],
-                         "inputs": InputSpec().as_dict()}],
+                         "sha256": {"models/b/fold-1.pt": "0" * 64}, "inputs": InputSpec().as_dict()}],
             "threshold": {"mode": "absolute", "value": 0.5}, "trained_on": TRAINED_ON}
 ENSEMBLE_FIELDS = [("members",), ("threshold",), ("members", 0), ("members", 0, "backbone"), ("members", 0, "weight"),
                    ("members", 0, "tile_size"), ("members", 0, "stride"), ("members", 0, "models"),
                    ("members", 0, "models", 0), ("members", 0, "inputs"), ("members", 0, "inputs", "family"),
                    ("members", 0, "inputs", "version"), ("threshold", "mode"), ("threshold", "value"), ("trained_on",),
-                   ("trained_on", "train"), ("trained_on", "train", "1")]
+                   ("trained_on", "train"), ("trained_on", "train", "1"), ("members", 0, "sha256"),
+                   ("members", 0, "sha256", "models/b/fold-1.pt")]
 
 
 RECORD = {"options": {"stores": "/data/prepared", "backbones": "b", "folds": None}, "train_ids": ["1", "2"],

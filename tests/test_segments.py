@@ -21,7 +21,7 @@ from lib.fragments import FragmentError, Segment, detect_layout, list_segments
 from lib.infer import blend_weights, predict_fragment
 from lib.inputs import CENTRE_SLICES, InputReader, InputSpec
 from lib.model import build_model, model_config, save_model_file
-from lib.runs import trained_on
+from lib.runs import file_sha256, trained_on
 from lib.store import Store
 from lib.surface import fragment_surface
 from lib.synth import EIGHT_BIT_SEGMENT, REVERSED_SEGMENT, TEST_IDS, TRAIN_IDS, generate
@@ -352,8 +352,9 @@ def write_run(run, stores):
     path = run / "models" / backbone / "fold-1.pt"
     save_model_file(path, build_model(backbone), MIDDLE, config=model_config(backbone, MIDDLE), fold="1",
                     tile_size=TILE, stride=STRIDE)
-    members = [{"backbone": backbone, "weight": 1.0, "models": [str(path.relative_to(run))], "tile_size": TILE,
-                "stride": STRIDE, "inputs": MIDDLE.as_dict()}]
+    name = str(path.relative_to(run))
+    members = [{"backbone": backbone, "weight": 1.0, "models": [name], "sha256": {name: file_sha256(path)},
+                "tile_size": TILE, "stride": STRIDE, "inputs": MIDDLE.as_dict()}]
     (run / "ensemble.json").write_text(json.dumps({"members": members, "threshold": {"mode": "absolute", "value": 0.5},
                                                    "trained_on": trained_on(stores, TRAIN_IDS)}))
     return run

@@ -15,6 +15,7 @@ from helpers import needs_unshare, on_tmpfs
 from lib.inputs import INPUT_VERSION, InputSpec
 from lib.lock import exclusive
 from lib.model import load_model_file
+from lib.runs import file_sha256
 from lib.infer import predict_fragment
 from lib.maps import load_probability_map
 from lib.metrics import remove_small_components
@@ -226,10 +227,19 @@ def test_bad_ensemble_json_stops_before_any_prediction(tiny, tmp_path, case, cap
     assert "predict" not in capsys.readouterr().err  # no progress bar: nothing was predicted
 
 
+def record_sha256(run, model):
+    """ensemble.json recording `model` as it is now: as if training had written it so."""
+    data = json.loads((run / "ensemble.json").read_text())
+    for member in data["members"]:
+        member["sha256"] |= {name: file_sha256(model) for name in member["sha256"] if run / name == model}
+    (run / "ensemble.json").write_text(json.dumps(data))
+
+
 def test_truncated_model_file_is_named_before_any_prediction(tiny, tmp_path):
     run = edited_run(tiny, tmp_path / "run", lambda d: None)
     model = run / "models" / "triplets:tu-mobilenetv3_small_075" / "fold-3.pt"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    record_sha256(run, model)
     message = exit_message(["--run", str(run), "--stores", str(tiny["stores"])])
     assert message.startswith(f"error: {model}: unreadable model file") and "\n" not in message
     assert not (run / "previews").exists()
@@ -243,6 +253,7 @@ def test_a_model_trained_on_older_inputs_is_refused(tiny, tmp_path):
     export = torch.load(model, weights_only=True)
     export["inputs"] = 2
     torch.save(export, model)
+    record_sha256(run, model)
     message = exit_message(["--run", str(run), "--stores", str(tiny["stores"])])
     assert message == (f"error: {model}: inputs: model inputs of version 2, this inkseg makes version "
                        f"{INPUT_VERSION} (lib/inputs.py): retrain, or predict with the inkseg that trained it")
@@ -287,3 +298,23 @@ def test_read_only_run_folder_is_only_read(tiny, tmp_path):
     assert code == 1 and printed == ""
     assert err.splitlines() == [f"error: {run}: cannot write the run folder: Read-only file system; give --out FILE "
                                 "(the rest goes beside it) or --work DIR"]
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # in the weights: torch.load reads it without complaint
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_a_model_file_is_refused_naming_it(tiny, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny["run"] / "models", copy / "models")
+    shutil.copy(tiny["run"] / "ensemble.json", copy / "ensemble.json")
+    model = copy / "models" / "stack:tu-mobilenetv3_small_050" / "fold-2.pt"
+    flip_a_byte(model)
+    load_model_file(model)  # still a loadable model file
+    message = exit_message(["--run", str(copy), "--stores", str(tiny["stores"]), "--out", str(tmp_path / "sub.csv")])
+    assert message.startswith(f"error: {model}: sha256 ") and "\n" not in message
+    assert message.endswith("recorded in ensemble.json when it was trained: the file changed since (a damaged copy?); "
+                            "copy it again or retrain")
+    assert not (tmp_path / "sub.csv").exists() and not (copy / "previews").exists()
