@@ -45,7 +45,7 @@ ifneq ($(shell grep -s -l '^Unfinished:' $(SUMMARY)),)
 SUMMARY_DEP := FORCE
 endif
 
-.PHONY: setup demo synth validate prepare train ensemble submit test bench bench-prepare bench-submit bench-scale bench-gpu sweep clean-data FORCE
+.PHONY: setup demo synth validate prepare train ensemble submit test test-fast lint bench bench-prepare bench-submit bench-scale bench-gpu sweep clean-data FORCE
 
 setup: $(VENV)/.installed
 
@@ -101,8 +101,16 @@ $(SUBMISSION): $(ENSEMBLE) $(PREPARED)
 
 demo: validate submit
 
+# The full suite (what CI runs); test-fast leaves out the tests marked slow, e2e or ray (pyproject.toml), for the
+# edit loop. lint: ruff with the rules in pyproject.toml.
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not slow and not e2e and not ray"
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # Each writes its table into bench/README.md. bench-gpu measures on a GPU when there is one, else a tiny CPU version.
 bench: bench-prepare bench-submit bench-gpu

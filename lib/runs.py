@@ -11,7 +11,8 @@
 
 Everything read here is checked before use; a bad file is a `RunFileError` whose one-line message names the file
 and the field. A run is only ever used with the train stores it was trained on (check_trained_on: a store prepared
-again from changed labels, or stores of other data, make it stale). Nothing here unpickles arbitrary objects: JSON, and torch files loaded with weights_only=True.
+again from changed labels, or stores of other data, make it stale). Nothing here unpickles arbitrary objects: JSON,
+and torch files loaded with weights_only=True.
 """
 import dataclasses
 import getpass

@@ -52,8 +52,11 @@ def can_unshare():
         return False
 
 
-needs_unshare = pytest.mark.skipif(not can_unshare(), reason="unshare -m (a private mount namespace) is not "
-                                   "permitted here: full and read-only tmpfs outputs need it")
+def needs_unshare(test):
+    """A test that runs a command on a tmpfs in a private mount namespace (on_tmpfs): e2e, and skipped where
+    `unshare -m` is not permitted."""
+    return pytest.mark.e2e(pytest.mark.skipif(not can_unshare(), reason="unshare -m (a private mount namespace) is "
+                                              "not permitted here: full and read-only tmpfs outputs need it")(test))
 
 
 def on_tmpfs(tmp_path, argv, size="1m", readonly=False, fill=False, setup=""):

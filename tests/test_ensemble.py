@@ -133,6 +133,7 @@ def test_percentile_mode_wins_when_the_scale_drifts(tmp_path, stores, model_stat
     assert scores["fitted"]["f05"] == pytest.approx(scores["percentile"]["f05"])
 
 
+@pytest.mark.slow
 def test_subsampled_fit_is_deterministic_and_scores_stay_full_resolution(tmp_path, stores, model_state):
     run = make_run(tmp_path / "run", stores, {"a": noisy_labels, "b": pure_noise}, model_state)
     full = run_ensemble(run, stores)
@@ -145,6 +146,7 @@ def test_subsampled_fit_is_deterministic_and_scores_stay_full_resolution(tmp_pat
     assert first["scores"]["members"] == full["scores"]["members"]
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_errors(tmp_path, stores, model_state):
     def assert_names(path, argv):
         message = exit_message(argv)
@@ -166,6 +168,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, stores, model_state):
     assert_names(run / "run.json", ["--run", str(run)])
 
 
+@pytest.mark.slow
 def test_run_record_names_stores_folds_and_fragments(tmp_path, stores, model_state, capsys):
     """Only --run: the stores come from run.json; a dot in a fragment id is not a band; a missing fold is an error
     unless --allow-missing, which says what it left out."""

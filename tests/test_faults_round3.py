@@ -4,7 +4,6 @@ messages that misled. Each case checks the exit code, the one-line message, that
 that no temp file or process is left. Full and read-only disks are small tmpfs mounts in a private mount namespace
 (`unshare -m`, as root), skipped where that is not permitted. Then a fuzz test over the readers."""
 import contextlib
-import csv
 import io
 import json
 import os
@@ -327,9 +326,12 @@ def wait_for(condition, seconds, what):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.e2e
 def test_sigkill_then_resume_at_once_leaves_no_process_and_no_checkpoints(synth160, tmp_path):
-    """One train store (3 band folds, 2 of them trained), killed with SIGKILL mid-trial: every process it started is gone by the time
-    an immediate --resume holds the run, the resume finishes the run, and no checkpoints/ remain."""
+    """One train store (3 band folds, 2 of them trained), killed with SIGKILL mid-trial: every process it started is gone
+    by the time an immediate --resume holds the run, the resume finishes the run, and no checkpoints/ remain."""
     stores, run = tmp_path / "one", tmp_path / "run"
     (stores / "train").mkdir(parents=True)
     os.link(synth160["stores"] / "train" / "1.h5", stores / "train" / "1.h5")
@@ -440,6 +442,7 @@ submit.main(sys.argv[1:])
 """
 
 
+@pytest.mark.e2e
 def test_ctrl_c_in_submit_is_one_line_and_keeps_the_old_output(tiny, tmp_path):
     out = tmp_path / "sub.csv"
     out.write_bytes(OLD_CSV)
@@ -460,6 +463,7 @@ def test_ctrl_c_in_submit_is_one_line_and_keeps_the_old_output(tiny, tmp_path):
     assert not (tiny["run"] / ".lock").exists()
 
 
+@pytest.mark.e2e
 def test_locked_run_is_refused_before_torch_and_ray_are_imported(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -493,15 +497,19 @@ from hypothesis import strategies as st  # noqa: E402
 from lib.runs import RunFileError, check_model_file, read_ensemble, read_record  # noqa: E402
 
 
-fuzz = pytest.mark.filterwarnings("ignore")
+def fuzz(test):
+    """A fuzz test: slow (thousands of cases; make test-fast leaves it out), hypothesis' warnings ignored."""
+    return pytest.mark.slow(pytest.mark.filterwarnings("ignore")(test))
+
+
 SLICE = np.arange(24 * 20, dtype=np.uint16).reshape(24, 20) * 97  # the 16-bit slice the TIFF cases start from
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "TIFF": "tif"}
 
 
 def fuzz_settings(examples):
     """`examples` cases (times $INKSEG_FUZZ_SCALE, for a deeper search by hand: INKSEG_FUZZ_SCALE=20 pytest -k fuzz)."""
-    return settings(max_examples=examples * int(os.environ.get("INKSEG_FUZZ_SCALE", 1)), deadline=None, database=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    return settings(max_examples=examples * int(os.environ.get("INKSEG_FUZZ_SCALE", 1)), deadline=None, database=None,
+                    derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
 def image_bytes(kind, fmt):
