@@ -11,13 +11,18 @@ LAYOUT ?= kaggle
 SEG := $(filter segments,$(LAYOUT))
 SYNTH := data/synth$(if $(SEG),-segments)
 DATA ?= $(SYNTH)
+IS_SYNTH := $(filter $(SYNTH),$(DATA))
 SIZE ?= 640
 SEED ?= 0
 DIFFICULTY ?= medium
 GEOMETRY ?= thick
-STORES ?= data/prepared$(if $(SEG),-segments)
-RUN ?= runs/demo$(if $(SEG),-segments)
 PRESET ?= demo
+# Each dataset has its stores and each preset and dataset its run (the demo's: runs/demo), so that
+# `make submit DATA=X PRESET=full` after the demo trains a run of its own. The scripts refuse a run with train
+# stores it was not trained on (other data, or prepared again since), naming the run and what it was trained on.
+DATA_NAME = $(notdir $(abspath $(DATA)))
+STORES ?= $(if $(IS_SYNTH),data/prepared$(if $(SEG),-segments),data/prepared-$(DATA_NAME))
+RUN ?= $(if $(and $(IS_SYNTH),$(filter demo,$(PRESET))),runs/demo$(if $(SEG),-segments),runs/$(PRESET)-$(DATA_NAME))
 PREPARE_ARGS ?=
 TRAIN_ARGS ?=
 SUBMIT_ARGS ?=
@@ -31,7 +36,6 @@ ENSEMBLE := $(RUN)/ensemble.json
 SUBMISSION := $(if $(SEG),$(RUN)/predictions/.done,$(RUN)/submission.csv)
 # The dataset's files, so that prepare reruns when one changes (prepare.py itself skips unchanged stores).
 DATA_FILES := $(wildcard $(DATA)/*/*/surface_volume/*.tif $(DATA)/*/*/*.png $(DATA)/*/layers/* $(DATA)/*/*.png)
-IS_SYNTH := $(filter $(SYNTH),$(DATA))
 # Stores prepared from another dataset than DATA: prepare again.
 ifneq ($(shell grep -s -o '"data": "[^"]*"' $(PREPARED)),"data": "$(abspath $(DATA))")
 PREPARE_DONE_DEP := FORCE
@@ -41,7 +45,7 @@ ifneq ($(shell grep -s -l '^Unfinished:' $(SUMMARY)),)
 SUMMARY_DEP := FORCE
 endif
 
-.PHONY: setup demo synth validate prepare train ensemble submit test bench bench-prepare bench-submit bench-scale bench-gpu sweep clean-data FORCE
+.PHONY: setup demo synth validate prepare train ensemble submit test test-fast lint bench bench-prepare bench-submit bench-scale bench-gpu sweep clean-data FORCE
 
 setup: $(VENV)/.installed
 
@@ -97,8 +101,16 @@ $(SUBMISSION): $(ENSEMBLE) $(PREPARED)
 
 demo: validate submit
 
+# The full suite (what CI runs); test-fast leaves out the tests marked slow, e2e or ray (pyproject.toml), for the
+# edit loop. lint: ruff with the rules in pyproject.toml.
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not slow and not e2e and not ray"
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # Each writes its table into bench/README.md. bench-gpu measures on a GPU when there is one, else a tiny CPU version.
 bench: bench-prepare bench-submit bench-gpu

@@ -3,11 +3,13 @@
 In:  --run runs/NAME from train.py: run.json (which backbones and folds the run trained, and on which stores),
      oof/<backbone>/<fragment>.h5 (each train fragment predicted by the fold model that did not see it) and
      models/<backbone>/fold-*.pt; the train stores' labels and masks (train/<fragment>.h5) from the stores the
-     run was trained on (--stores overrides). A fold the record names whose model, result or OOF map is missing
-     is an error, unless --allow-missing, which fits on what is there and prints what is not.
+     run was trained on (--stores overrides; they must be the train stores run.json records, unchanged: stores
+     prepared again since, or of other data, stop it naming the run and what it was trained on). A fold the
+     record names whose model, result or OOF map is missing is an error, unless --allow-missing, which fits on
+     what is there and prints what is not.
 Out: runs/NAME/ensemble.json        members (backbone: FAMILY:ENCODER, weight, model files relative to the run
-                                    folder, tile size, stride, inputs: lib.inputs.InputSpec of the OOF maps),
-                                    threshold (mode, value) and the scores below
+                                    folder and their sha256, tile size, stride, inputs: lib.inputs.InputSpec of the OOF maps),
+                                    threshold (mode, value), trained_on (from run.json) and the scores below
      runs/NAME/plots/threshold.png  F0.5 against the threshold, per member and for the ensemble
      and a table on stdout: F0.5 of each member, the equal-weight average and the fitted ensemble.
 
@@ -34,8 +36,8 @@ from lib.maps import load_probability_map
 from lib.metrics import (DEFAULT_PERCENTS, THRESHOLD_MODES, binarise, confusion_counts, fbeta_counts,
                          fbeta_from_counts, percentile_counts, threshold_counts)
 from lib.lock import LockedError, exclusive
-from lib.runs import (RECORD_NAME, RunFileError, finished_trials, fragment_oof_path, input_spec, planned_trials,
-                      read_record, recorded_stores, trial_file, write_json)
+from lib.runs import (RECORD_NAME, RunFileError, check_sha256, check_trained_on, finished_trials, fragment_oof_path,
+                      input_spec, planned_trials, read_record, recorded_stores, trial_file, write_json)
 from lib.store import Store, StoreError
 
 # what each mode sweeps: absolute probabilities, percentile the share (%) of in-mask pixels called ink
@@ -60,13 +62,10 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------- inputs
 
 
-def find_members(run, allow_missing):
+def find_members(run, record, allow_missing):
     """(members [{backbone, models, tile_size, stride}], fragment ids): every backbone of the run record with the
     model files of its folds, and the fragments whose OOF maps every member has. What the record names but the
     folder lacks stops the fit, or with `allow_missing` is left out and printed."""
-    record = read_record(run)
-    if record is None:
-        sys.exit(f"error: {run / RECORD_NAME}: not found: not a run folder of train.py (run train.py first)")
     trials = planned_trials(record["options"], record["folds"])
     results = finished_trials(run, trials)
     ok, missing = set(), []
@@ -89,18 +88,24 @@ def find_members(run, allow_missing):
                  if all((b, f.name) in ok for b, f in trials if f.fragment_id == i))
     if not ids:
         sys.exit(f"error: {run}: no train fragment has OOF maps and models from every backbone; nothing to fit on")
-    members = [member_models(run, b, record["options"], [trial_file(run, "models", b, f.name, ".pt")
-                                                         for b2, f in trials if b2 == b and f.fragment_id in ids])
-               for b in backbones]
+    members = [member_models(run, b, record["options"], results,
+                             [f.name for b2, f in trials if b2 == b and f.fragment_id in ids]) for b in backbones]
     return members, ids
 
 
-def member_models(run, backbone, options, paths):
-    """A member's fold model files, each checked to have the tile size and stride the run trained with and the
-    same inputs (lib.inputs.InputSpec: the ones its OOF maps were made with, so that submit.py predicts the test
-    fragments the same way)."""
-    expected, inputs = (options["tile_size"], options["stride"]), None
-    for path in paths:
+def member_models(run, backbone, options, results, fold_names):
+    """A member's fold model files, each checked to be the file its trial wrote (the sha256 in its result, from
+    `results`), to have the tile size and stride the run trained with and the same inputs (lib.inputs.InputSpec:
+    the ones its OOF maps were made with, so that submit.py predicts the test fragments the same way)."""
+    expected, inputs, digests = (options["tile_size"], options["stride"]), None, {}
+    for fold_name in fold_names:
+        path, result_path = (trial_file(run, folder, backbone, fold_name, suffix)
+                             for folder, suffix in (("models", ".pt"), ("trials", ".json")))
+        digest = results[backbone, fold_name].get("model_sha256")
+        if not isinstance(digest, str):
+            raise RunFileError(f"{result_path}: model_sha256: missing (train.py writes it when the trial finishes)")
+        check_sha256(path, digest, result_path)
+        digests[str(path.relative_to(run))] = digest
         try:  # mmap: only the small entries are read, not the weights
             export = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             found = (int(export["tile_size"]), int(export["stride"]))
@@ -114,7 +119,7 @@ def member_models(run, backbone, options, paths):
         if inputs not in (None, export["inputs"]):
             sys.exit(f"error: {path}: inputs {export['inputs']} differ from those of its member's other folds {inputs}")
         inputs = export["inputs"]
-    return {"backbone": backbone, "models": sorted(str(p.relative_to(run)) for p in paths),
+    return {"backbone": backbone, "models": sorted(digests), "sha256": digests,
             "tile_size": expected[0], "stride": expected[1], "inputs": inputs}
 
 
@@ -333,7 +338,11 @@ def main(argv=None):
 
 def fit_ensemble(run, stores, args):
     """Fit, score, and write ensemble.json and the threshold plot; print the table."""
-    members, ids = find_members(run, args.allow_missing)
+    record = read_record(run)
+    if record is None:
+        raise RunFileError(f"{run / RECORD_NAME}: not found: not a run folder of train.py (run train.py first)")
+    check_trained_on(run, record["trained_on"], stores)  # labels of other or changed stores would fit garbage
+    members, ids = find_members(run, record, args.allow_missing)
     samples = sample_pixels(run, stores, members, ids, args.fit_pixels, args.seed)
     fitted = fit(samples, len(members))
     lofo_fits = {}  # fragment -> the fit on all the other fragments (none with a single fragment)
@@ -363,6 +372,7 @@ def fit_ensemble(run, stores, args):
         "members": [{**m, "weight": w} for m, w in zip(members, weights)],
         "threshold": {"mode": fitted["mode"], "value": fitted["value"]},
         "fragments": ids,
+        "trained_on": record["trained_on"],  # submit.py checks the stores it is given against it
         "fit_pixels": fit_pixels,
         "seed": args.seed,
         "scores": scores,

@@ -5,16 +5,20 @@ In:  --run runs/NAME holding ensemble.json (from ensemble.py) and the model file
      checked, every model file loaded, before any prediction;
      --stores with the test stores test/<id>.h5 (prepare.py); default: the stores in the run's run.json. Every
      store must hold the slices the members' triplet modes read, and every output folder must accept files and
-     have room for them: both are checked before any prediction.
-Out: --out (default runs/NAME/submission.csv): "Id,Predicted", one row per test fragment, its ink mask
+     have room for them: both are checked before any prediction. Train stores there must be those the run was
+     trained on (ensemble.json's trained_on), unchanged: else the run is stale for them, and that is one line
+     naming the run and what it was trained on (a folder of test stores alone, of any data, is fine).
+Out: in WORK (--work; default: the run folder when it accepts files, else RUNNAME-work beside --out or --png, so
+     that a read-only run folder, a Kaggle notebook's input, is only read), unless given elsewhere:
+     --out (default WORK/submission.csv): "Id,Predicted", one row per test fragment, its ink mask
      run-length encoded row-major (lib/rle.py); rows in the order of --sample when given, else sorted by id.
-     runs/NAME/previews/<id>.png  probability | binary mask
-     DIR/<id>_prediction.png      with --png [DIR] (default DIR: runs/NAME/predictions): the ensemble's probability
+     WORK/previews/<id>.png       probability | binary mask
+     DIR/<id>_prediction.png      with --png [DIR] (default DIR: WORK/predictions): the ensemble's probability
                                   as 8-bit greyscale (round(255 p)), 0 outside the mask, full size
      DIR/<id>_prediction.zarr     with --zarr [DIR]: the same 8-bit values, chunked; .tif with --tif [DIR]: tiled,
                                   compressed BigTIFF
-     runs/NAME/probs/<id>.h5      the ensemble's probability map (with --save-probs)
-     runs/NAME/predicted/<id>.json  what a fragment's outputs were made from, written last: a later call skips the
+     WORK/probs/<id>.h5           the ensemble's probability map (with --save-probs)
+     WORK/predicted/<id>.json     what a fragment's outputs were made from, written last: a later call skips the
                                   fragments whose outputs are complete and up to date (unless a CSV or --truth
                                   needs every one, or --force)
      with --truth DIR (DIR/<id>_inklabels.png, e.g. data/synth/_truth): F0.5 per fragment and over all of them.
@@ -31,7 +35,7 @@ through all of them; then its threshold (absolute,
 or percentile: the top q % of the fragment's in-mask pixels), the mask, and optionally --min-component.
 
 Memory does not grow with a fragment's size: it is predicted in bands of rows (lib/bands.py), each band's
-probability sum goes to a scratch zarr (RUN/.scratch), and every output is written from it band by band
+probability sum goes to a scratch zarr (WORK/.scratch), and every output is written from it band by band
 (lib/writers.py); only --min-component holds the whole binary mask (1 byte a pixel). The bands run in this process,
 or as Ray tasks with --workers N or --gpus N (a local Ray of N one-CPU or one-GPU workers) or --address
 auto|HOST:PORT (a cluster; on CUDA each band task takes a GPU): a band whose worker dies is
@@ -64,7 +68,7 @@ from lib.inputs import TRIPLET_MODES, slices_needed
 from lib.lock import LockedError, exclusive
 from lib.metrics import fbeta_counts
 from lib.outputs import OutputError, check_writable, describe, write_atomically
-from lib.runs import RunFileError, load_members, read_ensemble, recorded_stores, write_json
+from lib.runs import RunFileError, check_trained_on, load_members, read_ensemble, recorded_stores, write_json
 from lib.store import Store, StoreError, check_store, fingerprint, require_slices
 from lib.writers import PngWriter, ProbabilityH5Writer, ProbabilityScratch, TiffWriter, ZarrWriter, finish_fragment
 
@@ -74,7 +78,10 @@ def parse_args(argv=None):
     parser.add_argument("--run", default="runs/demo", help="run folder with ensemble.json and models/")
     parser.add_argument("--stores", help="folder with the test/<id>.h5 stores (default: the run's, from run.json, "
                         "else data/prepared)")
-    parser.add_argument("--out", help="submission CSV (default: RUN/submission.csv)")
+    parser.add_argument("--out", help="submission CSV (default: WORK/submission.csv)")
+    parser.add_argument("--work", help="folder for the lock, scratch, previews and predicted/ stamps, and the outputs "
+                        "that default into it (default: the run folder when it accepts files, else RUNNAME-work "
+                        "beside --out or --png: a read-only run folder, as a Kaggle notebook's input, stays untouched)")
     parser.add_argument("--sample", help="sample_submission.csv: its Id order is kept and its ids must be the test ids")
     parser.add_argument("--batch-size", type=int, help="tiles per model call, x12 inputs with TTA and triplets "
                         "(default: 32 on GPU; 4 on CPU, where more tiles a call run slower and take more memory: "
@@ -85,13 +92,13 @@ def parse_args(argv=None):
                         "threshold assumed)")
     parser.add_argument("--no-triplets", dest="triplets", action="store_const", const="middle", help="--triplets middle")
     parser.add_argument("--min-component", type=int, default=0, help="drop ink components smaller than this (pixels)")
-    parser.add_argument("--save-probs", action="store_true", help="also write RUN/probs/<id>.h5")
+    parser.add_argument("--save-probs", action="store_true", help="also write WORK/probs/<id>.h5")
     parser.add_argument("--png", nargs="?", const="", metavar="DIR", help="also write DIR/<id>_prediction.png, "
-                        "8-bit probability (default DIR: RUN/predictions); segment stores alone imply it, no CSV")
+                        "8-bit probability (default DIR: WORK/predictions); segment stores alone imply it, no CSV")
     parser.add_argument("--zarr", dest="zarr_dir", nargs="?", const="", metavar="DIR", help="also write "
-                        "DIR/<id>_prediction.zarr: the PNG's 8-bit probability, chunked (default DIR: RUN/predictions)")
+                        "DIR/<id>_prediction.zarr: the PNG's 8-bit probability, chunked (default DIR: WORK/predictions)")
     parser.add_argument("--tif", dest="tif_dir", nargs="?", const="", metavar="DIR", help="also write "
-                        "DIR/<id>_prediction.tif: the same as a tiled, compressed BigTIFF (default DIR: RUN/predictions)")
+                        "DIR/<id>_prediction.tif: the same as a tiled, compressed BigTIFF (default DIR: WORK/predictions)")
     parser.add_argument("--segments", metavar="PATTERN,..", help="predict only the test stores whose id matches one "
                         "of these glob patterns (e.g. '2023*'; default: all)")
     parser.add_argument("--force", action="store_true", help="predict fragments whose outputs are complete and up "
@@ -117,7 +124,7 @@ def parse_args(argv=None):
     return args
 
 
-SCRATCH = ".scratch"  # RUN/.scratch/<id>.zarr: a fragment's probability sum while its bands are predicted
+SCRATCH = ".scratch"  # WORK/.scratch/<id>.zarr: a fragment's probability sum while its bands are predicted
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -242,28 +249,28 @@ def write_submission(path, rows):
         sys.exit(f"error: {path}: the file read back differs from the rows written")
 
 
-def outputs(args, run, stores):
+def outputs(args, work, stores):
     """(CSV path or None, PNG folder or None): the rule in the docstring. A CSV is wanted when --sample or --out is
     given or a test store comes from the Kaggle layout; PNGs with --png, or when no CSV is wanted."""
     want_csv = bool(args.sample or args.out) or any(store.layout == "kaggle" for store in stores.values())
-    csv_path = (Path(args.out) if args.out else run / "submission.csv") if want_csv else None
-    png_dir = Path(args.png) if args.png else run / "predictions"
+    csv_path = (Path(args.out) if args.out else work / "submission.csv") if want_csv else None
+    png_dir = Path(args.png) if args.png else work / "predictions"
     return csv_path, png_dir if args.png is not None or not want_csv else None
 
 
-def check_outputs(run, out, folders, stores, save_probs):
+def check_outputs(work, out, folders, stores, save_probs):
     """Before any prediction: every folder this run writes into accepts files and has room for about what goes
     there (an OutputError naming it). The sizes are rough lower bounds: a PNG, zarr or TIFF of up to a byte a pixel,
     a CSV of run lengths, previews at a few bits a pixel, probability maps at two bytes a pixel, and the scratch
     probability sum of the largest fragment at four."""
     sizes = [store.shape[0] * store.shape[1] for store in stores.values()]
     pixels = sum(sizes)
-    wanted = [(run / "previews", pixels // 8, "previews"), (run / SCRATCH, 4 * max(sizes), "scratch probabilities")]
+    wanted = [(work / "previews", pixels // 8, "previews"), (work / SCRATCH, 4 * max(sizes), "scratch probabilities")]
     if out is not None:
         wanted.append((out, pixels // 32, "submission CSV"))
     wanted += [(folder, pixels, f"prediction {kind.upper()}s") for kind, folder in folders.items() if folder is not None]
     if save_probs:
-        wanted.append((run / "probs", 2 * pixels, "probability maps"))
+        wanted.append((work / "probs", 2 * pixels, "probability maps"))
     for path, need, what in wanted:
         check_writable(path, need, what)
 
@@ -276,8 +283,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        with exclusive(run, "submit.py"):
-            predict_test_set(run, args)
+        work = work_folder(args, run)
+        work.mkdir(parents=True, exist_ok=True)
+        with exclusive(work, "submit.py"):
+            predict_test_set(run, work, args)
     except (LockedError, RunFileError, StoreError, OutputError) as err:  # StoreError: a corrupt chunk met while predicting
         sys.exit(f"error: {err}")
     except OSError as err:  # a write that failed mid-run (a preview on a disk that filled up)
@@ -286,18 +295,36 @@ def main(argv=None):
         sys.exit("error: interrupted; nothing written after the last line above, earlier outputs untouched")
 
 
-def predict_test_set(run, args):
+def work_folder(args, run):
+    """Where this call writes its lock, scratch, previews and stamps (and the outputs that default there): --work,
+    else the run folder when it accepts files, else RUNNAME-work beside --out or --png (a read-only run folder: a
+    Kaggle notebook's input). An OutputError when the run is read-only and neither says where to write."""
+    if args.work:
+        return Path(args.work)
+    try:
+        check_writable(run, 0, "run folder")
+        return run
+    except OutputError as err:
+        beside = args.out or args.png
+        if not beside:
+            raise OutputError(f"{err}; give --out FILE (the rest goes beside it) or --work DIR") from None
+    return Path(beside).parent / f"{run.resolve().name}-work"
+
+
+def predict_test_set(run, work, args):
     """Check every input, then predict the test fragments band by band (here, or as Ray tasks) and write each one's
     outputs as its last band finishes; then the submission and the scores."""
     ensemble = read_ensemble(run)
-    stores = test_stores(recorded_stores(run, args.stores), args.segments)
-    out, png_dir = outputs(args, run, stores)
-    args.zarr_dir, args.tif_dir = (None if d is None else Path(d or run / "predictions") for d in (args.zarr_dir,
+    stores_folder = recorded_stores(run, args.stores)
+    check_trained_on(run, ensemble["trained_on"], stores_folder, test_only=True)
+    stores = test_stores(stores_folder, args.segments)
+    out, png_dir = outputs(args, work, stores)
+    args.zarr_dir, args.tif_dir = (None if d is None else Path(d or work / "predictions") for d in (args.zarr_dir,
                                                                                                args.tif_dir))
     ids = submission_ids(stores, args.sample)
     if args.truth:
         check_truth(args.truth, ids)
-    check_outputs(run, out, {"png": png_dir, "zarr": args.zarr_dir, "tif": args.tif_dir}, stores, args.save_probs)
+    check_outputs(work, out, {"png": png_dir, "zarr": args.zarr_dir, "tif": args.tif_dir}, stores, args.save_probs)
     members = load_members(run, ensemble, args.device)  # every model file checked before any prediction
     groups = tiling_groups(members, args.triplets)
     for store in stores.values():  # every store holds the slices every member reads
@@ -312,10 +339,10 @@ def predict_test_set(run, args):
         "this process"
     print(f"{len(ids)} test fragments, {models} models, ink where {threshold}, device {args.device}, "
           f"TTA {args.tta}, inputs {inputs}, {args.batch_size} tiles per batch, bands in {where}")
-    targets = {i: prediction_files(args, run, png_dir, i) for i in ids}
+    targets = {i: prediction_files(args, work, png_dir, i) for i in ids}
     stamps = {i: prediction_stamp(stores[i], run, args, targets[i]) for i in ids}
     skippable = out is None and not args.truth and not args.force  # a CSV or scores need every fragment
-    todo = [i for i in ids if not (skippable and is_up_to_date(run, i, stamps[i], targets[i]))]
+    todo = [i for i in ids if not (skippable and is_up_to_date(work, i, stamps[i], targets[i]))]
     for fragment_id in ids:
         if fragment_id not in todo:
             print(f"{fragment_id}: outputs complete and up to date, skipped (--force redoes it)")
@@ -329,13 +356,13 @@ def predict_test_set(run, args):
     rows, totals = {}, np.zeros(3, np.int64)  # pooled (tp, fp, fn) for --truth
 
     def complete(fragment_id):
-        result = finish(run, args, stores[fragment_id], targets[fragment_id], (mode, value), out is not None,
+        result = finish(work, args, stores[fragment_id], targets[fragment_id], (mode, value), out is not None,
                         inputs, started.get(fragment_id, time.time()))
         if result["rle"] is not None:
             rows[fragment_id] = result["rle"]
         if result["counts"] is not None:
             totals[:] += result["counts"]
-        write_json(stamp_path(run, fragment_id), stamps[fragment_id])
+        write_json(stamp_path(work, fragment_id), stamps[fragment_id])
 
     def on_band(job, seconds):
         fragment_id = job["fragment_id"]
@@ -353,7 +380,7 @@ def predict_test_set(run, args):
         bands = plan_bands(*store.shape, largest_tile(groups), args.band_rows)
         stamp = json.dumps([stamps[fragment_id]["sources"], args.tta, args.triplets, args.batch_size, args.threads,
                             bands])  # all that the probability sum depends on
-        scratch = ProbabilityScratch(run / SCRATCH / f"{fragment_id}.zarr", store.shape, stamp)
+        scratch = ProbabilityScratch(work / SCRATCH / f"{fragment_id}.zarr", store.shape, stamp)
         done = scratch.done_bands()
         left = [band for band in bands if band not in done]
         if done:
@@ -365,7 +392,7 @@ def predict_test_set(run, args):
             complete(fragment_id)
 
     run_jobs(jobs, on_band, args.address, args.workers, args.gpus)
-    shutil.rmtree(run / SCRATCH, ignore_errors=True)
+    shutil.rmtree(work / SCRATCH, ignore_errors=True)
     if out is not None:
         write_submission(out, [(i, rows[i]) for i in ids])
     if args.truth:
@@ -373,21 +400,21 @@ def predict_test_set(run, args):
     wrote = ([f"{out} ({len(rows)} rows)"] if out is not None else []) + \
         [f"{folder}/<id>_prediction.{kind}" for kind, folder in (("png", png_dir), ("zarr", args.zarr_dir),
                                                                  ("tif", args.tif_dir)) if folder is not None]
-    print(f"wrote {' and '.join(wrote)}, previews in {run / 'previews'}")
+    print(f"wrote {' and '.join(wrote)}, previews in {work / 'previews'}")
 
 
-def prediction_files(args, run, png_dir, fragment_id):
+def prediction_files(args, work, png_dir, fragment_id):
     """{kind: path} of one fragment's output files (the CSV row aside)."""
-    files = {"preview": run / "previews" / f"{fragment_id}.png"}
+    files = {"preview": work / "previews" / f"{fragment_id}.png"}
     for kind, folder in (("png", png_dir), ("zarr", args.zarr_dir), ("tif", args.tif_dir)):
         if folder is not None:
             files[kind] = Path(folder) / f"{fragment_id}_prediction.{kind}"
     if args.save_probs:
-        files["probs"] = run / "probs" / f"{fragment_id}.h5"
+        files["probs"] = work / "probs" / f"{fragment_id}.h5"
     return files
 
 
-def finish(run, args, store, files, threshold, want_rle, inputs, started):
+def finish(work, args, store, files, threshold, want_rle, inputs, started):
     """Write one fragment's outputs from its scratch (lib.writers.finish_fragment) and print its line."""
     height, width = store.shape
     writers = [{"png": PngWriter, "zarr": ZarrWriter, "tif": TiffWriter}[kind](files[kind], height, width)
@@ -396,7 +423,7 @@ def finish(run, args, store, files, threshold, want_rle, inputs, started):
         writers.append(ProbabilityH5Writer(files["probs"], height, width, fragment_id=store.fragment_id,
                                            tta=args.tta, inputs=inputs))
     truth = read_truth(args.truth, store.fragment_id, store.shape) if args.truth else None
-    scratch = ProbabilityScratch(run / SCRATCH / f"{store.fragment_id}.zarr")
+    scratch = ProbabilityScratch(work / SCRATCH / f"{store.fragment_id}.zarr")
     result = finish_fragment(scratch, store, threshold, writers, rle=want_rle, preview=files["preview"],
                              min_component=args.min_component, truth=truth)
     scratch.remove()
@@ -408,8 +435,8 @@ def finish(run, args, store, files, threshold, want_rle, inputs, started):
     return result
 
 
-def stamp_path(run, fragment_id):
-    return run / "predicted" / f"{fragment_id}.json"
+def stamp_path(work, fragment_id):
+    return work / "predicted" / f"{fragment_id}.json"
 
 
 def prediction_stamp(store, run, args, files):
@@ -420,10 +447,10 @@ def prediction_stamp(store, run, args, files):
             "min_component": args.min_component, "files": {kind: str(path) for kind, path in files.items()}}
 
 
-def is_up_to_date(run, fragment_id, stamp, files):
+def is_up_to_date(work, fragment_id, stamp, files):
     """True when the fragment's stamp (written after its last output) matches and every output file is there."""
     try:
-        recorded = json.loads(stamp_path(run, fragment_id).read_text())
+        recorded = json.loads(stamp_path(work, fragment_id).read_text())
     except (OSError, ValueError):
         return False
     return recorded == stamp and all(Path(path).exists() for path in files.values())

@@ -3,11 +3,13 @@
 In:  --stores data/prepared (the train/<id>.h5 stores from prepare.py).
 Out: --run runs/NAME with
      run.json                         the run record, written before any trial: resolved options, stores, fold
-                                      table, creator, package versions, git commit (lib/runs.py)
+                                      table, what it is trained on (each train store's fingerprint), creator,
+                                      package versions, git commit (lib/runs.py)
      oof/<backbone>/<fragment>.h5     held-out probability map of each train fragment (float16); the maps of
                                       a split fragment's bands are in oof/<backbone>/bands/<fold>.h5
      models/<backbone>/fold-<k>.pt     best weights + model config, torch.load(weights_only=True)
-     trials/<backbone>/fold-<k>.json  a finished trial's scores (what the summary is made of)
+     trials/<backbone>/fold-<k>.json  a finished trial's scores (what the summary is made of) and its model file's
+                                      sha256 (checked before the model is used)
      previews/<backbone>/fold-<k>.png probability | prediction at the best threshold | label
      summary.md, summary.csv          F0.5 per backbone x fold, mean per backbone, epochs, minutes, failed trials
      checkpoints/                     an unfinished trial's last epoch (removed when the trial finishes)
@@ -70,8 +72,8 @@ from lib.maps import load_probability_map, save_preview, save_probability_map
 from lib.losses import LOSS_DEFAULTS, build_loss
 from lib.metrics import best_threshold
 from lib.model import build_model, model_config, parse_member, save_model_file
-from lib.runs import (RunFileError, finished_trials, fragment_oof_path, oof_path, planned_trials, read_record,
-                      trial_file, write_json, write_record)
+from lib.runs import (RunFileError, check_trained_on, file_sha256, finished_trials, fragment_oof_path, oof_path,
+                      planned_trials, read_record, trial_file, write_json, write_record)
 from lib.store import Store, StoreError, check_store, require_slices
 from lib.watchdog import outlived_by_nothing
 
@@ -426,14 +428,15 @@ def finish_fold(model, store, config, fold, state, device):
     rows = fold.rows or (0, store.shape[0])
     save_probability_map(oof_path(run, backbone, fold), prob, fragment_id=fold.fragment_id, rows=rows,
                          backbone=backbone, fold=fold.name, tta=config["tta"], **spec.as_dict())
-    save_model_file(trial_path(config, "models", ".pt"), model, spec,
+    model_path = trial_path(config, "models", ".pt")
+    save_model_file(model_path, model, spec,
                     config=model_config(parse_member(backbone, spec.family)[1], spec, config["decoder_channels"]),
                     fold=fold.name, fragment_id=fold.fragment_id, tile_size=config["tile_size"], stride=config["stride"],
                     val_f05=state["best_f05"], oof_f05=oof_f05, threshold=threshold)
     predicted = band(prob, fold.rows) >= threshold
     save_preview(trial_path(config, "previews", ".png"), [band(prob, fold.rows), predicted, labels])
     result = dict(backbone=backbone, fold=fold.name, epoch=state["epoch"], done=True, oof_f05=oof_f05,
-                  oof_threshold=threshold, best_val_f05=state["best_f05"],
+                  oof_threshold=threshold, best_val_f05=state["best_f05"], model_sha256=file_sha256(model_path),
                   minutes=state["seconds"] / 60, node_id=ray.get_runtime_context().get_node_id())
     write_json(trial_path(config, "trials", ".json"), result)
     return result
@@ -659,6 +662,7 @@ def prepare_run(args, given, run):
         raise SystemExit(f"error: {run} holds no run to resume (no {record_path.name})")
     if record is not None:
         options = vars(resume_options(args, given, record, record_path))
+        check_trained_on(run, record["trained_on"], options["stores"])  # the trials left must train on the same stores
         require_training_slices(options["stores"], record["train_ids"], options)
         return run_options(argparse.Namespace(**options)), record["train_ids"], planned_trials(options, record["folds"])
     options = run_options(args)

@@ -58,7 +58,10 @@ def write_fragment(folder, height, width, slices, labels):
     rng = np.random.default_rng(0)
     fields = FragmentFields(rng, (512, 512))
     fields.mask[:] = 1  # texture everywhere; the fragment's own mask is set below
-    tile = lambda image: np.tile(image, (-(-height // 512), -(-width // 512)))[:height, :width]
+
+    def tile(image):
+        return np.tile(image, (-(-height // 512), -(-width // 512)))[:height, :width]
+
     (folder / "surface_volume").mkdir(parents=True)
     for z in range(slices):
         tifffile.imwrite(folder / "surface_volume" / f"{z:02d}.tif", tile(fields.slice(rng, z)))

@@ -595,7 +595,8 @@ def main(argv=None):
                     print(f"warning: {warning}", file=sys.stderr, flush=True)
                 ink = "" if ink_in_mask is None else f", ink {ink_in_mask:.1%} of the mask"
                 status = "ok" if not warnings else "labels doubtful"
-                print(f"{split}/{fragment.fragment_id}: {fragment.num_slices} slices of {h} x {w} {fragment.dtype}{ink}: {status}",
+                print(f"{split}/{fragment.fragment_id}: {fragment.num_slices} slices of {h} x {w} {fragment.dtype}{ink}: "
+                      f"{status}",
                       flush=True)
     except FragmentError as err:
         sys.exit(f"error: {err}")

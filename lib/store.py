@@ -432,6 +432,7 @@ class Store:
         self.tile_size, self.stride = int(a["tile_size"]), int(a["stride"])
         self.has_labels = "labels" in names
         self.layout = str(a.get("layout", "kaggle"))
+        self.source, self.fingerprint = str(a["source"]), str(a["fingerprint"])  # what it was made from (lib.runs)
         self.fragment_surface = float(a["fragment_surface"])  # in this store's slice numbers
         self.fragment_surface_confidence = float(a["fragment_surface_confidence"])
         self.low_confidence_share = float(a["low_confidence_share"])

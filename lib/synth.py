@@ -151,7 +151,8 @@ def letter_strengths(rng, shape, letter_height, thickness):
         while x < w:
             letter = chr(ord("A") + int(rng.integers(26)))
             strength = rng.uniform(0.3, 1.0)
-            cv2.putText(canvas, letter, (x, y + int(rng.integers(-2, 3))), font, scale, int(strength * 255), thickness, cv2.LINE_AA)
+            cv2.putText(canvas, letter, (x, y + int(rng.integers(-2, 3))), font, scale, int(strength * 255), thickness,
+                        cv2.LINE_AA)
             step = cv2.getTextSize(letter, font, scale, thickness)[0][0]
             x += int(step * rng.uniform(1.05, 1.3)) + (step if rng.random() < 0.15 else 0)  # word gaps
         y += int(letter_height * rng.uniform(1.6, 1.9))

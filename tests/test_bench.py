@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {  # script: (its tiny settings, the markers it writes)
     "bench_prepare.py": (["--sizes", "256x256", "--tiles", "20"], ["prepare"]),

@@ -22,6 +22,8 @@ import pytest
 
 import prepare
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.e2e]
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 BACKBONE = "stack:tu-mobilenetv3_small_050"  # the default family's member name

@@ -38,7 +38,8 @@ def label_store(tmp_path_factory):
     mask = np.ones((HEIGHT, WIDTH), np.uint8)
     mask[:10] = 0  # a strip of no papyrus
     for z in range(40):
-        tifffile.imwrite(folder / "surface_volume" / f"{z:02d}.tif", ((1000 + (20000 + 300 * z) * labels.astype(np.int64) + z) * mask).astype(np.uint16))
+        tifffile.imwrite(folder / "surface_volume" / f"{z:02d}.tif",
+                         ((1000 + (20000 + 300 * z) * labels.astype(np.int64) + z) * mask).astype(np.uint16))
     cv2.imwrite(str(folder / "mask.png"), mask * 255)
     cv2.imwrite(str(folder / "inklabels.png"), labels * 255)
     path = root / "1.h5"

@@ -133,6 +133,7 @@ def test_percentile_mode_wins_when_the_scale_drifts(tmp_path, stores, model_stat
     assert scores["fitted"]["f05"] == pytest.approx(scores["percentile"]["f05"])
 
 
+@pytest.mark.slow
 def test_subsampled_fit_is_deterministic_and_scores_stay_full_resolution(tmp_path, stores, model_state):
     run = make_run(tmp_path / "run", stores, {"a": noisy_labels, "b": pure_noise}, model_state)
     full = run_ensemble(run, stores)
@@ -145,6 +146,7 @@ def test_subsampled_fit_is_deterministic_and_scores_stay_full_resolution(tmp_pat
     assert first["scores"]["members"] == full["scores"]["members"]
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_errors(tmp_path, stores, model_state):
     def assert_names(path, argv):
         message = exit_message(argv)
@@ -166,6 +168,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, stores, model_state):
     assert_names(run / "run.json", ["--run", str(run)])
 
 
+@pytest.mark.slow
 def test_run_record_names_stores_folds_and_fragments(tmp_path, stores, model_state, capsys):
     """Only --run: the stores come from run.json; a dot in a fragment id is not a band; a missing fold is an error
     unless --allow-missing, which says what it left out."""
@@ -239,3 +242,40 @@ def test_binarise_counts_match_the_sweeps():
     assert (distinct >= percentile_cutoff(distinct, 12)).sum() == 120
     with pytest.raises(ValueError, match="threshold mode"):
         binarise(prob, mask, "median", 0.5)
+
+
+def test_train_stores_changed_since_the_run_are_refused(tmp_path, stores, model_state):
+    """A store prepared again after training (its sources changed: new labels) makes the run stale; so do the train
+    stores of other data. One line naming the run and what it was trained on; nothing written."""
+    import h5py
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(stores, copy)
+    run = make_run(tmp_path / "run", copy, {"a": noisy_labels}, model_state)
+    with h5py.File(copy / "train" / "2.h5", "a") as h5:
+        h5.attrs["fingerprint"] = "sources changed since"
+    was = f"error: {run} was trained on the train stores 1, 2, 3 of {(stores.parent / 'synth' / 'train').resolve()}; "
+    assert exit_message(["--run", str(run)]) == (
+        f"{was}{copy / 'train' / '2.h5'} changed since (prepared again: its sources or settings differ): the "
+        f"run is stale. Retrain it (train.py --run {run} --force, or another --run or RUN=), or give the stores it was "
+        "trained on")
+    other, root = tmp_path / "other", generate(tmp_path / "synth", size=96, seed=3, progress=False)
+    for fragment_id in TRAIN_IDS:
+        write_store(Fragment.open(root, "train", fragment_id), other / "train" / f"{fragment_id}.h5", tile_size=64,
+                    stride=32, progress=False)
+    assert exit_message(["--run", str(run), "--stores", str(other)]) == (
+        f"{was}{other / 'train'} holds 1, 2, 3 of {root.resolve() / 'train'}: other data. Train a run on these stores (another "
+        "--run or RUN=), or give the stores it was trained on")
+    assert not (run / "ensemble.json").exists()
+
+
+def test_flipped_byte_in_a_model_file_is_refused_naming_it(tmp_path, stores, model_state):
+    from test_submit import flip_a_byte
+
+    run = make_run(tmp_path / "run", stores, {"a": noisy_labels}, model_state)
+    model = run / "models" / "a" / "fold-3.pt"
+    flip_a_byte(model)
+    message = exit_message(["--run", str(run)])
+    assert message.startswith(f"error: {model}: sha256 ") and "\n" not in message
+    assert f"recorded in {run / 'trials' / 'a' / 'fold-3.json'} when it was trained" in message
+    assert not (run / "ensemble.json").exists()

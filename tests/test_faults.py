@@ -234,6 +234,8 @@ def test_stale_temp_file_is_removed_by_the_next_run(root, prepared):
     assert files(prepared) == ["test/a.h5", "train/1.h5", "train/2.h5"]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_second_writer_stops_at_once_naming_the_first(root, tmp_path):
     out = tmp_path / "out"
     tmp_file = out / "train" / "1.h5.tmp"

@@ -4,7 +4,6 @@ messages that misled. Each case checks the exit code, the one-line message, that
 that no temp file or process is left. Full and read-only disks are small tmpfs mounts in a private mount namespace
 (`unshare -m`, as root), skipped where that is not permitted. Then a fuzz test over the readers."""
 import contextlib
-import functools
 import io
 import json
 import os
@@ -27,7 +26,7 @@ from lib.fragments import Fragment, FragmentError, Segment, read_png_binary
 from lib.inputs import InputSpec
 from lib.lock import exclusive
 from lib.store import Store, StoreError, require_slices
-from helpers import in_process
+from helpers import in_process, needs_unshare, on_tmpfs
 from test_faults import assert_one_error, messages, run_validator
 from test_prepare import make_fragment, prepare_here
 
@@ -35,36 +34,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-
-
-@functools.cache
-def can_unshare():
-    try:
-        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-needs_unshare = pytest.mark.skipif("not can_unshare()", reason="unshare -m (a private mount namespace) is not "
-                                   "permitted here: full and read-only tmpfs outputs need it")
-
-
-def on_tmpfs(tmp_path, argv, size="1m", readonly=False, fill=False, setup=""):
-    """Run `argv` with a fresh tmpfs of `size` mounted on tmp_path/mnt in a private mount namespace; `setup` (shell)
-    runs first (e.g. copies an old output there), then the tmpfs is filled (`fill`) or made read-only. Returns
-    (exit code, stdout, stderr, {name: bytes} of every file left on the tmpfs but the filler)."""
-    mnt, report = tmp_path / "mnt", tmp_path / "report"
-    mnt.mkdir()
-    (report / "after").mkdir(parents=True)
-    script = "\n".join([
-        "set -e", f'mount -t tmpfs -o size={size} tmpfs "{mnt}"', setup,
-        f'cat /dev/zero > "{mnt}/filler" 2>/dev/null || true' if fill else "",
-        f'mount -o remount,ro "{mnt}"' if readonly else "", "set +e",
-        f'"$@" > "{report}/stdout" 2> "{report}/stderr"; echo $? > "{report}/rc"',
-        f'rm -f "{mnt}/filler" 2>/dev/null; cp -r "{mnt}/." "{report}/after/"'])
-    subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *map(str, argv)], cwd=ROOT, timeout=300, check=True)
-    left = {str(p.relative_to(report / "after")): p.read_bytes() for p in (report / "after").rglob("*") if p.is_file()}
-    return (int((report / "rc").read_text()), (report / "stdout").read_text(), (report / "stderr").read_text(), left)
 
 
 def split_import_times(stderr):
@@ -357,9 +326,12 @@ def wait_for(condition, seconds, what):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.e2e
 def test_sigkill_then_resume_at_once_leaves_no_process_and_no_checkpoints(synth160, tmp_path):
-    """One train store (3 band folds, 2 of them trained), killed with SIGKILL mid-trial: every process it started is gone by the time
-    an immediate --resume holds the run, the resume finishes the run, and no checkpoints/ remain."""
+    """One train store (3 band folds, 2 of them trained), killed with SIGKILL mid-trial: every process it started is gone
+    by the time an immediate --resume holds the run, the resume finishes the run, and no checkpoints/ remain."""
     stores, run = tmp_path / "one", tmp_path / "run"
     (stores / "train").mkdir(parents=True)
     os.link(synth160["stores"] / "train" / "1.h5", stores / "train" / "1.h5")
@@ -472,6 +444,7 @@ submit.main(sys.argv[1:])
 """
 
 
+@pytest.mark.e2e
 def test_ctrl_c_in_submit_is_one_line_and_keeps_the_old_output(tiny, tmp_path):
     out = tmp_path / "sub.csv"
     out.write_bytes(OLD_CSV)
@@ -492,6 +465,7 @@ def test_ctrl_c_in_submit_is_one_line_and_keeps_the_old_output(tiny, tmp_path):
     assert not (tiny["run"] / ".lock").exists()
 
 
+@pytest.mark.e2e
 def test_locked_run_is_refused_before_torch_and_ray_are_imported(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -525,15 +499,19 @@ from hypothesis import strategies as st  # noqa: E402
 from lib.runs import RunFileError, check_model_file, read_ensemble, read_record  # noqa: E402
 
 
-fuzz = pytest.mark.filterwarnings("ignore")
+def fuzz(test):
+    """A fuzz test: slow (thousands of cases; make test-fast leaves it out), hypothesis' warnings ignored."""
+    return pytest.mark.slow(pytest.mark.filterwarnings("ignore")(test))
+
+
 SLICE = np.arange(24 * 20, dtype=np.uint16).reshape(24, 20) * 97  # the 16-bit slice the TIFF cases start from
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "TIFF": "tif"}
 
 
 def fuzz_settings(examples):
     """`examples` cases (times $INKSEG_FUZZ_SCALE, for a deeper search by hand: INKSEG_FUZZ_SCALE=20 pytest -k fuzz)."""
-    return settings(max_examples=examples * int(os.environ.get("INKSEG_FUZZ_SCALE", 1)), deadline=None, database=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    return settings(max_examples=examples * int(os.environ.get("INKSEG_FUZZ_SCALE", 1)), deadline=None, database=None,
+                    derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
 def image_bytes(kind, fmt):
@@ -664,19 +642,23 @@ def json_files(document, paths):
                      st.just(b'{"members": [], "threshold": 1e999}'), st.just(b"\xff\xfe{}"))
 
 
+TRAINED_ON = {"stores": "/data/prepared", "data": "/data", "train": {"1": {"fingerprint": "f", "bytes": 9, "source": "/d/1"}}}
 ENSEMBLE = {"members": [{"backbone": "b", "weight": 1.0, "tile_size": 64, "stride": 32, "models": ["models/b/fold-1.pt"],
-                         "inputs": InputSpec().as_dict()}],
-            "threshold": {"mode": "absolute", "value": 0.5}}
+                         "sha256": {"models/b/fold-1.pt": "0" * 64}, "inputs": InputSpec().as_dict()}],
+            "threshold": {"mode": "absolute", "value": 0.5}, "trained_on": TRAINED_ON}
 ENSEMBLE_FIELDS = [("members",), ("threshold",), ("members", 0), ("members", 0, "backbone"), ("members", 0, "weight"),
                    ("members", 0, "tile_size"), ("members", 0, "stride"), ("members", 0, "models"),
                    ("members", 0, "models", 0), ("members", 0, "inputs"), ("members", 0, "inputs", "family"),
-                   ("members", 0, "inputs", "version"), ("threshold", "mode"), ("threshold", "value")]
+                   ("members", 0, "inputs", "version"), ("threshold", "mode"), ("threshold", "value"), ("trained_on",),
+                   ("trained_on", "train"), ("trained_on", "train", "1"), ("members", 0, "sha256"),
+                   ("members", 0, "sha256", "models/b/fold-1.pt")]
 
 
 RECORD = {"options": {"stores": "/data/prepared", "backbones": "b", "folds": None}, "train_ids": ["1", "2"],
-          "folds": [{"name": "1", "fragment_id": "1", "rows": None}, {"name": "2.1", "fragment_id": "2", "rows": [0, 9]}]}
+          "folds": [{"name": "1", "fragment_id": "1", "rows": None}, {"name": "2.1", "fragment_id": "2", "rows": [0, 9]}],
+          "trained_on": TRAINED_ON}
 RECORD_FIELDS = [("options",), ("train_ids",), ("folds",), ("folds", 0), ("folds", 1, "name"), ("folds", 1, "rows"),
-                 ("folds", 1, "rows", 0), ("folds", 0, "fragment_id")]
+                 ("folds", 1, "rows", 0), ("folds", 0, "fragment_id"), ("trained_on",), ("trained_on", "train")]
 
 
 def ensemble_paths_inside(ensemble, run):

@@ -28,7 +28,8 @@ def slice_path(folder, z):
 
 
 def run_cli(root):
-    return subprocess.run([sys.executable, "-m", "lib.fragments", str(root)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "lib.fragments", str(root)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
 
 
 def assert_one_line_naming(message, path):

@@ -8,7 +8,8 @@ import pytest
 
 from lib.lock import LockedError, exclusive, lock_path
 
-HOLD = "import sys, time; from lib.lock import exclusive\nwith exclusive(sys.argv[1], 'holder-test'):\n print('held', flush=True); time.sleep(60)"
+HOLD = ("import sys, time; from lib.lock import exclusive\nwith exclusive(sys.argv[1], 'holder-test'):\n"
+        " print('held', flush=True); time.sleep(60)")
 
 
 def hold_in_child(path, root):

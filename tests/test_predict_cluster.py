@@ -8,6 +8,7 @@ import time
 import cv2
 import numpy as np
 import psutil
+import pytest
 import tifffile
 import zarr
 
@@ -15,6 +16,8 @@ import submit
 from lib.fragments import Fragment
 from lib.store import write_store
 from test_cluster import ROOT, cluster  # noqa: F401 - the fixture
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 HEIGHT, WIDTH = 1100, 96  # three bands of 512 rows (lib.bands): tiles cross two band edges
 

@@ -218,6 +218,8 @@ def kill_when_writing(args, tmp_file):
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigkill_mid_write_leaves_no_final_store_and_rerun_completes(data_root, tmp_path):
     root = copy_fragments(data_root, tmp_path / "data", ["2"])
     out = tmp_path / "out"

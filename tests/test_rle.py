@@ -112,6 +112,7 @@ def test_round_trip(mask):
     assert lengths.sum() == mask.sum()
 
 
+@pytest.mark.slow
 def test_fragment_sized_mask_is_fast():
     rng = np.random.default_rng(0)
     # blocky ink so the run count resembles a real prediction, not salt-and-pepper noise

@@ -21,6 +21,7 @@ from lib.fragments import FragmentError, Segment, detect_layout, list_segments
 from lib.infer import blend_weights, predict_fragment
 from lib.inputs import CENTRE_SLICES, InputReader, InputSpec
 from lib.model import build_model, model_config, save_model_file
+from lib.runs import file_sha256, trained_on
 from lib.store import Store
 from lib.surface import fragment_surface
 from lib.synth import EIGHT_BIT_SEGMENT, REVERSED_SEGMENT, TEST_IDS, TRAIN_IDS, generate
@@ -344,22 +345,24 @@ def test_banded_blend_equals_the_whole_map_blend(tmp_path):
     np.testing.assert_allclose(out, 1 + 0.25 * got, atol=1e-6)
 
 
-def write_run(run):
-    """A run folder submit.py accepts: one random-weight tiny model, absolute threshold 0.5."""
+def write_run(run, stores):
+    """A run folder submit.py accepts: one random-weight tiny model, absolute threshold 0.5, trained on `stores`."""
     torch.manual_seed(0)
     backbone = "tu-mobilenetv3_small_050"
     path = run / "models" / backbone / "fold-1.pt"
     save_model_file(path, build_model(backbone), MIDDLE, config=model_config(backbone, MIDDLE), fold="1",
                     tile_size=TILE, stride=STRIDE)
-    members = [{"backbone": backbone, "weight": 1.0, "models": [str(path.relative_to(run))], "tile_size": TILE,
-                "stride": STRIDE, "inputs": MIDDLE.as_dict()}]
-    (run / "ensemble.json").write_text(json.dumps({"members": members, "threshold": {"mode": "absolute", "value": 0.5}}))
+    name = str(path.relative_to(run))
+    members = [{"backbone": backbone, "weight": 1.0, "models": [name], "sha256": {name: file_sha256(path)},
+                "tile_size": TILE, "stride": STRIDE, "inputs": MIDDLE.as_dict()}]
+    (run / "ensemble.json").write_text(json.dumps({"members": members, "threshold": {"mode": "absolute", "value": 0.5},
+                                                   "trained_on": trained_on(stores, TRAIN_IDS)}))
     return run
 
 
 def test_submit_writes_probability_pngs_and_csv_by_rule(layouts, tmp_path):
-    run = write_run(tmp_path / "run")
     stores = layouts["segment_stores"]
+    run = write_run(tmp_path / "run", stores)
     common = ["--run", str(run), "--stores", str(stores), "--no-tta", "--no-triplets"]
     submit.main(common)  # segment stores, no --sample, no --out: PNGs only
     assert not (run / "submission.csv").exists()
@@ -376,6 +379,7 @@ def test_submit_writes_probability_pngs_and_csv_by_rule(layouts, tmp_path):
     submit.main(common + ["--png", str(tmp_path / "pngs"), "--out", str(tmp_path / "sub.csv")])  # both on request
     assert (tmp_path / "sub.csv").read_text().startswith("Id,Predicted\na,")
     assert len(list((tmp_path / "pngs").glob("*_prediction.png"))) == 2
-    submit.main(["--run", str(run), "--stores", str(layouts["kaggle_stores"]), "--no-tta", "--no-triplets"])
-    assert (run / "submission.csv").is_file()  # Kaggle stores: the CSV, and no PNGs unless asked for
-    assert len(list((run / "predictions").iterdir())) == 2
+    kaggle_run = write_run(tmp_path / "kaggle_run", layouts["kaggle_stores"])
+    submit.main(["--run", str(kaggle_run), "--stores", str(layouts["kaggle_stores"]), "--no-tta", "--no-triplets"])
+    assert (kaggle_run / "submission.csv").is_file()  # Kaggle stores: the CSV, and no PNGs unless asked for
+    assert not (kaggle_run / "predictions").exists()

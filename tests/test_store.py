@@ -32,7 +32,8 @@ def data_root(synth_root):
 @pytest.fixture(scope="module")
 def stores(data_root, tmp_path_factory):
     """{(id, z_range): store path}: every fragment with the default range, two with all 65 slices
-    written in 56-row bands (BAND_BYTES=1; chunks of one tile stride), so band boundaries and histogram accumulation are exercised."""
+    written in 56-row bands (BAND_BYTES=1; chunks of one tile stride), so band boundaries and histogram accumulation
+    are exercised."""
     out = tmp_path_factory.mktemp("stores")
     paths = {}
     for fid, split in FRAGMENTS.items():
@@ -397,7 +398,8 @@ def test_partial_edge_chunks_round_trip(tmp_path, monkeypatch, band_bytes):
     store = Store(path)
     for y, x, h, w in [(0, 0, 150, 201), (100, 150, 64, 64), (130, 190, 40, 40), (-5, 60, 70, 80), (63, 63, 2, 2)]:
         np.testing.assert_array_equal(store.read_tile(y, x, h, w, [1, 3]), padded_window(volume[[1, 3]], y, x, h, w))
-    lower, higher = np.percentile(volume[:, mask], [1, 99], method="lower"), np.percentile(volume[:, mask], [1, 99], method="higher")
+    lower = np.percentile(volume[:, mask], [1, 99], method="lower")
+    higher = np.percentile(volume[:, mask], [1, 99], method="higher")
     assert all(lo <= g <= hi for lo, g, hi in zip(lower, store.intensity_range(1, 99), higher))
 
 

@@ -4,15 +4,18 @@ stride 32). The models are useless; the checks are the submission's format, orde
 import csv
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import submit
+from helpers import needs_unshare, on_tmpfs
 from lib.inputs import INPUT_VERSION, InputSpec
 from lib.lock import exclusive
 from lib.model import load_model_file
+from lib.runs import file_sha256
 from lib.infer import predict_fragment
 from lib.maps import load_probability_map
 from lib.metrics import remove_small_components
@@ -224,10 +227,19 @@ def test_bad_ensemble_json_stops_before_any_prediction(tiny, tmp_path, case, cap
     assert "predict" not in capsys.readouterr().err  # no progress bar: nothing was predicted
 
 
+def record_sha256(run, model):
+    """ensemble.json recording `model` as it is now: as if training had written it so."""
+    data = json.loads((run / "ensemble.json").read_text())
+    for member in data["members"]:
+        member["sha256"] |= {name: file_sha256(model) for name in member["sha256"] if run / name == model}
+    (run / "ensemble.json").write_text(json.dumps(data))
+
+
 def test_truncated_model_file_is_named_before_any_prediction(tiny, tmp_path):
     run = edited_run(tiny, tmp_path / "run", lambda d: None)
     model = run / "models" / "triplets:tu-mobilenetv3_small_075" / "fold-3.pt"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    record_sha256(run, model)
     message = exit_message(["--run", str(run), "--stores", str(tiny["stores"])])
     assert message.startswith(f"error: {model}: unreadable model file") and "\n" not in message
     assert not (run / "previews").exists()
@@ -241,6 +253,7 @@ def test_a_model_trained_on_older_inputs_is_refused(tiny, tmp_path):
     export = torch.load(model, weights_only=True)
     export["inputs"] = 2
     torch.save(export, model)
+    record_sha256(run, model)
     message = exit_message(["--run", str(run), "--stores", str(tiny["stores"])])
     assert message == (f"error: {model}: inputs: model inputs of version 2, this inkseg makes version "
                        f"{INPUT_VERSION} (lib/inputs.py): retrain, or predict with the inkseg that trained it")
@@ -256,3 +269,52 @@ def test_stores_come_from_the_run_record_and_one_writer_at_a_time(tiny, tmp_path
     with exclusive(tiny["run"], "ensemble.py"):
         message = exit_message(["--run", str(tiny["run"]), "--out", str(tmp_path / "second.csv")])
     assert "already being written by ensemble.py" in message and not (tmp_path / "second.csv").exists()
+
+
+@needs_unshare
+def test_read_only_run_folder_is_only_read(tiny, tmp_path):
+    """The Kaggle-notebook recipe: the run folder (models/ and ensemble.json) is a read-only input; the submission
+    goes to --out and the lock, scratch, previews and stamps beside it, in RUNNAME-work. The run stays as it was."""
+    def on_read_only_run(folder, *extra):
+        run, source = folder / "mnt" / "run", tiny["run"]
+        setup = f'mkdir "{run}" && cp -r "{source}/models" "{source}/ensemble.json" "{run}/"'
+        argv = [sys.executable, "submit.py", "--run", run, "--stores", tiny["stores"], "--no-tta", "--no-triplets",
+                "--threads", "1", *extra]
+        return run, on_tmpfs(folder, argv, size="64m", readonly=True, setup=setup)
+
+    out = tmp_path / "working" / "submission.csv"
+    run, (code, printed, err, left) = on_read_only_run(tmp_path / "given", "--out", out)
+    assert code == 0, err
+    copied = {str(p.relative_to(tiny["run"])): p.read_bytes()
+              for p in [tiny["run"] / "ensemble.json", *(tiny["run"] / "models").rglob("*.pt")]}
+    assert left == {f"run/{name}": data for name, data in copied.items()}  # nothing written there
+    with open(out, newline="") as f:
+        assert list(csv.reader(f))[1:] == run_submit(tiny, "--no-tta", "--no-triplets")
+    work = out.parent / "run-work"
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()) == [
+        "predicted/a.json", "predicted/b.json", "previews/a.png", "previews/b.png"]  # no lock, no scratch left
+
+    run, (code, printed, err, left) = on_read_only_run(tmp_path / "not_given")
+    assert code == 1 and printed == ""
+    assert err.splitlines() == [f"error: {run}: cannot write the run folder: Read-only file system; give --out FILE "
+                                "(the rest goes beside it) or --work DIR"]
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # in the weights: torch.load reads it without complaint
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_a_model_file_is_refused_naming_it(tiny, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny["run"] / "models", copy / "models")
+    shutil.copy(tiny["run"] / "ensemble.json", copy / "ensemble.json")
+    model = copy / "models" / "stack:tu-mobilenetv3_small_050" / "fold-2.pt"
+    flip_a_byte(model)
+    load_model_file(model)  # still a loadable model file
+    message = exit_message(["--run", str(copy), "--stores", str(tiny["stores"]), "--out", str(tmp_path / "sub.csv")])
+    assert message.startswith(f"error: {model}: sha256 ") and "\n" not in message
+    assert message.endswith("recorded in ensemble.json when it was trained: the file changed since (a damaged copy?); "
+                            "copy it again or retrain")
+    assert not (tmp_path / "sub.csv").exists() and not (copy / "previews").exists()

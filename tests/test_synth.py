@@ -41,7 +41,7 @@ def all_ink_f05(truth_in_mask):
 def fit_threshold(features, masks, labels):
     """Threshold and sign (ink brighter or darker) maximising F0.5 over the in-mask pixels of all fragments."""
     values = np.concatenate([f[m] for f, m in zip(features, masks)])
-    truth = np.concatenate([l[m] for l, m in zip(labels, masks)])
+    truth = np.concatenate([label[m] for label, m in zip(labels, masks)])
     best = (-1.0, 0.0, 1)
     for threshold in np.percentile(values, np.linspace(1, 99, 99)):
         for sign in (1, -1):
@@ -119,7 +119,8 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
             assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
     for rel in ("train/1/surface_volume/05.tif", "train/2/inklabels.png", "test/a/mask.png"):
         assert (one / rel).read_bytes() != (other / rel).read_bytes(), rel
-    assert not np.array_equal(tifffile.imread(one / "test/b/surface_volume/03.tif"), tifffile.imread(other / "test/b/surface_volume/03.tif"))
+    slice_3 = "test/b/surface_volume/03.tif"
+    assert not np.array_equal(tifffile.imread(one / slice_3), tifffile.imread(other / slice_3))
 
 
 # ---------------------------------------------------------------- the key property: ink is there, but hidden
@@ -152,7 +153,8 @@ def fragment_features(root, split, fid):
 
 @pytest.fixture(scope="module")
 def features384(root384):
-    return {(split, fid): fragment_features(root384, split, fid) for split, ids in (("train", "123"), ("test", "ab")) for fid in ids}
+    return {(split, fid): fragment_features(root384, split, fid)
+            for split, ids in (("train", "123"), ("test", "ab")) for fid in ids}
 
 
 def test_labels_cover_a_plausible_share_of_the_papyrus(features384):
@@ -296,7 +298,8 @@ def test_one_1024_fragment_is_fast_and_small(tmp_path):
 
 
 def run_synth(*args):
-    return subprocess.run([sys.executable, "-m", "lib.synth", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "lib.synth", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_cli_writes_once_then_leaves_the_dataset_alone(tmp_path):
@@ -373,7 +376,8 @@ def test_levels_draw_per_fragment_within_their_ranges():
 @pytest.fixture(scope="module")
 def hard384(tmp_path_factory):
     root = synth.generate(tmp_path_factory.mktemp("hard384") / "synth", size=384, seed=0, progress=False, difficulty="hard")
-    return root, {(split, fid): fragment_features(root, split, fid) for split, ids in (("train", "123"), ("test", "ab")) for fid in ids}
+    return root, {(split, fid): fragment_features(root, split, fid)
+                  for split, ids in (("train", "123"), ("test", "ab")) for fid in ids}
 
 
 def test_hard_surface_wanders_up_to_four_slices(hard384):

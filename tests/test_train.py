@@ -17,6 +17,8 @@ import prepare
 from lib.model import build_from_config
 from lib.store import Store
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "stack:tu-mobilenetv3_small_050"  # the default family's member name for the demo backbone
 
