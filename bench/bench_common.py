@@ -91,13 +91,17 @@ def write_tiny_run(run, backbone, tile_size, stride):
 
     from lib.inputs import InputSpec
     from lib.model import build_model, model_config, save_model_file
-    from lib.runs import write_json
+    from lib.runs import file_sha256, write_json
 
     spec, model_file = InputSpec(), Path(run) / "models" / backbone / "fold-1.pt"
     torch.manual_seed(0)
     save_model_file(model_file, build_model(backbone, spec.channels, family=spec.family), spec,
                     config=model_config(backbone, spec), fold="1", tile_size=tile_size, stride=stride)
-    member = dict(backbone=backbone, weight=1.0, models=[str(model_file.relative_to(run))], tile_size=tile_size,
-                  stride=stride, inputs=spec.as_dict())
-    write_json(Path(run) / "ensemble.json", {"members": [member], "threshold": {"mode": "absolute", "value": 0.5}})
+    name = str(model_file.relative_to(run))
+    member = dict(backbone=backbone, weight=1.0, models=[name], sha256={name: file_sha256(model_file)},
+                  tile_size=tile_size, stride=stride, inputs=spec.as_dict())
+    # random weights, trained on no store: the benchmarks predict test stores only, which any run may predict
+    untrained = {"stores": None, "data": None, "train": {"none": {"source": "random weights"}}}
+    write_json(Path(run) / "ensemble.json", {"members": [member], "threshold": {"mode": "absolute", "value": 0.5},
+                                             "trained_on": untrained})
     return model_file
