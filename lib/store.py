@@ -9,7 +9,7 @@ A store `OUT/<split>/<id>.h5` holds
     percentiles  (Z, P) float32     in-mask intensity percentiles per slice (levels in attrs["percentile_levels"])
     percentiles_all (P,) float32    the same over all kept slices together
     surface      (H/4, W/4) float16 each pixel's surface (a slice number) on a 4 px grid (lib/surface.py)
-    surface_confidence (H/4, W/4) float16  how sure each cell's surface is, 0..1
+    surface_confidence (H/4, W/4) float16  how sure each cell's surface is, 0..1 (NaN off the papyrus)
 and attributes: fragment_id, split, source, z_start, z_stop, height, width, tile_size, stride,
 fingerprint (of the source files: names, sizes, mtimes) and format_version; source_layers (the source layer of
 each kept slice: z_start..z_stop unless the depth was reversed or the window moved to the surface, lib/depth.py),
