@@ -40,8 +40,9 @@ DATA_FILES := $(wildcard $(DATA)/*/*/surface_volume/*.tif $(DATA)/*/*/*.png $(DA
 ifneq ($(shell grep -s -o '"data": "[^"]*"' $(PREPARED)),"data": "$(abspath $(DATA))")
 PREPARE_DONE_DEP := FORCE
 endif
-# A run with unfinished or failed trials (its summary.md says "Unfinished:") is not done: train resumes it.
-ifneq ($(shell grep -s -l '^Unfinished:' $(SUMMARY)),)
+# A run whose status.json (written by train.py) does not say finished (trials failed, interrupted, or a crash while
+# they ran) is not done: train resumes it.
+ifeq ($(shell grep -s -o '"state": "finished"' $(RUN)/status.json),)
 SUMMARY_DEP := FORCE
 endif
 
@@ -73,13 +74,13 @@ $(PREPARE_DONE): $(if $(IS_SYNTH),$(SYNTH_DONE)) $(DATA_FILES) $(PREPARE_DONE_DE
 $(PREPARED): $(PREPARE_DONE) ;
 
 # A finished run is kept as it is (retrain with train.py --force or another RUN=); an interrupted or failed one is
-# resumed with the options recorded in its run.json.
+# resumed with the config recorded in its run.json.
 train: $(SUMMARY)
 	@echo "make train: $(RUN) is trained; scores in $(SUMMARY)"
 
 $(SUMMARY): $(SUMMARY_DEP) | $(PREPARED)
 	@if [ -f $(RUN)/run.json ]; then \
-		echo "make train: resuming the unfinished run in $(RUN) with the options in $(RUN)/run.json"; \
+		echo "make train: resuming the unfinished run in $(RUN) with the config in $(RUN)/run.json"; \
 		echo "$(PY) train.py --run $(RUN) --resume $(TRAIN_ARGS)"; \
 		$(PY) train.py --run $(RUN) --resume $(TRAIN_ARGS); \
 	else \

@@ -21,23 +21,23 @@ resolution. The leave-one-fragment-out (LOFO) score refits on all fragments but 
 one, and pools the held-out pixels: what to expect on unseen fragments, free of the fit's own optimism.
 
     python ensemble.py --run runs/demo [--fit-pixels 2000000] [--seed 0] [--allow-missing]
+    python ensemble.py --run runs/demo --check    # is this (maybe read-only) run usable as it is?
 """
 import argparse
 import itertools
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display, no pyplot state
 
 from lib.maps import load_probability_map
 from lib.metrics import (DEFAULT_PERCENTS, THRESHOLD_MODES, binarise, confusion_counts, fbeta_counts,
                          fbeta_from_counts, percentile_counts, threshold_counts)
 from lib.lock import LockedError, exclusive
-from lib.runs import (RECORD_NAME, RunFileError, check_sha256, check_trained_on, finished_trials, fragment_oof_path,
-                      input_spec, planned_trials, read_record, recorded_stores, trial_file, write_json)
+from lib.outputs import OutputError, atomic_path
+from lib.runs import (RunDir, RunFileError, check_trained_on, load_members, model_header, read_ensemble, recorded_stores,
+                      write_json)
 from lib.store import Store, StoreError
 
 # what each mode sweeps: absolute probabilities, percentile the share (%) of in-mask pixels called ink
@@ -56,6 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--fit-pixels", type=int, default=2_000_000,
                         help="in-mask pixels (all fragments together) sampled for fitting; reported scores use all")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pixel sample")
+    parser.add_argument("--check", action="store_true", help="check the run's ensemble.json, its model files (sha256, "
+                        "inputs) and the stores against what it was trained on, print it, and fit nothing: reads "
+                        "only, so it works on a read-only run folder")
     return parser.parse_args(argv)
 
 
@@ -66,11 +69,11 @@ def find_members(run, record, allow_missing):
     """(members [{backbone, models, tile_size, stride}], fragment ids): every backbone of the run record with the
     model files of its folds, and the fragments whose OOF maps every member has. What the record names but the
     folder lacks stops the fit, or with `allow_missing` is left out and printed."""
-    trials = planned_trials(record["options"], record["folds"])
-    results = finished_trials(run, trials)
+    trials = record.planned_trials()
+    results = run.finished_trials(trials)
     ok, missing = set(), []
     for backbone, fold in trials:
-        model, oof = trial_file(run, "models", backbone, fold.name, ".pt"), fragment_oof_path(run, backbone, fold.fragment_id)
+        model, oof = run.model(backbone, fold.name), run.fragment_oof(backbone, fold.fragment_id)
         problem = ("the trial did not finish (train.py --resume retries it)" if (backbone, fold.name) not in results
                    else f"{model} not found" if not model.is_file() else f"{oof} not found" if not oof.is_file() else None)
         if problem:
@@ -78,8 +81,8 @@ def find_members(run, record, allow_missing):
         else:
             ok.add((backbone, fold.name))
     if missing and not allow_missing:
-        sys.exit(f"error: {run}: {len(missing)} of the {len(trials)} trained folds in {RECORD_NAME} are missing, "
-                 f"first {missing[0]}; finish them, or fit without them with --allow-missing")
+        raise RunFileError(f"{run}: {len(missing)} of the {len(trials)} trained folds in {run.record.name} are "
+                           f"missing, first {missing[0]}; finish them, or fit without them with --allow-missing")
     for line in missing:
         print(f"missing, left out: {line}")
     backbones = sorted({b for b, _ in trials})
@@ -87,38 +90,30 @@ def find_members(run, record, allow_missing):
     ids = sorted(i for i in {f.fragment_id for _, f in trials}
                  if all((b, f.name) in ok for b, f in trials if f.fragment_id == i))
     if not ids:
-        sys.exit(f"error: {run}: no train fragment has OOF maps and models from every backbone; nothing to fit on")
-    members = [member_models(run, b, record["options"], results,
+        raise RunFileError(f"{run}: no train fragment has OOF maps and models from every backbone; nothing to fit on")
+    members = [member_models(run, b, record.config, results,
                              [f.name for b2, f in trials if b2 == b and f.fragment_id in ids]) for b in backbones]
     return members, ids
 
 
-def member_models(run, backbone, options, results, fold_names):
-    """A member's fold model files, each checked to be the file its trial wrote (the sha256 in its result, from
-    `results`), to have the tile size and stride the run trained with and the same inputs (lib.inputs.InputSpec:
-    the ones its OOF maps were made with, so that submit.py predicts the test fragments the same way)."""
-    expected, inputs, digests = (options["tile_size"], options["stride"]), None, {}
+def member_models(run, backbone, config, results, fold_names):
+    """A member's fold model files, each checked (lib.runs.model_header) to be the file its trial wrote (the sha256 in
+    its TrialResult, from `results`), to have the tile size and stride the run trained with and the same inputs as
+    the member's other folds (lib.inputs.InputSpec: the ones its OOF maps were made with, so that submit.py predicts
+    the test fragments the same way)."""
+    expected, inputs, digests = (config.tile_size, config.stride), None, {}
     for fold_name in fold_names:
-        path, result_path = (trial_file(run, folder, backbone, fold_name, suffix)
-                             for folder, suffix in (("models", ".pt"), ("trials", ".json")))
-        digest = results[backbone, fold_name].get("model_sha256")
-        if not isinstance(digest, str):
-            raise RunFileError(f"{result_path}: model_sha256: missing (train.py writes it when the trial finishes)")
-        check_sha256(path, digest, result_path)
-        digests[str(path.relative_to(run))] = digest
-        try:  # mmap: only the small entries are read, not the weights
-            export = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            found = (int(export["tile_size"]), int(export["stride"]))
-            input_spec(path, export["inputs"], "inputs")
-        except RunFileError as err:
-            sys.exit(f"error: {err}")
-        except Exception as err:  # a truncated or foreign file: name it
-            sys.exit(f"error: {path}: not a train.py model file ({type(err).__name__}: {err})")
+        path = run.model(backbone, fold_name)
+        digest = results[backbone, fold_name].model_sha256
+        header = model_header(path, digest, run.result(backbone, fold_name))
+        digests[str(path.relative_to(run.path))] = digest
+        found = (header["tile_size"], header["stride"])
         if found != expected:
-            sys.exit(f"error: {path}: tile size and stride {found} differ from the run's {expected} ({RECORD_NAME})")
-        if inputs not in (None, export["inputs"]):
-            sys.exit(f"error: {path}: inputs {export['inputs']} differ from those of its member's other folds {inputs}")
-        inputs = export["inputs"]
+            raise RunFileError(f"{path}: tile size and stride {found} differ from the run's {expected} ({run.record})")
+        if inputs not in (None, header["inputs"]):
+            raise RunFileError(f"{path}: inputs {header['inputs']} differ from those of its member's other folds "
+                               f"{inputs}")
+        inputs = header["inputs"]
     return {"backbone": backbone, "models": sorted(digests), "sha256": digests,
             "tile_size": expected[0], "stride": expected[1], "inputs": inputs}
 
@@ -126,10 +121,10 @@ def member_models(run, backbone, options, results, fold_names):
 def train_store(stores, fragment_id):
     path = Path(stores) / "train" / f"{fragment_id}.h5"
     if not path.is_file():
-        sys.exit(f"error: {path}: train store not found (needed for the labels of OOF fragment {fragment_id})")
+        raise StoreError(f"{path}: train store not found (needed for the labels of OOF fragment {fragment_id})")
     store = Store(path)  # its maps are checked against their checksums as they are read (StoreError)
     if not store.has_labels:
-        sys.exit(f"error: {path}: store has no labels")
+        raise StoreError(f"{path}: store has no labels")
     return store
 
 
@@ -140,10 +135,10 @@ def load_fragment(run, stores, members, fragment_id):
     store.close()
     maps = np.empty((len(members), *store.shape), np.float32)
     for i, member in enumerate(members):
-        oof_path = fragment_oof_path(run, member["backbone"], fragment_id)
+        oof_path = run.fragment_oof(member["backbone"], fragment_id)
         prob, _ = load_probability_map(oof_path)
         if prob.shape != store.shape:
-            sys.exit(f"error: {oof_path}: map is {prob.shape}, but the store {store.path} is {store.shape}")
+            raise RunFileError(f"{oof_path}: map is {prob.shape}, but the store {store.path} is {store.shape}")
         maps[i] = prob
     return maps, labels, mask
 
@@ -307,10 +302,8 @@ def plot_thresholds(path, counts, fitted, fitted_f05):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=100)
 
 
 def table(members, weights, scores):
@@ -326,22 +319,41 @@ def table(members, weights, scores):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = Path(args.run)
-    if not run.is_dir():
-        sys.exit(f"error: {run}: run folder not found")
+    run = RunDir(args.run)
     try:
-        with exclusive(run, "ensemble.py"):
-            fit_ensemble(run, recorded_stores(run, args.stores), args)
-    except (LockedError, RunFileError, StoreError) as err:
+        if not run.path.is_dir():
+            raise RunFileError(f"{run}: run folder not found")
+        stores = recorded_stores(run.path, args.stores)
+        if args.check:  # reads only: no lock, so that a read-only run folder can be checked
+            check_ensemble(run, stores)
+            return
+        with exclusive(run.path, "ensemble.py"):
+            fit_ensemble(run, stores, args)
+    except (LockedError, RunFileError, StoreError, OutputError) as err:
         sys.exit(f"error: {err}")
+
+
+def check_ensemble(run, stores):
+    """--check: ensemble.json checked field by field, every member's model files loaded after checking their sha256,
+    tile size, stride and inputs, and the train stores in `stores` (if any) against what the run was trained on;
+    prints the members and threshold. A RunFileError names the first problem."""
+    ensemble = read_ensemble(run.path)
+    check_trained_on(run, ensemble["trained_on"], stores, test_only=True)
+    members = load_members(run.path, ensemble)
+    for member in members:
+        print(f"{member['backbone']}: weight {member['weight']:g}, {len(member['models'])} model files "
+              f"({member['tile_size']} px tiles, stride {member['stride']}, {member['spec'].family} inputs)")
+    threshold = ensemble["threshold"]
+    print(f"{run.ensemble}: OK: {len(members)} member(s) with a weight, threshold {threshold['mode']} "
+          f"{threshold['value']:g}, trained on {', '.join(sorted(ensemble['trained_on']['train']))}")
 
 
 def fit_ensemble(run, stores, args):
     """Fit, score, and write ensemble.json and the threshold plot; print the table."""
-    record = read_record(run)
+    record = run.read_record()
     if record is None:
-        raise RunFileError(f"{run / RECORD_NAME}: not found: not a run folder of train.py (run train.py first)")
-    check_trained_on(run, record["trained_on"], stores)  # labels of other or changed stores would fit garbage
+        raise RunFileError(f"{run.record}: not found: not a run folder of train.py (run train.py first)")
+    check_trained_on(run, record.trained_on, stores)  # labels of other or changed stores would fit garbage
     members, ids = find_members(run, record, args.allow_missing)
     samples = sample_pixels(run, stores, members, ids, args.fit_pixels, args.seed)
     fitted = fit(samples, len(members))
@@ -368,23 +380,23 @@ def fit_ensemble(run, stores, args):
                      for i, f in lofo_fits.items()}},
     }
     weights = [round(float(w), 4) for w in fitted["weights"]]
-    write_json(run / "ensemble.json", {
+    write_json(run.ensemble, {
         "members": [{**m, "weight": w} for m, w in zip(members, weights)],
         "threshold": {"mode": fitted["mode"], "value": fitted["value"]},
         "fragments": ids,
-        "trained_on": record["trained_on"],  # submit.py checks the stores it is given against it
+        "trained_on": record.trained_on,  # submit.py checks the stores it is given against it
         "fit_pixels": fit_pixels,
         "seed": args.seed,
         "scores": scores,
     })
-    plot_thresholds(run / "plots" / "threshold.png", counts, fitted, fitted_f05)
+    plot_thresholds(run.plots / "threshold.png", counts, fitted, fitted_f05)
 
     print(table(members, weights, scores))
     unit = "" if fitted["mode"] == "absolute" else " %"
     lofo = "n/a (one fragment)" if not lofo_fits else f"{scores['lofo']['f05']:.4f}"
     print(f"\nfitted ensemble: {fitted['mode']} threshold {fitted['value']:g}{unit}: OOF F0.5 {fitted_f05:.4f} "
           f"over {len(ids)} fragments at full resolution; leave-one-fragment-out {lofo}")
-    print(f"wrote {run / 'ensemble.json'} and {run / 'plots' / 'threshold.png'}")
+    print(f"wrote {run.ensemble} and {run.plots / 'threshold.png'}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import numpy as np
 from lib.depth import intensity_profile, kept_layers
 from lib.fragments import LAYOUTS, FragmentError, check_labels, detect_layout, open_fragments, require_utf8
 from lib.lock import LockedError, exclusive
-from lib.outputs import OutputError, check_writable
+from lib.outputs import OutputError, check_writable, write_atomically
 from lib.store import DEFAULT_Z_RANGE, StoreError, check_store, fingerprint, store_matches, write_store
 from lib.surface import fragment_surface, orientation
 from lib.zarr_segment import is_zarr_source, open_zarr_segments
@@ -185,9 +185,7 @@ def write_manifest(args):
             return
     except (OSError, ValueError):
         pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, lambda file: file.write(json.dumps(manifest, indent=2) + "\n"))
 
 
 def open_inputs(args, ids):

@@ -68,7 +68,7 @@ from lib.inputs import TRIPLET_MODES, slices_needed
 from lib.lock import LockedError, exclusive
 from lib.metrics import fbeta_counts
 from lib.outputs import OutputError, check_writable, describe, write_atomically
-from lib.runs import RunFileError, check_trained_on, load_members, read_ensemble, recorded_stores, write_json
+from lib.runs import RunDir, RunFileError, check_trained_on, load_members, read_ensemble, recorded_stores, write_json
 from lib.store import Store, StoreError, check_store, fingerprint, require_slices
 from lib.writers import PngWriter, ProbabilityH5Writer, ProbabilityScratch, TiffWriter, ZarrWriter, finish_fragment
 
@@ -124,10 +124,11 @@ def parse_args(argv=None):
     return args
 
 
-SCRATCH = ".scratch"  # WORK/.scratch/<id>.zarr: a fragment's probability sum while its bands are predicted
-
-
 # ------------------------------------------------------------------------------------------- inputs
+
+
+class InputFileError(ValueError):
+    """A file given to submit.py (--sample, --truth) that cannot be used: the message is one line naming it."""
 
 
 def test_stores(stores, segments=None):
@@ -139,15 +140,12 @@ def test_stores(stores, segments=None):
         patterns = [p for p in segments.split(",") if p]
         paths = {i: p for i, p in paths.items() if any(fnmatch.fnmatchcase(i, pattern) for pattern in patterns)}
         if not paths:
-            sys.exit(f"error: {folder}: no test store matches --segments {segments}")
+            raise StoreError(f"{folder}: no test store matches --segments {segments}")
     if not paths:
-        sys.exit(f"error: {folder}: no test stores (<id>.h5); run prepare.py first")
-    try:
-        for path in paths.values():
-            check_store(path)
-        return {fragment_id: Store(path) for fragment_id, path in paths.items()}
-    except StoreError as err:
-        sys.exit(f"error: {err}")
+        raise StoreError(f"{folder}: no test stores (<id>.h5); run prepare.py first")
+    for path in paths.values():
+        check_store(path)
+    return {fragment_id: Store(path) for fragment_id, path in paths.items()}
 
 
 def submission_ids(test_ids, sample):
@@ -158,11 +156,11 @@ def submission_ids(test_ids, sample):
         with open(sample, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is fine
             ids = [row["Id"] for row in csv.DictReader(f)]
     except (OSError, KeyError, csv.Error) as err:
-        sys.exit(f"error: {sample}: not a readable submission CSV with an Id column ({err})")
+        raise InputFileError(f"{sample}: not a readable submission CSV with an Id column ({err})") from None
     except UnicodeDecodeError:
-        sys.exit(f"error: {sample}: not a text CSV (not UTF-8); expected the sample submission, Id,Predicted")
+        raise InputFileError(f"{sample}: not a text CSV (not UTF-8); expected the sample submission, Id,Predicted") from None
     if sorted(ids) != sorted(test_ids):
-        sys.exit(f"error: {sample}: {id_difference(ids, test_ids)}")
+        raise InputFileError(f"{sample}: {id_difference(ids, test_ids)}")
     return ids
 
 
@@ -182,17 +180,14 @@ def check_truth(truth_dir, ids):
     for fragment_id in ids:
         path = Path(truth_dir) / f"{fragment_id}_inklabels.png"
         if not path.is_file():
-            sys.exit(f"error: {path}: not found (--truth needs the labels of every test fragment)")
+            raise InputFileError(f"{path}: not found (--truth needs the labels of every test fragment)")
 
 
 def read_truth(truth_dir, fragment_id, shape):
     path = Path(truth_dir) / f"{fragment_id}_inklabels.png"
-    try:
-        labels = read_png_binary(path)
-    except FragmentError as err:
-        sys.exit(f"error: {err}")
+    labels = read_png_binary(path)  # a FragmentError names the file
     if labels.shape != shape:
-        sys.exit(f"error: {path}: labels are {labels.shape}, but the test store is {shape}")
+        raise InputFileError(f"{path}: labels are {labels.shape}, but the test store is {shape}")
     return labels
 
 
@@ -246,15 +241,15 @@ def write_submission(path, rows):
     with open(path, newline="") as f:
         written = [tuple(row) for row in csv.reader(f)]
     if written != [("Id", "Predicted"), *rows]:
-        sys.exit(f"error: {path}: the file read back differs from the rows written")
+        raise OutputError(f"{path}: the file read back differs from the rows written")
 
 
 def outputs(args, work, stores):
     """(CSV path or None, PNG folder or None): the rule in the docstring. A CSV is wanted when --sample or --out is
     given or a test store comes from the Kaggle layout; PNGs with --png, or when no CSV is wanted."""
     want_csv = bool(args.sample or args.out) or any(store.layout == "kaggle" for store in stores.values())
-    csv_path = (Path(args.out) if args.out else work / "submission.csv") if want_csv else None
-    png_dir = Path(args.png) if args.png else work / "predictions"
+    csv_path = (Path(args.out) if args.out else work.submission) if want_csv else None
+    png_dir = Path(args.png) if args.png else work.predictions
     return csv_path, png_dir if args.png is not None or not want_csv else None
 
 
@@ -265,12 +260,12 @@ def check_outputs(work, out, folders, stores, save_probs):
     probability sum of the largest fragment at four."""
     sizes = [store.shape[0] * store.shape[1] for store in stores.values()]
     pixels = sum(sizes)
-    wanted = [(work / "previews", pixels // 8, "previews"), (work / SCRATCH, 4 * max(sizes), "scratch probabilities")]
+    wanted = [(work.previews, pixels // 8, "previews"), (work.scratch, 4 * max(sizes), "scratch probabilities")]
     if out is not None:
         wanted.append((out, pixels // 32, "submission CSV"))
     wanted += [(folder, pixels, f"prediction {kind.upper()}s") for kind, folder in folders.items() if folder is not None]
     if save_probs:
-        wanted.append((work / "probs", 2 * pixels, "probability maps"))
+        wanted.append((work.probs, 2 * pixels, "probability maps"))
     for path, need, what in wanted:
         check_writable(path, need, what)
 
@@ -278,16 +273,16 @@ def check_outputs(work, out, folders, stores, save_probs):
 def main(argv=None):
     args = parse_args(argv)
     run = Path(args.run)
-    if not run.is_dir():
-        sys.exit(f"error: {run}: run folder not found")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        work = work_folder(args, run)
-        work.mkdir(parents=True, exist_ok=True)
-        with exclusive(work, "submit.py"):
+        if not run.is_dir():
+            raise RunFileError(f"{run}: run folder not found")
+        work = RunDir(work_folder(args, run))
+        work.path.mkdir(parents=True, exist_ok=True)
+        with exclusive(work.path, "submit.py"):
             predict_test_set(run, work, args)
-    except (LockedError, RunFileError, StoreError, OutputError) as err:  # StoreError: a corrupt chunk met while predicting
+    except (LockedError, RunFileError, StoreError, OutputError, InputFileError, FragmentError) as err:
         sys.exit(f"error: {err}")
     except OSError as err:  # a write that failed mid-run (a preview on a disk that filled up)
         sys.exit(f"error: {err.filename or run}: cannot write: {describe(err)}")
@@ -319,7 +314,7 @@ def predict_test_set(run, work, args):
     check_trained_on(run, ensemble["trained_on"], stores_folder, test_only=True)
     stores = test_stores(stores_folder, args.segments)
     out, png_dir = outputs(args, work, stores)
-    args.zarr_dir, args.tif_dir = (None if d is None else Path(d or work / "predictions") for d in (args.zarr_dir,
+    args.zarr_dir, args.tif_dir = (None if d is None else Path(d or work.predictions) for d in (args.zarr_dir,
                                                                                                args.tif_dir))
     ids = submission_ids(stores, args.sample)
     if args.truth:
@@ -380,7 +375,7 @@ def predict_test_set(run, work, args):
         bands = plan_bands(*store.shape, largest_tile(groups), args.band_rows)
         stamp = json.dumps([stamps[fragment_id]["sources"], args.tta, args.triplets, args.batch_size, args.threads,
                             bands])  # all that the probability sum depends on
-        scratch = ProbabilityScratch(work / SCRATCH / f"{fragment_id}.zarr", store.shape, stamp)
+        scratch = ProbabilityScratch(work.scratch / f"{fragment_id}.zarr", store.shape, stamp)
         done = scratch.done_bands()
         left = [band for band in bands if band not in done]
         if done:
@@ -392,7 +387,7 @@ def predict_test_set(run, work, args):
             complete(fragment_id)
 
     run_jobs(jobs, on_band, args.address, args.workers, args.gpus)
-    shutil.rmtree(work / SCRATCH, ignore_errors=True)
+    shutil.rmtree(work.scratch, ignore_errors=True)
     if out is not None:
         write_submission(out, [(i, rows[i]) for i in ids])
     if args.truth:
@@ -400,17 +395,17 @@ def predict_test_set(run, work, args):
     wrote = ([f"{out} ({len(rows)} rows)"] if out is not None else []) + \
         [f"{folder}/<id>_prediction.{kind}" for kind, folder in (("png", png_dir), ("zarr", args.zarr_dir),
                                                                  ("tif", args.tif_dir)) if folder is not None]
-    print(f"wrote {' and '.join(wrote)}, previews in {work / 'previews'}")
+    print(f"wrote {' and '.join(wrote)}, previews in {work.previews}")
 
 
 def prediction_files(args, work, png_dir, fragment_id):
     """{kind: path} of one fragment's output files (the CSV row aside)."""
-    files = {"preview": work / "previews" / f"{fragment_id}.png"}
+    files = {"preview": work.previews / f"{fragment_id}.png"}
     for kind, folder in (("png", png_dir), ("zarr", args.zarr_dir), ("tif", args.tif_dir)):
         if folder is not None:
             files[kind] = Path(folder) / f"{fragment_id}_prediction.{kind}"
     if args.save_probs:
-        files["probs"] = work / "probs" / f"{fragment_id}.h5"
+        files["probs"] = work.probs / f"{fragment_id}.h5"
     return files
 
 
@@ -423,7 +418,7 @@ def finish(work, args, store, files, threshold, want_rle, inputs, started):
         writers.append(ProbabilityH5Writer(files["probs"], height, width, fragment_id=store.fragment_id,
                                            tta=args.tta, inputs=inputs))
     truth = read_truth(args.truth, store.fragment_id, store.shape) if args.truth else None
-    scratch = ProbabilityScratch(work / SCRATCH / f"{store.fragment_id}.zarr")
+    scratch = ProbabilityScratch(work.scratch / f"{store.fragment_id}.zarr")
     result = finish_fragment(scratch, store, threshold, writers, rle=want_rle, preview=files["preview"],
                              min_component=args.min_component, truth=truth)
     scratch.remove()
@@ -436,13 +431,13 @@ def finish(work, args, store, files, threshold, want_rle, inputs, started):
 
 
 def stamp_path(work, fragment_id):
-    return work / "predicted" / f"{fragment_id}.json"
+    return work.predicted / f"{fragment_id}.json"
 
 
 def prediction_stamp(store, run, args, files):
     """What a fragment's outputs were made from: the store (size, mtime), ensemble.json and its model files
     (sizes, mtimes), the settings that change the values, and the files written."""
-    sources = [store.path, run / "ensemble.json"] + sorted((run / "models").rglob("*.pt"))
+    sources = [store.path, RunDir(run).ensemble] + RunDir(run).model_files()
     return {"sources": fingerprint(sources), "tta": args.tta, "triplets": args.triplets,
             "min_component": args.min_component, "files": {kind: str(path) for kind, path in files.items()}}
 

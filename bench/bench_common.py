@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import platform
 import re
+import runpy
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +38,19 @@ def stamp(*facts):
     return ", ".join([f"`{command}`", time.strftime("%Y-%m-%d"), *facts,
                       f"{os.cpu_count()} cores ({cpu[1] if cpu else platform.processor()})", f"{mem:.0f} GiB RAM",
                       f"Python {platform.python_version()}", f"load average at start {os.getloadavg()[0]:.1f}"])
+
+
+def run_script(name, argv):
+    """Run the repository's script `name` (e.g. "submit.py") with `argv` in this process, as `python name ARGV` would
+    (benchmarks run the scripts, they never import them); a non-zero exit is a RuntimeError."""
+    saved, sys.argv = sys.argv, [str(ROOT / name), *map(str, argv)]
+    try:
+        runpy.run_path(str(ROOT / name), run_name="__main__")
+    except SystemExit as exit:
+        if exit.code not in (None, 0):
+            raise RuntimeError(f"{name} {' '.join(map(str, argv))}: {exit.code}") from None
+    finally:
+        sys.argv = saved
 
 
 def maxrss_mb():

@@ -8,22 +8,22 @@ from pathlib import Path
 
 import torch
 
-from bench_common import in_fresh_process, parser, stamp, write_tables  # first: puts the repo on sys.path
-import prepare
-import train
+from bench_common import in_fresh_process, parser, run_script, stamp, write_tables  # first: puts the repo on sys.path
 from lib import synth
+from lib.config import PRESETS, resolve
 from lib.data import TileDataset
 from lib.infer import predict_fragment
 from lib.losses import build_loss
 from lib.model import build_model
 from lib.store import Store
+from lib.trial import TrainStep, resolve_precision, train_epoch, train_loader
 
-FULL = train.PRESETS["full"]
-DEFAULTS = train.parse_args([])  # the tiles and models as a trial of the default recipe has them
-SPEC = train.input_spec(vars(DEFAULTS), DEFAULTS.family)
+FULL = PRESETS["full"]
+DEFAULTS = resolve({})  # the tiles and models as a trial of the default recipe has them
+SPEC = DEFAULTS.input_spec(DEFAULTS.family)
 SETTINGS = {  # per device: the full preset on a GPU, a tiny run on a CPU; packing "": none
-    "cuda": dict(backbones=FULL["backbones"], tile_size=FULL["tile_size"], stride=FULL["stride"], size=1024,
-                 batch_size=FULL["batch_size"], infer_batches="8,32", steps=60, packing="1,2,4",
+    "cuda": dict(backbones=",".join(FULL.backbones), tile_size=FULL.tile_size, stride=FULL.stride, size=1024,
+                 batch_size=FULL.batch_size, infer_batches="8,32", steps=60, packing="1,2,4",
                  packing_backbones="resnet34,mit_b2", loader_workers="4,all"),
     "cpu": dict(backbones="tu-mobilenetv3_small_050", tile_size=64, stride=32, size=256, batch_size=4,
                 infer_batches="1,4,16", steps=3, packing="1,2", packing_backbones="tu-mobilenetv3_small_050",
@@ -49,19 +49,19 @@ def best_rate(args, work, calls):
 def loader(args, workers, augment=True):
     dataset = TileDataset(sorted(Path(args.stores, "train").glob("*.h5")), args.tile_size, args.stride, SPEC,
                           augment=augment, max_depth_shift=DEFAULTS.depth_jitter)
-    return train.train_loader(dataset, args.batch_size, args.batch_size * args.steps, workers, args.device)
+    return train_loader(dataset, args.batch_size, args.batch_size * args.steps, workers, args.device)
 
 
 def new_step(args, backbone):
     model = build_model(backbone, SPEC.channels, family=SPEC.family).to(args.device, memory_format=args.layout)
-    return train.TrainStep(model, FULL["lr"], 10**6, train.resolve_precision(args.precision, args.device), args.compile)
+    return TrainStep(model, FULL.lr, 10**6, resolve_precision(args.precision, args.device), args.compile)
 
 
 def loop_rate(args, backbone, workers, step=None):
-    """Train tiles/s of the real trial loop (train.train_loader with augmentation, train.train_epoch), with `step`
+    """Train tiles/s of the real trial loop (lib.trial's train_loader with augmentation, train_epoch), with `step`
     or a new one; also what each of K packed trials runs, in a fresh process of its own."""
     step, batches, loss_fn = step or new_step(args, backbone), loader(args, workers), build_loss().to(args.device)
-    return args.batch_size * args.steps * best_rate(args, lambda: train.train_epoch(step, batches, loss_fn,
+    return args.batch_size * args.steps * best_rate(args, lambda: train_epoch(step, batches, loss_fn,
                                                                                     args.device), 1)
 
 
@@ -125,8 +125,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         synth.generate(Path(tmp) / "synth", size=args.size, seed=0, num_slices=40, progress=False)  # stores keep 24:40
         args.stores = str(Path(tmp) / "stores")
-        prepare.main(["--data", str(Path(tmp) / "synth"), "--out", args.stores, "--ids", "1,2,a",
-                      "--tile-size", str(args.tile_size), "--stride", str(args.stride)])
+        run_script("prepare.py", ["--data", Path(tmp) / "synth", "--out", args.stores, "--ids", "1,2,a",
+                                  "--tile-size", args.tile_size, "--stride", args.stride])
         for n in (cpus - 1 if n == "all" else int(n) for n in args.loader_workers.split(",")):
             for augment in (True, False):
                 batches = loader(args, n, augment)
@@ -144,7 +144,7 @@ def main():
                     keep(packed, f"{backbone} | {trials} | {sum(rates):.4g}")
     write_tables(args.readme, "gpu" if cuda else "gpu (CPU mode)",
                  f"{line}. {args.tile_size} px tiles, train batch {args.batch_size}, {args.steps} steps, precision "
-                 f"{train.resolve_precision(args.precision, args.device)}, {workers} loader workers.",
+                 f"{resolve_precision(args.precision, args.device)}, {workers} loader workers.",
                  ("backbone | train tiles/s: model only | real trial loop | ratio | peak GiB", trains),
                  ("backbone | inference batch (tiles of 12 inputs) | model inputs/s: model only | predict_fragment | "
                   "ratio | peak GiB", infers),

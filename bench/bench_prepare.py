@@ -8,8 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bench_common import in_fresh_process, maxrss_mb, parser, stamp, write_fragment, write_tables
-import prepare
+from bench_common import in_fresh_process, maxrss_mb, parser, run_script, stamp, write_fragment, write_tables
 from lib.fragments import Fragment
 from lib.store import VOLUME_CODEC, Store, band_rows, chunk_side, write_store
 
@@ -48,7 +47,7 @@ def tile_rate(path, count):
 
 def child_prepare(data, out, z0, z1, count):
     started = time.perf_counter()
-    prepare.main(["--data", str(data), "--out", str(out), "--z-range", f"{z0}:{z1}", "--force"])
+    run_script("prepare.py", ["--data", data, "--out", out, "--z-range", f"{z0}:{z1}", "--force"])
     return time.perf_counter() - started, maxrss_mb(), tile_rate(out / "train" / "frag.h5", count)
 
 

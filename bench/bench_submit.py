@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from bench_common import in_fresh_process, maxrss_mb, parser, stamp, write_fragment, write_tables, write_tiny_run
-import submit
+from bench_common import (in_fresh_process, maxrss_mb, parser, run_script, stamp, write_fragment, write_tables,
+                          write_tiny_run)
 from lib.fragments import Fragment
 from lib.model import load_model_file
 from lib.store import write_store
@@ -21,7 +21,7 @@ def child_rss(run, model_file, stores, tta):
     torch.set_num_threads(1)  # memory does not depend on it; two threads contend with other work on 2 cores
     load_model_file(model_file)
     before, started = maxrss_mb(), time.perf_counter()
-    submit.main(["--run", str(run), "--stores", str(stores), *([] if tta else ["--no-tta", "--no-triplets"])])
+    run_script("submit.py", ["--run", run, "--stores", stores, *([] if tta else ["--no-tta", "--no-triplets"])])
     peak = maxrss_mb()
     return f"{peak:.0f} | {before:.0f} | {peak - before:.0f} | {time.perf_counter() - started:.0f}"
 

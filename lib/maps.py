@@ -1,14 +1,13 @@
 """2-D maps: bit-packed 0/1 maps in memory (PackedMap: masks and labels), and probability maps as files: float16
 HDF5 (out-of-fold maps, --save-probs), 8-bit PNG (segment predictions) and preview PNGs of maps side by side. Every
 file is written under a temporary name and renamed when complete."""
-import os
 from pathlib import Path
 
 import cv2
 import h5py
 import numpy as np
 
-from lib.outputs import write_atomically
+from lib.outputs import atomic_path, write_atomically
 
 
 class PackedMap:
@@ -40,13 +39,9 @@ class PackedMap:
 
 def save_probability_map(path, prob, **attrs):
     """Write a probability map as float16 HDF5 (dataset "prob"), atomically: temp name, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as h5:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset("prob", data=prob.astype(np.float16), chunks=True, compression="gzip", compression_opts=1)
         h5.attrs.update(attrs)
-    os.replace(tmp, path)
 
 
 def load_probability_map(path):
@@ -87,9 +82,6 @@ def _preview_panel(panel, scale):
 
 def save_probability_png(path, prob):
     """A probability map as an 8-bit greyscale PNG, round(255 p) saturated to 0..255, atomically (temp, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    if not cv2.imwrite(str(tmp), cv2.convertScaleAbs(prob, alpha=255.0)):
-        raise OSError(f"{tmp}: could not write the PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, ".png") as tmp:
+        if not cv2.imwrite(str(tmp), cv2.convertScaleAbs(prob, alpha=255.0)):
+            raise OSError(f"{tmp}: could not write the PNG")

@@ -6,7 +6,6 @@ in_channels) or "stem3d" (`depth` slices through a small 3-D convolutional stem,
 Weights are random by default (nothing can be downloaded offline); "imagenet" asks smp
 to download them; a path loads a local state dict of the encoder or of the whole U-Net.
 """
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 from segmentation_models_pytorch.encoders._utils import patch_first_conv
 
 from lib.inputs import FAMILIES, InputSpec
+from lib.outputs import torch_save_atomically
 
 # encoder name -> why it is here; every name builds with smp 0.6 and timm 1.0
 BACKBONES = {
@@ -155,11 +155,7 @@ def build_from_config(cfg: dict) -> torch.nn.Module:
 def save_model_file(path, model, spec, **entries):
     """Write a fold model file: its config, weights, `entries` (fold, tile_size, stride, scores) and its input
     (`spec`, with the version of this code's inputs: lib.inputs.INPUT_VERSION), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**entries, "inputs": spec.as_dict(), "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    torch_save_atomically(path, {**entries, "inputs": spec.as_dict(), "state_dict": model.state_dict()})
 
 
 def load_model_file(path, device="cpu"):

@@ -52,18 +52,17 @@ def check_writable(path, need_bytes=0, what="output"):
                           f"({available / 2**20:.1f} MiB free in {folder}, about {need_bytes / 2**20:.1f} MiB needed)")
 
 
-def write_atomically(path, write, mode="w", **open_args):
-    """Write `path` through `path.tmp`: `write(file)` fills the open temp file, which is flushed to disk and renamed
-    over `path`. On any failure the temp file is removed and `path` is left as it was; an OSError becomes an
+@contextlib.contextmanager
+def atomic_path(path, suffix=""):
+    """The one way this project writes a file: yields a temporary name beside `path` (`<name>.tmp<suffix>`: a suffix
+    such as ".png" for writers that go by the extension) for the block to write; renames it over `path` when the
+    block ends, removes it when the block fails, so that `path` is never half-written. An OSError becomes an
     OutputError naming `path`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, mode, **open_args) as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())  # a full disk can fail only here: before the rename, never after
+        yield tmp
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -72,6 +71,15 @@ def write_atomically(path, write, mode="w", **open_args):
         if cause is not None and not isinstance(err, OutputError):
             raise OutputError(f"{path}: cannot write: {describe(cause)}") from None
         raise
+
+
+def write_atomically(path, write, mode="w", **open_args):
+    """Write `path` through atomic_path: `write(file)` fills the open temp file, which is flushed to disk before the
+    rename."""
+    with atomic_path(path) as tmp, open(tmp, mode, **open_args) as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())  # a full disk can fail only here: before the rename, never after
 
 
 def _os_error(err):

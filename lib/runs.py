@@ -1,13 +1,16 @@
-"""A run folder's own files: the run record (run.json), the fitted ensemble (ensemble.json) and the fold models.
+"""A run folder and its files (RunDir): the run record (run.json), its status (status.json), the trials' results,
+the fitted ensemble (ensemble.json) and the fold models.
 
-    RUN/run.json        written by train.py before any trial starts: the resolved options, the stores, the fold
-                        table, what it is trained on (trained_on: each train store's sources fingerprint, size and
-                        source folder), who created it where, package versions and the git commit
+    RUN/run.json        RunRecord, written by train.py before any trial starts: the TrainConfig (lib/config.py), the
+                        fold table, what it is trained on (trained_on: each train store's sources fingerprint, size
+                        and source folder), who created it where, package versions and the git commit
+    RUN/status.json     running, finished or unfinished, with the counts of trials: what the Makefile and train.py
+                        read to know whether a run is finished
+    RUN/trials/<backbone>/fold-<name>.json   TrialResult: a finished trial's scores and its model file's sha256
     RUN/ensemble.json   written by ensemble.py: members (backbone, weight, model files and their sha256, tile size,
-                        stride), threshold, trained_on
+                        stride, inputs), threshold, trained_on
     RUN/models/<backbone>/fold-<name>.pt   one model file per trained fold (lib.model.save_model_file); its sha256
-                        is recorded in the trial's result (trials/<backbone>/fold-<name>.json, "model_sha256") and
-                        copied into ensemble.json, and checked before the file is loaded: a changed byte is refused
+                        is checked (model_header) before the file is used: a changed byte is refused
 
 Everything read here is checked before use; a bad file is a `RunFileError` whose one-line message names the file
 and the field. A run is only ever used with the train stores it was trained on (check_trained_on: a store prepared
@@ -28,6 +31,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
+
+from lib.config import ConfigError, TrainConfig
 from lib.folds import Fold
 from lib.inputs import INPUT_VERSION, InputSpec
 from lib.metrics import THRESHOLD_MODES
@@ -35,16 +41,190 @@ from lib.model import load_model_file
 from lib.outputs import write_atomically
 from lib.store import Store
 
-RECORD_NAME = "run.json"
 SHA256_DIGEST = re.compile(r"[0-9a-f]{64}")
-ENSEMBLE_NAME = "ensemble.json"
 PACKAGES = ("torch", "torchvision", "ray", "segmentation-models-pytorch", "timm", "numpy", "h5py", "hdf5plugin")
 # threshold value ranges per mode: a probability strictly inside (0, 1); a share of the mask in (0, 100] %
 THRESHOLD_RANGES = {"absolute": (0.0, 1.0, "0 < value < 1"), "percentile": (0.0, 100.0, "0 < value <= 100")}
+RECORD_VERSION = 2  # run.json: 2, the TrainConfig as "config" (lib/config.py)
+STATES = ("running", "finished", "unfinished")  # status.json: a run's trials are running, all done, or some not
 
 
 class RunFileError(ValueError):
     """A run file is missing or wrong: the message is one line and names the file (and field)."""
+
+
+class RunStateError(RuntimeError):
+    """A run folder is not in a state for what was asked (holds another run, nothing to resume, trials unfinished)."""
+
+
+class RunDir:
+    """A run folder: the only code that knows the names of its files and folders.
+
+    train.py writes run.json (RunRecord), status.json, summary.md/.csv, and per trial (backbone, fold name)
+    models/, trials/ (TrialResult), previews/, checkpoints/ and its OOF maps in oof/; ensemble.py writes
+    ensemble.json and plots/; submit.py writes its outputs into a work folder laid out the same way (the run
+    itself by default)."""
+
+    RECORD, STATUS, ENSEMBLE = "run.json", "status.json", "ensemble.json"
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.record, self.status, self.ensemble = (self.path / name for name in (self.RECORD, self.STATUS, self.ENSEMBLE))
+        self.summary_md, self.summary_csv = self.path / "summary.md", self.path / "summary.csv"
+        self.tune, self.checkpoints, self.plots = self.path / "tune", self.path / "checkpoints", self.path / "plots"
+        # submit.py's outputs, in the run or its --work folder: previews/<id>.png, predictions/, probs/, the band
+        # prediction's scratch and the stamps (predicted/<id>.json) that let a second call skip a finished fragment
+        self.previews, self.predictions, self.probs = self.path / "previews", self.path / "predictions", self.path / "probs"
+        self.scratch, self.predicted = self.path / ".scratch", self.path / "predicted"
+        self.submission = self.path / "submission.csv"
+
+    def __str__(self):
+        return str(self.path)
+
+    def trial_file(self, folder, backbone, fold_name, suffix):
+        """RUN/<folder>/<backbone>/fold-<fold name><suffix>."""
+        return self.path / folder / backbone / f"fold-{fold_name}{suffix}"
+
+    def model(self, backbone, fold_name):
+        return self.trial_file("models", backbone, fold_name, ".pt")
+
+    def result(self, backbone, fold_name):
+        return self.trial_file("trials", backbone, fold_name, ".json")
+
+    def preview(self, backbone, fold_name):
+        return self.trial_file("previews", backbone, fold_name, ".png")
+
+    def checkpoint(self, backbone, fold_name):
+        return self.trial_file("checkpoints", backbone, fold_name, ".pt")
+
+    def model_files(self):
+        return sorted((self.path / "models").rglob("*.pt"))
+
+    def oof(self, backbone, fold):
+        """Where a fold's OOF map goes: the fragment's own map, or its band's part beside the merged map."""
+        return self.fragment_oof(backbone, fold.fragment_id) if fold.rows is None else \
+            self.path / "oof" / backbone / "bands" / f"{fold.name}.h5"
+
+    def fragment_oof(self, backbone, fragment_id):
+        return self.path / "oof" / backbone / f"{fragment_id}.h5"
+
+    def read_record(self):
+        """The RunRecord of run.json; None when the run has none."""
+        return RunRecord.read(self.record) if self.record.exists() else None
+
+    def write_record(self, config, train_ids, folds):
+        """Write run.json (atomically) for a new run of `config` over `train_ids` and [Fold]; returns its RunRecord."""
+        record = RunRecord(config, tuple(train_ids), tuple(folds), trained_on(config.stores, train_ids),
+                           time.strftime("%Y-%m-%d %H:%M:%S"), creator(), **environment())
+        write_json(self.record, record.as_dict())
+        return record
+
+    def finished_trials(self, trials):
+        """{(backbone, fold name): TrialResult} of the trials in [(backbone, Fold)] whose result file is there."""
+        results = {}
+        for backbone, fold in trials:
+            path = self.result(backbone, fold.name)
+            if path.is_file():
+                results[backbone, fold.name] = TrialResult.read(path)
+        return results
+
+    def read_status(self):
+        """status.json's {state, trials, finished, failed, updated}; None when there is none (a run train.py has not
+        started, or one of another tool)."""
+        if not self.status.exists():
+            return None
+        data = read_json(self.status)
+        if data.get("state") not in STATES:
+            raise RunFileError(f"{self.status}: state: {data.get('state')!r} is not one of {', '.join(STATES)}")
+        return data
+
+    def write_status(self, state, trials, finished, failed=()):
+        """status.json: the run's `state` (STATES) with its counts of trials and the failed trials' lines. The
+        Makefile and train.py read it to know whether the run is finished."""
+        write_json(self.status, {"state": state, "trials": trials, "finished": finished, "failed": list(failed),
+                                 "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+    def is_finished(self):
+        status = self.read_status()
+        return status is not None and status["state"] == "finished"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """run.json: the run's TrainConfig, train ids, fold table, what it is trained on (trained_on), and when, by whom,
+    with which packages and code it was created."""
+    config: TrainConfig
+    train_ids: tuple
+    folds: tuple
+    trained_on: dict
+    created: str
+    creator: dict
+    versions: dict
+    git_commit: str | None
+
+    def as_dict(self):
+        return {"version": RECORD_VERSION, **dataclasses.asdict(self), "config": self.config.as_dict(),
+                "train_ids": list(self.train_ids), "folds": [f.as_dict() for f in self.folds]}
+
+    @classmethod
+    def read(cls, path):
+        data = read_json(path)
+        if data.get("version") != RECORD_VERSION:
+            raise RunFileError(f"{path}: a run record of version {data.get('version')}, this inkseg reads version "
+                               f"{RECORD_VERSION}: train the run again (train.py --force)")
+        try:
+            check_trained_on_field(data["trained_on"])
+            if not (isinstance(data["train_ids"], list) and all(isinstance(i, str) for i in data["train_ids"])):
+                raise TypeError("train_ids must be a list of fragment ids")
+            return cls(TrainConfig.from_dict(data["config"], f"{path}: config"), tuple(data["train_ids"]),
+                       tuple(Fold.from_dict(f) for f in data["folds"]), data["trained_on"], data["created"],
+                       data["creator"], data["versions"], data["git_commit"])
+        except ConfigError as err:
+            raise RunFileError(str(err)) from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise RunFileError(f"{path}: not a train.py run record ({type(err).__name__}: {err})") from None
+
+    def planned_trials(self):
+        """[(backbone, Fold)] the run trains: its backbones x its chosen folds (config.folds, default all)."""
+        names = self.config.folds or [f.name for f in self.folds]
+        by_name = {f.name: f for f in self.folds}
+        unknown = sorted(set(names) - set(by_name))
+        if unknown:
+            raise RunFileError(f"--folds {','.join(unknown)}: not a fold of {', '.join(by_name)}")
+        return [(backbone, by_name[name]) for backbone in self.config.backbones for name in names]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialResult:
+    """trials/<backbone>/fold-<name>.json: a finished trial's scores and its model file's sha256."""
+    backbone: str
+    fold: str
+    epoch: int
+    oof_f05: float
+    oof_threshold: float
+    best_val_f05: float
+    model_sha256: str
+    minutes: float
+    node_id: str | None = None
+    done: bool = True
+
+    def write(self, path):
+        write_json(path, dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, path):
+        data = read_json(path)
+        field = _Fields(path)
+        for name in ("backbone", "fold"):
+            field.get(data, name, str)
+        for name in ("oof_f05", "oof_threshold", "best_val_f05", "minutes"):
+            field.number(data, name)
+        field.get(data, "epoch", int)
+        if not (isinstance(data.get("model_sha256"), str) and SHA256_DIGEST.fullmatch(data["model_sha256"])):
+            raise RunFileError(f"{path}: model_sha256: missing or not 64 hex digits (train.py writes it when the trial "
+                               "finishes)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 # ------------------------------------------------------------------------------------------- run.json
@@ -55,7 +235,7 @@ def creator():
 
 
 def environment():
-    """Python and package versions, and the git commit of this code (None outside a git checkout)."""
+    """{versions: Python and package versions, git_commit: of this code (None outside a git checkout)}."""
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -68,67 +248,6 @@ def environment():
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"versions": versions, "git_commit": commit}
-
-
-def write_record(run, options, train_ids, folds):
-    """Write RUN/run.json (atomically): options (JSON-able values, with the "stores" folder), train ids and [Fold] of
-    the run, and what it is trained on (trained_on)."""
-    record = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "creator": creator(), **environment(),
-              "options": options, "train_ids": list(train_ids), "folds": [f.as_dict() for f in folds],
-              "trained_on": trained_on(options["stores"], train_ids)}
-    write_json(Path(run) / RECORD_NAME, record)
-    return record
-
-
-def read_record(run):
-    """RUN/run.json as a dict with "folds" as [Fold]; None when the run has no record."""
-    path = Path(run) / RECORD_NAME
-    if not path.exists():
-        return None
-    record = read_json(path)
-    try:
-        record["folds"] = [Fold.from_dict(f) for f in record["folds"]]
-        if not isinstance(record["options"], dict) or not isinstance(record["train_ids"], list):
-            raise TypeError("options must be an object and train_ids a list")
-        check_trained_on_field(record["trained_on"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise RunFileError(f"{path}: not a train.py run record ({type(err).__name__}: {err})") from None
-    return record
-
-
-def planned_trials(options, folds):
-    """[(backbone, Fold)] a run trains: its backbones x its chosen folds (--folds, default all)."""
-    names = options["folds"].split(",") if options["folds"] else [f.name for f in folds]
-    by_name = {f.name: f for f in folds}
-    unknown = sorted(set(names) - set(by_name))
-    if unknown:
-        raise RunFileError(f"--folds {','.join(unknown)}: not a fold of {', '.join(by_name)}")
-    return [(backbone, by_name[name]) for backbone in options["backbones"].split(",") for name in names]
-
-
-def trial_file(run, folder, backbone, fold_name, suffix):
-    """RUN/<folder>/<backbone>/fold-<fold name><suffix>: a trial's model (.pt), result (.json), preview (.png)."""
-    return Path(run) / folder / backbone / f"fold-{fold_name}{suffix}"
-
-
-def oof_path(run, backbone, fold):
-    """Where a fold's OOF map goes: the fragment's own map, or its band's part beside the merged map."""
-    folder = Path(run) / "oof" / backbone
-    return folder / f"{fold.fragment_id}.h5" if fold.rows is None else folder / "bands" / f"{fold.name}.h5"
-
-
-def fragment_oof_path(run, backbone, fragment_id):
-    return Path(run) / "oof" / backbone / f"{fragment_id}.h5"
-
-
-def finished_trials(run, trials):
-    """{(backbone, fold name): result} of the trials whose result file (trials/<backbone>/fold-<name>.json) is there."""
-    results = {}
-    for backbone, fold in trials:
-        path = trial_file(run, "trials", backbone, fold.name, ".json")
-        if path.is_file():
-            results[backbone, fold.name] = read_json(path)
-    return results
 
 
 # ------------------------------------------------------------------------------------------- trained_on
@@ -158,7 +277,7 @@ def trained_on(stores, train_ids):
             "train": {i: store_identity(stores / "train" / f"{i}.h5") for i in train_ids}}
 
 
-def check_trained_on_field(value, path=RECORD_NAME):
+def check_trained_on_field(value):
     """TypeError unless `value` has trained_on's shape (run.json, ensemble.json)."""
     if not (isinstance(value, dict) and isinstance(value.get("train"), dict) and value["train"]
             and all(isinstance(v, dict) for v in value["train"].values())):
@@ -201,8 +320,8 @@ def recorded_stores(run, stores=None):
     """The stores folder: `stores` when given, else the one the run was trained on, else data/prepared."""
     if stores:
         return Path(stores)
-    record = read_record(run)
-    return Path(record["options"]["stores"]) if record else Path("data/prepared")
+    record = RunDir(run).read_record()
+    return Path(record.config.stores) if record else Path("data/prepared")
 
 
 # ------------------------------------------------------------------------------------------- ensemble.json
@@ -210,7 +329,7 @@ def recorded_stores(run, stores=None):
 
 def read_ensemble(run):
     """RUN/ensemble.json, checked field by field; every member's model paths resolved inside the run folder."""
-    path = Path(run) / ENSEMBLE_NAME
+    path = RunDir(run).ensemble
     if not path.is_file():
         raise RunFileError(f"{path}: not found; run ensemble.py --run {run} first")
     data = read_json(path)
@@ -293,26 +412,36 @@ def load_members(run, ensemble, device="cpu"):
 def check_model_file(path, member, device="cpu", sha256=None):
     """A fold model of `member`, loaded; a one-line RunFileError when it is missing, differs from its recorded
     `sha256` (when given), is unreadable or does not fit."""
+    header = model_header(path, sha256, RunDir.ENSEMBLE)
+    # how a triplet model's triplets combine is the member's choice (ensemble.json); what it was trained on is not
+    if dataclasses.replace(header["spec"], triplets=member["spec"].triplets) != member["spec"]:
+        raise RunFileError(f"{path}: inputs {header['inputs']} differ from its member's in {RunDir.ENSEMBLE}")
+    for key in ("tile_size", "stride"):
+        if header[key] != member[key]:
+            raise RunFileError(f"{path}: {key} {header[key]} differs from its member's {key} {member[key]} "
+                               f"in {RunDir.ENSEMBLE}")
+    try:
+        return load_model_file(path, device)[0]
+    except Exception as err:  # weights of another architecture: name the file
+        raise RunFileError(f"{path}: unreadable model file ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def model_header(path, sha256, recorded_in):
+    """A model file's entries but its weights (tile_size, stride, inputs, and spec: their InputSpec), read without
+    loading the weights, after checking the file's bytes against `sha256` recorded in `recorded_in` (when given):
+    the one check of a model file before any use; a one-line RunFileError naming it otherwise."""
     if not Path(path).is_file():
         raise RunFileError(f"{path}: model file not found")
     if sha256 is not None:
-        check_sha256(path, sha256, ENSEMBLE_NAME)
-    try:
-        model, export = load_model_file(path, device)
+        check_sha256(path, sha256, recorded_in)
+    try:  # mmap: only the small entries are read, not the weights
+        export = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        header = {"tile_size": int(export["tile_size"]), "stride": int(export["stride"]), "inputs": export["inputs"]}
     except KeyError as err:
         raise RunFileError(f"{path}: not a train.py model file (no field {err})") from None
-    except Exception as err:  # truncated zip, foreign pickle, weights of another architecture: name the file
+    except Exception as err:  # truncated zip, foreign pickle: name the file
         raise RunFileError(f"{path}: unreadable model file ({type(err).__name__}: {_first_line(err)})") from None
-    inputs = export.get("inputs")
-    trained = input_spec(path, inputs, "inputs")
-    # how a triplet model's triplets combine is the member's choice (ensemble.json); what it was trained on is not
-    if dataclasses.replace(trained, triplets=member["spec"].triplets) != member["spec"]:
-        raise RunFileError(f"{path}: inputs {inputs} differ from its member's in {ENSEMBLE_NAME}")
-    for key in ("tile_size", "stride"):
-        if export.get(key) != member[key]:
-            raise RunFileError(f"{path}: {key} {export.get(key)} differs from its member's {key} {member[key]} "
-                               f"in {ENSEMBLE_NAME}")
-    return model
+    return {**header, "spec": input_spec(path, header["inputs"], "inputs")}
 
 
 def file_sha256(path):

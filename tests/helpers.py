@@ -8,25 +8,28 @@ from pathlib import Path
 import pytest
 
 from lib.folds import make_folds
-from lib.runs import file_sha256, trial_file, write_json, write_record
+from lib.config import TrainConfig
+from lib.runs import RunDir, TrialResult, file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def record_run(run, stores, backbones, train_ids, tile_size=64, stride=32):
     """run.json and trials/<backbone>/fold-<k>.json as train.py leaves them (with the sha256 of each model file
-    there), for a run folder whose OOF maps and models a test writes itself (one fold per train fragment)."""
+    there; no result where there is no model file), for a run folder whose OOF maps and models a test writes itself
+    (one fold per train fragment)."""
+    run = RunDir(run)
+    config = TrainConfig(stores=str(Path(stores).resolve()), backbones=tuple(backbones), tile_size=tile_size,
+                         stride=stride)
     folds = make_folds(train_ids)
-    options = {"stores": str(stores), "backbones": ",".join(backbones), "folds": None, "tile_size": tile_size,
-               "stride": stride}
-    write_record(run, options, train_ids, folds)
+    run.write_record(config, train_ids, folds)
     for backbone in backbones:
         for fold in folds:
-            model = trial_file(run, "models", backbone, fold.name, ".pt")
-            write_json(trial_file(run, "trials", backbone, fold.name, ".json"),
-                       {"backbone": backbone, "fold": fold.name, "done": True,
-                        **({"model_sha256": file_sha256(model)} if model.is_file() else {})})
-    return run
+            model = run.model(backbone, fold.name)
+            if model.is_file():
+                TrialResult(backbone, fold.name, epoch=1, oof_f05=0.5, oof_threshold=0.5, best_val_f05=0.5,
+                            model_sha256=file_sha256(model), minutes=0.0).write(run.result(backbone, fold.name))
+    return run.path
 
 
 def in_process(main, argv):

@@ -19,7 +19,7 @@ from lib.infer import predict_fragment
 from lib.metrics import binarise, percentile_cutoff
 from lib.writers import PngWriter, percentile_cutoff_in_bands
 from lib.rle import RleBuilder, rle_encode
-from lib.runs import load_members, read_ensemble
+from lib.runs import RunDir, load_members, read_ensemble
 from lib.store import Store
 from lib.synth import TEST_IDS
 
@@ -108,7 +108,7 @@ def test_submit_outputs_written_in_bands_equal_the_whole_map(tiny, small_bands, 
         assert threshold["mode"] == "percentile"
         pred = binarise(prob, store.read_map("mask"), threshold["mode"], threshold["value"])
         assert rows[fragment_id] == rle_encode(pred) and pred.any()
-    assert not (run / submit.SCRATCH).exists()
+    assert not RunDir(run).scratch.exists()
 
 
 def test_second_call_skips_up_to_date_segments(layouts_for_skip, capsys):
@@ -176,4 +176,4 @@ def test_an_interrupted_run_keeps_its_predicted_bands(tiny, small_bands, tmp_pat
         prob = whole_map(groups, Store(tiny["stores"] / "test" / f"{fragment_id}.h5"), 4, tta=False)
         png = cv2.imread(str(tmp_path / "png" / f"{fragment_id}_prediction.png"), cv2.IMREAD_UNCHANGED)
         np.testing.assert_array_equal(png, cv2.convertScaleAbs(prob, alpha=255.0))
-    assert not (run / submit.SCRATCH).exists()
+    assert not RunDir(run).scratch.exists()

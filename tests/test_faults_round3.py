@@ -496,7 +496,8 @@ def test_validator_takes_a_root_without_test_folder(tmp_path):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lib.runs import RunFileError, check_model_file, read_ensemble, read_record  # noqa: E402
+from lib.folds import Fold  # noqa: E402
+from lib.runs import RunDir, RunFileError, check_model_file, read_ensemble  # noqa: E402
 
 
 def fuzz(test):
@@ -654,10 +655,11 @@ ENSEMBLE_FIELDS = [("members",), ("threshold",), ("members", 0), ("members", 0, 
                    ("members", 0, "sha256", "models/b/fold-1.pt")]
 
 
-RECORD = {"options": {"stores": "/data/prepared", "backbones": "b", "folds": None}, "train_ids": ["1", "2"],
+RECORD = {"version": 2, "config": {"stores": "/data/prepared", "backbones": ["b"], "epochs": 3}, "train_ids": ["1", "2"],
           "folds": [{"name": "1", "fragment_id": "1", "rows": None}, {"name": "2.1", "fragment_id": "2", "rows": [0, 9]}],
-          "trained_on": TRAINED_ON}
-RECORD_FIELDS = [("options",), ("train_ids",), ("folds",), ("folds", 0), ("folds", 1, "name"), ("folds", 1, "rows"),
+          "trained_on": TRAINED_ON, "created": "2026-12-05 18:00:00", "creator": {}, "versions": {}, "git_commit": None}
+RECORD_FIELDS = [("version",), ("config",), ("config", "backbones"), ("config", "backbones", 0), ("config", "epochs"),
+                 ("train_ids",), ("train_ids", 0), ("folds",), ("folds", 0), ("folds", 1, "name"), ("folds", 1, "rows"),
                  ("folds", 1, "rows", 0), ("folds", 0, "fragment_id"), ("trained_on",), ("trained_on", "train")]
 
 
@@ -665,16 +667,16 @@ def ensemble_paths_inside(ensemble, run):
     return all(m["paths"][0].resolve().is_relative_to(run.resolve()) for m in ensemble["members"])
 
 
-def record_folds_typed(record, run):
-    return all(isinstance(f, train.Fold) for f in record["folds"])
+def record_typed(record, run):
+    return all(isinstance(f, Fold) for f in record.folds) and isinstance(record.config.backbones, tuple)
 
 
 @fuzz
 @pytest.mark.parametrize("name,read_file,document,fields,examples,check", [
     ("ensemble.json", read_ensemble, ENSEMBLE, ENSEMBLE_FIELDS, 450, ensemble_paths_inside),
-    ("run.json", read_record, RECORD, RECORD_FIELDS, 350, record_folds_typed)])
+    ("run.json", lambda run: RunDir(run).read_record(), RECORD, RECORD_FIELDS, 350, record_typed)])
 def test_fuzz_run_files(fuzz_dir, name, read_file, document, fields, examples, check):
-    """ensemble.json (read_ensemble) and run.json (read_record): a correct read passes its own check."""
+    """ensemble.json (read_ensemble) and run.json (RunDir.read_record): a correct read passes its own check."""
     run = fuzz_dir / f"run-{name}"
     run.mkdir()
     path = run / name

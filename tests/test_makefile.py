@@ -3,6 +3,7 @@ order, a second call does nothing, and each later call redoes only what a change
 its own stores and run, and a run is never used with train stores it was not trained on.
 
 The tests run make in a fresh clone: a folder of links to this repository's files, with its own data/ and runs/."""
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -85,13 +86,15 @@ def test_later_calls_redo_only_what_is_stale(work):
 
 
 def test_unfinished_run_is_resumed_and_said_so(work):
-    summary = work / "runs" / "demo" / "summary.md"
-    summary.write_text(summary.read_text() + "\nUnfinished: a trial that failed\n")
+    """The Makefile reads status.json (not the summary's Markdown): a run it does not say is finished is resumed."""
+    status = work / "runs" / "demo" / "status.json"
+    assert json.loads(status.read_text())["state"] == "finished"
+    status.write_text(json.dumps({**json.loads(status.read_text()), "state": "unfinished"}))
     code, lines = make(work, "train")
     assert code == 0, "\n".join(lines[-20:])
-    assert "make train: resuming the unfinished run in runs/demo with the options in runs/demo/run.json" in lines
+    assert "make train: resuming the unfinished run in runs/demo with the config in runs/demo/run.json" in lines
     assert any("3 of 3 trial(s) finished, 0 to go" in line for line in lines)
-    assert "Unfinished" not in summary.read_text()
+    assert json.loads(status.read_text())["state"] == "finished"
     code, lines = make(work, "train")
     assert code == 0 and not ran(lines, "train.py")
 

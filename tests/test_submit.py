@@ -300,6 +300,31 @@ def test_read_only_run_folder_is_only_read(tiny, tmp_path):
                                 "(the rest goes beside it) or --work DIR"]
 
 
+@needs_unshare
+def test_ensemble_check_reads_a_read_only_run_and_names_a_damaged_model(tiny, tmp_path):
+    """ensemble.py --check on a read-only copy of a run: checks ensemble.json, every model file and the stores, says
+    OK, writes nothing (no lock); a flipped byte in a model file fails it naming the file."""
+    source = tiny["run"]
+    model = sorted((source / "models").rglob("*.pt"))[0].relative_to(source)
+
+    def check(folder, damage):
+        run = folder / "mnt" / "run"
+        setup = f'mkdir "{run}" && cp -r "{source}/models" "{source}/ensemble.json" "{run}/"'
+        if damage:  # one bit of the weights flipped, as flip_a_byte does
+            setup += (f' && python3 -c "import sys; p = sys.argv[1]; b = bytearray(open(p, \'rb\').read()); '
+                      f'b[len(b) // 2] ^= 1; open(p, \'wb\').write(b)" "{run / model}"')
+        argv = [sys.executable, "ensemble.py", "--run", run, "--stores", tiny["stores"], "--check"]
+        return run, on_tmpfs(folder, argv, size="64m", readonly=True, setup=setup)
+
+    run, (code, printed, err, left) = check(tmp_path / "intact", damage=False)
+    assert code == 0, err
+    assert f"{run / 'ensemble.json'}: OK: " in printed and "threshold" in printed
+    assert sorted(left) == sorted(f"run/{p.relative_to(source)}" for p in [source / "ensemble.json",
+                                                                            *(source / "models").rglob("*.pt")])
+    run, (code, printed, err, _) = check(tmp_path / "damaged", damage=True)
+    assert code == 1 and err.splitlines()[-1].startswith(f"error: {run / model}: sha256 "), err
+
+
 def flip_a_byte(path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01  # in the weights: torch.load reads it without complaint

@@ -62,8 +62,9 @@ def test_two_trials_write_oof_maps_models_previews_and_summary(stores, tmp_path)
     assert "mean OOF F0.5" in (run / "summary.md").read_text()
     assert list((run / "tune").glob("attempt-1/*/events.out.tfevents*")), "Tune's TensorBoard logs are kept under the run"
     record = json.loads((run / "run.json").read_text())
-    assert record["options"]["stores"] == str(stores.resolve()) and record["options"]["epochs"] == 1
-    assert [f["name"] for f in record["folds"]] == ["1", "2", "3"] and record["options"]["folds"] == "1,2"
+    assert record["config"]["stores"] == str(stores.resolve()) and record["config"]["epochs"] == 1
+    assert [f["name"] for f in record["folds"]] == ["1", "2", "3"] and record["config"]["folds"] == ["1", "2"]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert record["creator"]["uid"] == os.getuid() and torch.__version__.startswith(record["versions"]["torch"])
 
     again = run_train(stores, run, "--folds", "1,2", "--num-cpus", "2")
@@ -144,7 +145,7 @@ def test_resume_after_interrupt_does_not_redo_finished_trials(stores, tmp_path):
     resume = [sys.executable, str(ROOT / "train.py"), "--run", str(run), "--resume", "--num-cpus", "1", "--no-dashboard"]
     failed = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert failed.returncode != 0 and not marker.exists()
-    assert f"trial {BACKBONE}/3 failed: RuntimeError: {checkpoint}: unreadable trial checkpoint" in failed.stderr
+    assert f"trial {BACKBONE}/3 failed: lib.trial.CheckpointError: {checkpoint}: unreadable trial checkpoint" in failed.stderr
     summary = (run / "summary.md").read_text()  # one trial finished: the summary is written and names the other
     assert f"Unfinished: {BACKBONE} fold 3" in summary and str(checkpoint) in summary
 
@@ -159,58 +160,108 @@ def test_resume_after_interrupt_does_not_redo_finished_trials(stores, tmp_path):
     assert "Unfinished" not in (run / "summary.md").read_text()
 
 
-def test_full_preset_scales_the_learning_rate_with_the_batch():
+def config_of(argv):
+    """The resolved TrainConfig of a command line, as train.py resolves it."""
     import train
+    from lib.config import resolve
 
-    full = train.PRESETS["full"]
-    assert train.parse_args(["--preset", "full"]).lr == full["lr"]
-    args = train.parse_args(["--preset", "full", "--batch-size", str(full["batch_size"] * 4)])
-    assert args.lr == pytest.approx(full["lr"] * 2)  # sqrt(4)
-    assert train.parse_args(["--preset", "full", "--batch-size", "8", "--lr", "0.5"]).lr == 0.5
-    assert args.workers is None and args.precision == "auto"
+    given, recipe, _, _ = train.parse_args(argv)
+    return resolve(given, recipe)
+
+
+def test_full_preset_scales_the_learning_rate_with_the_batch():
+    from lib.config import PRESETS
+
+    full = PRESETS["full"]
+    assert config_of(["--preset", "full"]).lr == full.lr
+    config = config_of(["--preset", "full", "--batch-size", str(full.batch_size * 4)])
+    assert config.lr == pytest.approx(full.lr * 2)  # sqrt(4)
+    assert config_of(["--preset", "full", "--batch-size", "8", "--lr", "0.5"]).lr == 0.5
+    assert config.workers is None and config.precision == "auto"
 
 
 def test_the_default_inputs_and_how_they_set_the_triplets_and_depth_jitter():
+    from lib.config import ConfigError
+
+    config = config_of([])
+    assert (config.family, config.depth, config.centre_on, config.depth_jitter) == ("stack", 12, "tile", 1)
+    assert config.backbones == ("stack:tu-mobilenetv3_small_050",)
+    config = config_of(["--family", "triplets", "--backbones", "resnet18,stem3d:resnet18"])
+    assert (config.triplets, config.depth_jitter, config.backbones) == ("tile", 0, ("triplets:resnet18", "stem3d:resnet18"))
+    config = config_of(["--family", "triplets", "--centre-on", "nominal"])
+    assert (config.triplets, config.depth_jitter) == ("surface", 2)
+    config = config_of(["--triplets", "max", "--depth-jitter", "2"])
+    assert (config.triplets, config.depth_jitter) == ("max", 2)
+    with pytest.raises(ConfigError, match="unknown model family 'cube'"):
+        config_of(["--backbones", "cube:resnet18"])
+
+
+def test_a_recipe_file_is_the_config_print_config_shows(tmp_path, capsys):
+    """--print-config writes the resolved TrainConfig; as a --config recipe it gives the same config back; options
+    beside it win; a recipe with an unknown field, a wrong type or bad YAML is one line naming the file."""
     import train
 
-    args = train.parse_args([])
-    assert (args.family, args.depth, args.centre_on, args.depth_jitter) == ("stack", 12, "tile", 1)
-    assert args.backbones == "stack:tu-mobilenetv3_small_050"
-    args = train.parse_args(["--family", "triplets", "--backbones", "resnet18,stem3d:resnet18"])
-    assert (args.triplets, args.depth_jitter, args.backbones) == ("tile", 0, "triplets:resnet18,stem3d:resnet18")
-    args = train.parse_args(["--family", "triplets", "--centre-on", "nominal"])
-    assert (args.triplets, args.depth_jitter) == ("surface", 2)
-    args = train.parse_args(["--triplets", "max", "--depth-jitter", "2"])
-    assert (args.triplets, args.depth_jitter) == ("max", 2)
-    with pytest.raises(SystemExit):
-        train.parse_args(["--backbones", "cube:resnet18"])
+    train.main(["--preset", "full", "--batch-size", "128", "--family", "triplets", "--print-config"])
+    printed = capsys.readouterr().out
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(printed)
+    config = config_of(["--config", str(recipe)])
+    assert config == config_of(["--preset", "full", "--batch-size", "128", "--family", "triplets"])
+    assert (config.batch_size, config.lr, config.backbones[0]) == (128, pytest.approx(2e-4 * 2**0.5), "triplets:resnet34")
+    assert config_of(["--config", str(recipe), "--epochs", "2"]).epochs == 2
+    yaml_recipe = tmp_path / "recipe.yaml"
+    yaml_recipe.write_text("preset: full\nepochs: 3\nbackbones: [resnet18]\n")
+    assert (config_of(["--config", str(yaml_recipe)]).epochs, config_of(["--config", str(yaml_recipe)]).tile_size) == (3, 224)
+    for text, problem in (('{"epoch": 3}', "epoch: not a field of TrainConfig"), ('{"epochs": "3"}', "epochs: expected int"),
+                          ("epochs: [3", "not valid YAML"), ('{"family": "cube"}', "'cube' is not one of")):
+        bad = tmp_path / ("bad.yaml" if text.startswith("epochs") else "bad.json")
+        bad.write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            train.main(["--config", str(bad), "--print-config"])
+        message = str(exit_.value.code)
+        assert message.startswith(f"error: {bad}: ") and problem in message and "\n" not in message, message
+
+
+def test_help_shows_every_default_by_group():
+    import train
+    from lib.config import build_parser
+
+    text = build_parser(train.__doc__).format_help()
+    for group in ("data:", "model:", "inputs:", "optimisation:", "loss:", "tricks:", "where to run:"):
+        assert group in text
+    flat = " ".join(text.split())
+    assert "tile side in pixels (default: demo: 64; full: 224)" in flat and "(default: stack)" in flat
+    assert "centred on the surface (default: 12)" in flat and "derived: 0 for triplets" in flat
 
 
 def test_workers_follow_the_trials_share_of_the_cpus():
     import train
 
-    args = train.parse_args(["--preset", "full", "--gpus-per-trial", "0.5"])
+    def resources(argv, cluster, trials):
+        given, recipe, placement, _ = train.parse_args(argv)
+        from lib.config import resolve
+        return train.trial_resources(resolve(given, recipe), placement, cluster, trials)
+
     # 6 trials, 2 fit on the GPU at once: each gets half the CPUs, its loader all but one of them
-    assert train.trial_resources(args, {"CPU": 16, "GPU": 1}, 6) == {"cpu": 8, "gpu": 0.5}
-    args = train.parse_args(["--preset", "full", "--gpus-per-trial", "0.25", "--max-concurrent", "2"])
-    assert train.trial_resources(args, {"CPU": 16, "GPU": 1}, 6) == {"cpu": 8, "gpu": 0.25}
-    args = train.parse_args(["--preset", "full", "--workers", "3"])
-    assert train.trial_resources(args, {"CPU": 16, "GPU": 1}, 6) == {"cpu": 4, "gpu": 1}
+    assert resources(["--preset", "full", "--gpus-per-trial", "0.5"], {"CPU": 16, "GPU": 1}, 6) == {"cpu": 8, "gpu": 0.5}
+    assert resources(["--preset", "full", "--gpus-per-trial", "0.25", "--max-concurrent", "2"], {"CPU": 16, "GPU": 1},
+                     6) == {"cpu": 8, "gpu": 0.25}
+    assert resources(["--preset", "full", "--workers", "3"], {"CPU": 16, "GPU": 1}, 6) == {"cpu": 4, "gpu": 1}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_step_learns_at_each_precision(precision, one_thread):
-    import train
     from lib.losses import build_loss
+    from lib.trial import TrainStep, resolve_precision
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 1))
     images = torch.rand(8, 3, 16, 16)
     labels = (images.mean(1, keepdim=True) > 0.5).float()
-    step = train.TrainStep(model, lr=0.05, total_steps=40, precision=precision)
+    step = TrainStep(model, lr=0.05, total_steps=40, precision=precision)
     losses = [step(images, labels, build_loss()).item() for _ in range(40)]
     assert losses[-1] < 0.7 * losses[0]
-    assert train.resolve_precision("auto", "cpu") == "fp32" and train.resolve_precision("fp16", "cpu") == "fp16"
-    restored = train.TrainStep(model, lr=0.05, total_steps=40, precision=precision)
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("fp16", "cpu") == "fp16"
+    restored = TrainStep(model, lr=0.05, total_steps=40, precision=precision)
     restored.load_state_dict(step.state_dict())
     assert restored.scheduler.last_epoch == 40
