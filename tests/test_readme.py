@@ -1,10 +1,10 @@
-"""README.md reads in five minutes and every command in it runs as written; so do docs/usage.md's.
+"""README.md reads in five minutes, and every command in it runs as written; so does every command of docs/usage.md.
 
-Each command of a ```sh block, and each inline `make ...`, `python ...` or `SCRIPT.py --...` span, is checked
-without running the work: a make command with `make -n` and its variables (every target a rule, every variable one
-the Makefile uses, the options in PREPARE_ARGS, TRAIN_ARGS and SUBMIT_ARGS options of their scripts), a script
-command against the options its `--help` lists. Every relative link, every repository path in a code span
-(docs/, bench/, lib/, tests/, a script), every `lib.module.name` and every `FILE.md "## heading"` must exist."""
+The commands are those of the ```sh blocks and the inline `make ...`, `python ...` and `SCRIPT.py --...` spans.
+Nothing is built: a make command must pass `make -n` with its variables (its targets are rules, its variables ones
+the Makefile uses, and the flags in PREPARE_ARGS, TRAIN_ARGS and SUBMIT_ARGS options of their scripts); a script
+command may use only options its `--help` lists. Every relative link, repository path in a code span (docs/,
+bench/, lib/, tests/, a script, a test named with ::), `lib.module.name` and `FILE.md "## heading"` must exist."""
 import os
 import re
 import shlex
@@ -193,9 +193,9 @@ def test_every_command_runs_as_written():
     """Every make command passes `make -n`, every script option is in the script's --help (all run at once)."""
     lines = all_commands()
     assert any(line.startswith("make demo") for line in lines) and any("train.py" in line for line in lines)
-    scripts = {script for line in lines for words in simple_commands(line) if (found := script_of(words))
-               for script in [found[0], PASSED_ON.get(found[0])] if script} | set(MAKE_ARGS.values())
-    with ThreadPoolExecutor(len(scripts)) as pool:
+    found = [script_of(words) for line in lines for words in simple_commands(line)]
+    scripts = {script for script, _ in filter(None, found)} | set(MAKE_ARGS.values()) | set(PASSED_ON.values())
+    with ThreadPoolExecutor(len(scripts)) as pool:  # each --help once, all at once: train.py's imports take seconds
         list(pool.map(help_text, scripts))
     problems = [p for line in lines for p in command_problems(line)]
     assert not problems, "\n".join(problems)
