@@ -1,4 +1,4 @@
-"""The README's multi-node recipe on one machine: two `ray start` nodes of 1 CPU each, `train.py --address` on them.
+"""The multi-node recipe of docs/usage.md on one machine: two `ray start` nodes of 1 CPU each, `train.py --address` on them.
 
 The nodes live in a private RAY_TMPDIR with their own token and free ports, so that no other Ray instance on this
 machine attaches to them (a plain `ray.init()` reads /tmp/ray/ray_current_cluster) and `ray stop` is never needed:
