@@ -40,23 +40,32 @@ MEMBERS = {"stack:tu-mobilenetv3_small_050": ("1", "2"), "triplets:tu-mobilenetv
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """{root, stores, run}: a synthetic dataset, its stores, and a run folder with models and ensemble.json, shared
-    by test_submit.py and test_faults.py. Tests write only new files into it (submissions, previews)."""
-    import ensemble
-    from helpers import record_run
+def tiny_stores(tmp_path_factory):
+    """(dataset root, stores folder): a 128 px synthetic dataset (WORK/synth) and its train and test stores (64 px
+    tiles, stride 32; WORK/prepared), the session's one set of small stores. Read only: copy them to change them."""
     from lib.fragments import Fragment
     from lib.store import write_store
     from lib.synth import TEST_IDS, TRAIN_IDS, generate
 
-    work = tmp_path_factory.mktemp("submit")
+    work = tmp_path_factory.mktemp("tiny")
     root = generate(work / "synth", size=128, seed=2, progress=False)
-    stores = work / "prepared"
     for split, ids in (("train", TRAIN_IDS), ("test", TEST_IDS)):
         for fragment_id in ids:
-            write_store(Fragment.open(root, split, fragment_id), stores / split / f"{fragment_id}.h5",
+            write_store(Fragment.open(root, split, fragment_id), work / "prepared" / split / f"{fragment_id}.h5",
                         tile_size=64, stride=32, progress=False)
-    run = work / "run"
+    return root, work / "prepared"
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_stores, tmp_path_factory):
+    """{root, stores, run}: tiny_stores and a run folder with models and ensemble.json, shared by test_submit.py and
+    test_faults.py. Tests write only new files into it (submissions, previews)."""
+    import ensemble
+    from helpers import record_run
+    from lib.synth import TRAIN_IDS
+
+    root, stores = tiny_stores
+    run = tmp_path_factory.mktemp("submit") / "run"
     write_models(run)
     write_oof_maps(run, stores)
     record_run(run, stores, list(MEMBERS), TRAIN_IDS)

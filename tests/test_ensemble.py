@@ -24,14 +24,9 @@ SPEC = InputSpec("stack")
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    """Train stores (64 px tiles, stride 32) of a synthetic dataset of ~128 px fragments."""
-    work = tmp_path_factory.mktemp("ensemble")
-    root = generate(work / "synth", size=128, seed=1, progress=False)
-    for fragment_id in TRAIN_IDS:
-        write_store(Fragment.open(root, "train", fragment_id), work / "prepared" / "train" / f"{fragment_id}.h5",
-                    tile_size=64, stride=32, progress=False)
-    return work / "prepared"
+def stores(tiny_stores):
+    """The session's small stores (conftest.tiny_stores): 64 px tiles, stride 32, ~128 px fragments."""
+    return tiny_stores[1]
 
 
 @pytest.fixture(scope="module")
