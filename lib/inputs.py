@@ -122,9 +122,10 @@ def unsure_share(store, tile_size, stride):
 
 
 def normalise(volume, intensity_range):
-    """uint16 -> float32 with the fragment's robust (1st, 99th percentile) range mapped to 0..1."""
+    """uint16 -> float32 with the fragment's robust (1st, 99th percentile) range mapped to 0..1 (a float32 volume
+    in place)."""
     low, high = intensity_range
-    out = volume.astype(np.float32)
+    out = volume.astype(np.float32, copy=False)
     out -= low  # in place: one float32 array per call, not four
     out *= 1 / max(high - low, 1.0)
     return np.clip(out, -0.5, 1.5, out=out)
@@ -149,49 +150,87 @@ class InputReader:
         y += store.row_offset  # a view of some rows of the store (lib.bands.RowWindow) reads the whole store's maps
         if tile_confidence(store.read_dataset("surface_confidence", covered_cells(y, x, size))) < MIN_CONFIDENCE:
             return None
-        return pixel_window(lambda cells: store.read_dataset("surface", cells), store.h5["surface"].shape, y, x, size)
+        return pixel_window(lambda cells: store.read_dataset("surface", cells), store.dataset("surface").shape, y, x, size)
 
-    def read(self, y, x, size, slices, centre_on="nominal"):
-        """(len(slices), size, size) float32 input at (y, x). Slices outside the store's are its nearest slice."""
+    def read(self, y, x, size, slices, centre_on="nominal", pixels=None):
+        """(len(slices), size, size) float32 input at (y, x). Slices outside the store's are its nearest slice.
+
+        `pixels` ((size, size) int, optional): the tile's pixels (flat indices) to return in their place, 0 where
+        -1: a geometric augmentation (lib.data.geometry_pixels) resampled with the read instead of after it, so that
+        only the pixels kept are flattened and normalised. The centring is the tile's own either way."""
         store = self.store
         depths = self.tile_depths(y, x, size) if centre_on == "tile" else None
         shift = self.shift if centre_on == "fragment" or (centre_on == "tile" and depths is None) else 0
         wanted = np.clip(np.asarray(slices) + shift, store.z_start, store.z_stop - 1)
         read_slices = list(store.slices) if depths is not None else sorted(set(wanted.tolist()))
-        tile = store.read_tile(y, x, size, size, read_slices)
+        volume = store.read_tile(y, x, size, size, read_slices)
         outside = self.mask.window(y, x, size) == 0
         if outside.any():
-            tile[:, outside] = self.medians[[z - store.z_start for z in read_slices]][:, None]
+            np.copyto(volume, self.medians[[z - store.z_start for z in read_slices]][:, None, None], where=outside)
+        if depths is None and wanted.tolist() != read_slices:  # repeated (clamped) or reversed slices
+            volume = volume[[read_slices.index(z) for z in wanted.tolist()]]
+        kept = None if pixels is None else np.maximum(pixels, 0)
+        # the centring: the median of every 4th pixel each way (plenty, and 16x cheaper than all of them)
+        sample = None if pixels is None else np.arange(size * size).reshape(size, size)[::4, ::4]
         if depths is not None:  # on the raw values: only the slices asked for become float32
-            tile = flatten(tile, store.z_start, depths, slices)
+            tile = flatten(volume, store.z_start, depths, slices, kept)
+            sample = None if pixels is None else flatten(volume, store.z_start, depths, slices, sample)
         else:
-            tile = tile[[read_slices.index(z) for z in wanted.tolist()]]
+            tile = volume if pixels is None else volume.reshape(len(volume), -1).take(kept, axis=1)
+            sample = None if pixels is None else volume[:, ::4, ::4]
         tile = normalise(tile, self.intensity_range)
-        # every 4th pixel each way is plenty for a median and 16x cheaper than all of them
-        tile += 0.5 - np.median(tile[:, ::4, ::4].reshape(len(tile), -1), axis=1)[:, None, None]
+        sample = tile[:, ::4, ::4] if sample is None else normalise(sample, self.intensity_range)
+        tile += 0.5 - channel_median(sample)
+        if pixels is not None:
+            np.copyto(tile, 0, where=pixels < 0)
         return tile
 
 
-def flatten(volume, z_start, depths, slices):
-    """(len(slices), H, W) float32: slice z of the nominal frame (NOMINAL_SURFACE the surface) sampled in a
-    (Z, H, W) volume of the slices z_start.. at each pixel's `depths` + (z - NOMINAL_SURFACE), linearly between
-    slices, clamped to the volume.
+def flatten(volume, z_start, depths, slices, pixels=None):
+    """(len(slices),) + shape float32: slice z of the nominal frame (NOMINAL_SURFACE the surface) sampled in a
+    (Z, H, W) volume of the slices z_start.. at each pixel's `depths` ((H, W)) + (z - NOMINAL_SURFACE), linearly
+    between slices, clamped to the volume; at `pixels` (flat indices into a plane, of any shape) or every pixel
+    (shape (H, W)).
 
     The slices' offsets from the surface are whole numbers, so every output slice shares one fraction between
-    slices: one floor and one gather a slice, and the volume padded with its edge slices clamps for free."""
+    slices: one gather per offset from the surface (`layer`), shared by the output slices on either side of it,
+    a plane at a time (the planes stay in the cache; whole-tile temporaries cost more than the gathers)."""
+    plane, last = volume[0].size, len(volume) - 1
+    shape = depths.shape if pixels is None else np.shape(pixels)
+    pixels = np.arange(plane, dtype=np.int32) if pixels is None else np.asarray(pixels, np.int32).reshape(-1)
+    depths = depths.reshape(-1)[pixels]
     offsets = np.asarray(slices, np.intp) - (NOMINAL_SURFACE + z_start)
     base = np.floor(depths)
     fraction = (depths - base).astype(np.float32)
-    base = base.astype(np.intp)
-    below = max(0, -(int(base.min()) + int(offsets.min())))
-    above = max(0, int(base.max()) + int(offsets.max()) + 2 - len(volume))
-    padded = np.pad(volume, ((below, above), (0, 0), (0, 0)), mode="edge") if below or above else volume
-    plane = volume[0].size
-    index = (base + below) * plane + np.arange(plane).reshape(depths.shape)
-    index = index[None] + (offsets * plane)[:, None, None]
-    flat = padded.reshape(-1)
-    low, high = flat.take(index).astype(np.float32), flat.take(index + plane).astype(np.float32)
-    high -= low
-    high *= fraction
-    low += high
-    return low
+    base = base.astype(np.int32)
+    lowest, highest = int(base.min()), int(base.max())
+    start = base * plane + pixels
+    flat = volume.reshape(-1)
+    layers = {}
+
+    def layer(k):  # each pixel's slice base + k, clamped to the volume, as float32
+        if k not in layers:
+            inside = lowest + k >= 0 and highest + k <= last
+            index = start + k * plane if inside else np.clip(base + k, 0, last) * plane + pixels
+            layers[k] = flat.take(index).astype(np.float32)
+        return layers[k]
+
+    out = np.empty((len(offsets), len(pixels)), np.float32)
+    for row, k in zip(out, offsets.tolist()):
+        low, high = layer(k), layer(k + 1)
+        np.subtract(high, low, out=row)
+        row *= fraction
+        row += low
+    return out.reshape((len(offsets),) + shape)
+
+
+def channel_median(values):
+    """(C, 1, 1) float32: the median of each channel of (C, ...) `values`: the same values as np.median, from a
+    partition at one place (at two, as np.median partitions, it costs 5x more)."""
+    values = values.reshape(len(values), -1)
+    middle = values.shape[1] // 2
+    part = np.partition(values, middle, axis=1)
+    median = part[:, middle]
+    if values.shape[1] % 2 == 0:  # np.median's mean of the two middle values, in float32 as it computes it
+        median = (part[:, :middle].max(axis=1) + median) / np.float32(2)
+    return median[:, None, None]
