@@ -12,6 +12,8 @@ tile in the loader, the same cv2.warpAffine on image and label; the photometric 
 contrast, Gaussian noise) on the whole batch after it reaches the device (`photometric`): drawing the
 noise per tile was the loader's largest cost (bench/README.md, "## gpu", "feeding the GPU").
 """
+import ctypes
+
 import cv2
 import numpy as np
 import torch
@@ -19,6 +21,8 @@ import torch
 from lib.inputs import CENTRE_SLICES, MIDDLE_TRIPLET, SURFACE_TRIPLETS, InputReader, InputSpec
 from lib.maps import PackedMap
 from lib.store import Store, mask_coverage
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def random_geometry(tile_size, scale=(0.9, 1.1), degrees=10, affine_p=0.5):
@@ -182,8 +186,21 @@ def coarse_dropout(image, holes=2):
 
 def loader_worker_init(_):
     """In each DataLoader worker: OpenCV on one thread (torch already is), so that workers do not oversubscribe
-    the cores with OpenCV's own thread pools."""
+    the cores with OpenCV's own thread pools; freed memory kept for reuse (keep_freed_memory)."""
     cv2.setNumThreads(1)
+    keep_freed_memory()
+
+
+def keep_freed_memory(mmap_below=32 * 2**20, keep=64 * 2**20):
+    """Make glibc's malloc serve arrays below `mmap_below` bytes from its heap and keep up to `keep` bytes of it
+    free, in this process. By default it maps arrays above 128 kB afresh and hands them back to the kernel when
+    freed, so every tile's temporaries (0.2 to 2.5 MB each) come back as new pages, zeroed one page fault at a time;
+    on a virtual machine those faults can cost more than the tile's arithmetic (bench/README.md, "## loader").
+    Nothing happens where the C library has no mallopt (not glibc)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, mmap_below)
+        mallopt(M_TRIM_THRESHOLD, keep)
 
 
 def photometric(images, brightness=0.1, contrast=0.2, noise=0.03):

@@ -182,19 +182,19 @@ class InputReader:
         sample = tile[:, ::4, ::4] if sample is None else normalise(sample, self.intensity_range)
         tile += 0.5 - channel_median(sample)
         if pixels is not None:
-            np.copyto(tile, 0, where=pixels < 0)
+            tile.reshape(len(tile), -1)[:, np.flatnonzero(pixels < 0)] = 0
         return tile
 
 
 def flatten(volume, z_start, depths, slices, pixels=None):
     """(len(slices),) + shape float32: slice z of the nominal frame (NOMINAL_SURFACE the surface) sampled in a
     (Z, H, W) volume of the slices z_start.. at each pixel's `depths` ((H, W)) + (z - NOMINAL_SURFACE), linearly
-    between slices, clamped to the volume; at `pixels` (flat indices into a plane, of any shape) or every pixel
+    between slices, clamped to the volume; at `pixels` (flat indices into a plane, of any shape) or at every pixel
     (shape (H, W)).
 
     The slices' offsets from the surface are whole numbers, so every output slice shares one fraction between
-    slices: one gather per offset from the surface (`layer`), shared by the output slices on either side of it,
-    a plane at a time (the planes stay in the cache; whole-tile temporaries cost more than the gathers)."""
+    slices: one gather of the layers the slices fall between (each shared by the slices on either side of it),
+    then one interpolation."""
     plane, last = volume[0].size, len(volume) - 1
     shape = depths.shape if pixels is None else np.shape(pixels)
     pixels = np.arange(plane, dtype=np.int32) if pixels is None else np.asarray(pixels, np.int32).reshape(-1)
@@ -202,25 +202,21 @@ def flatten(volume, z_start, depths, slices, pixels=None):
     offsets = np.asarray(slices, np.intp) - (NOMINAL_SURFACE + z_start)
     base = np.floor(depths)
     fraction = (depths - base).astype(np.float32)
-    base = base.astype(np.int32)
-    lowest, highest = int(base.min()), int(base.max())
-    start = base * plane + pixels
-    flat = volume.reshape(-1)
-    layers = {}
-
-    def layer(k):  # each pixel's slice base + k, clamped to the volume, as float32
-        if k not in layers:
-            inside = lowest + k >= 0 and highest + k <= last
-            index = start + k * plane if inside else np.clip(base + k, 0, last) * plane + pixels
-            layers[k] = flat.take(index).astype(np.float32)
-        return layers[k]
-
-    out = np.empty((len(offsets), len(pixels)), np.float32)
-    for row, k in zip(out, offsets.tolist()):
-        low, high = layer(k), layer(k + 1)
-        np.subtract(high, low, out=row)
-        row *= fraction
-        row += low
+    layers = np.arange(offsets.min(), offsets.max() + 2, dtype=np.int32)  # the layer below each slice, and above
+    index = base.astype(np.int32) + layers[:, None]
+    if int(index.min()) < 0 or int(index.max()) > last:
+        np.clip(index, 0, last, out=index)
+    index *= plane
+    index += pixels
+    values = volume.reshape(-1).take(index).astype(np.float32)
+    below = offsets - layers[0]
+    if np.array_equal(below, np.arange(below[0], below[0] + len(below))):  # consecutive: views, no copies
+        low, high = values[below[0]: below[-1] + 1], values[below[0] + 1: below[-1] + 2]
+    else:
+        low, high = values[below], values[below + 1]
+    out = np.subtract(high, low)
+    out *= fraction
+    out += low
     return out.reshape((len(offsets),) + shape)
 
 
