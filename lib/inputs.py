@@ -193,22 +193,27 @@ def flatten(volume, z_start, depths, slices, pixels=None):
     (shape (H, W)).
 
     The slices' offsets from the surface are whole numbers, so every output slice shares one fraction between
-    slices: one gather of the layers the slices fall between (each shared by the slices on either side of it),
-    then one interpolation."""
+    slices: one gather per layer the slices fall between (each shared by the slices on either side of it), all
+    with one index (each layer's from its own first voxel), then one interpolation."""
     plane, last = volume[0].size, len(volume) - 1
     shape = depths.shape if pixels is None else np.shape(pixels)
-    pixels = np.arange(plane, dtype=np.int32) if pixels is None else np.asarray(pixels, np.int32).reshape(-1)
+    pixels = np.arange(plane) if pixels is None else np.asarray(pixels, np.intp).reshape(-1)
     depths = depths.reshape(-1)[pixels]
     offsets = np.asarray(slices, np.intp) - (NOMINAL_SURFACE + z_start)
     base = np.floor(depths)
     fraction = (depths - base).astype(np.float32)
-    layers = np.arange(offsets.min(), offsets.max() + 2, dtype=np.int32)  # the layer below each slice, and above
-    index = base.astype(np.int32) + layers[:, None]
-    if int(index.min()) < 0 or int(index.max()) > last:
-        np.clip(index, 0, last, out=index)
-    index *= plane
-    index += pixels
-    values = volume.reshape(-1).take(index).astype(np.float32)
+    base = base.astype(np.intp)
+    lowest, highest = int(base.min()), int(base.max())
+    start = (base - lowest) * plane + pixels
+    flat = volume.reshape(-1)
+    layers = np.arange(offsets.min(), offsets.max() + 2)  # the layer below each slice, and the one above
+    values = np.empty((len(layers), len(pixels)), volume.dtype)
+    for row, k in zip(values, layers.tolist()):
+        if lowest + k >= 0 and highest + k <= last:  # every pixel's layer inside the volume
+            np.take(flat[(lowest + k) * plane:], start, out=row, mode="clip")  # (no index outside: no check)
+        else:
+            np.take(flat, np.clip(base + k, 0, last) * plane + pixels, out=row, mode="clip")
+    values = values.astype(np.float32)
     below = offsets - layers[0]
     if np.array_equal(below, np.arange(below[0], below[0] + len(below))):  # consecutive: views, no copies
         low, high = values[below[0]: below[-1] + 1], values[below[0] + 1: below[-1] + 2]
