@@ -8,9 +8,11 @@ are TileDataset arguments, all off by default. All randomness comes from torch's
 seeds per worker from the main seed, so a run is deterministic given --seed.
 
 Augmentation is split where it is cheapest: the geometric part (flips, rot90, rotation + scale) per
-tile in the loader, the same cv2.warpAffine on image and label; the photometric part (brightness,
+tile in the loader, one map of which pixel goes where (geometry_pixels) for image and label, resampled with
+the read so that only the pixels kept are flattened and normalised; the photometric part (brightness,
 contrast, Gaussian noise) on the whole batch after it reaches the device (`photometric`): drawing the
-noise per tile was the loader's largest cost (bench/README.md, "## gpu", "feeding the GPU").
+noise per tile was the loader's largest cost (bench/README.md, "## gpu", "feeding the GPU"; the loader's
+costs now: "## loader").
 """
 import ctypes
 
