@@ -7,11 +7,13 @@ stack as stored, and triplets flattened and as stored. The stores: synthetic fra
 lib.synth --geometry thick`) made into stores by `prepare.py`, both run as they are, as subprocesses.
 
 Each round measures, each in a fresh process: this checkout's lib/ ("after"); the same without the worker set-up's
-malloc settings (the loader in the main process: DataLoader with 0 workers); and the lib/ of the commit --before
-("before", extracted with `git archive`). The best of --rounds rounds per cell. Every version draws the same
-indices and seeds, so the tiles must be the same: the table says whether they were (a SHA-256 of every image and
-label, computed after the timing).
+malloc settings (lib.data.keep_freed_memory; as in a DataLoader with 0 workers, whose main process does not run
+the worker set-up); the lib/ of the commit --before ("before", extracted with `git archive`); and that with the
+same malloc settings, given by glibc's environment variables (its worker set-up has none). The best of --rounds
+rounds per cell. Every version draws the same indices and seeds, so the tiles must be the same: the table says
+whether they were (a SHA-256 of every image and label, computed after the timing).
 """
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -32,6 +34,21 @@ INPUTS = {  # table row: lib.inputs.InputSpec arguments
     "triplets, flattened per tile": dict(family="triplets"),
     "triplets, as stored": dict(family="triplets", centre_on="nominal"),
 }
+
+
+@contextlib.contextmanager
+def environment_set(variables):
+    """os.environ with `variables` set, for the processes started meanwhile."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def measure(lib_root, stores, tile_size, stride, tiles, seed, worker_setup=True):
@@ -95,31 +112,39 @@ def main():
     line, started = stamp(), time.time()
     before_commit = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT, check=True,
                                    capture_output=True, text=True).stdout.strip()
+    from lib.data import KEEP_FREE, MMAP_BELOW  # in this process only: each measurement imports its own lib/
+
+    # lib.data.keep_freed_memory's settings for a lib/ that does not make them (glibc reads these at its start)
+    malloc_settings = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_BELOW), "MALLOC_TRIM_THRESHOLD_": str(KEEP_FREE)}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         stores = make_stores(work, args.size)
-        versions = {"after": (ROOT, True), "after, malloc default": (ROOT, False),
-                    "before": (extract_lib(args.before, work / "before"), True)}
+        old_lib = extract_lib(args.before, work / "before")
+        versions = {"after": (ROOT, True, {}), "after, malloc default": (ROOT, False, {}), "before": (old_lib, True, {}),
+                    "before, malloc settings": (old_lib, True, malloc_settings)}
         best = {}
         for _ in range(args.rounds):  # interleaved, so that a change of load hits every version alike
-            for version, (root, setup) in versions.items():
-                for name, (rate, digest) in in_fresh_process(measure, root, stores, args.tile_size, args.stride,
-                                                             args.tiles, args.seed, setup).items():
+            for version, (root, setup, environment) in versions.items():
+                with environment_set(environment):
+                    results = in_fresh_process(measure, root, stores, args.tile_size, args.stride, args.tiles,
+                                               args.seed, setup)
+                for name, (rate, digest) in results.items():
                     rate = max(rate, best.get((version, name), (0, None))[0])
                     best[version, name] = (rate, digest)
                     print(f"{version:22s} {name:40s} {rate:7.1f} tiles per CPU s", flush=True)
     rows = []
     for name in INPUTS:
-        (after, digest), (unset, _), (before, old_digest) = (best[v, name] for v in versions)
-        rows.append(f"{name} | {before:.0f} | {after:.0f} | {unset:.0f} | **{after / before:.2f}** | "
-                    f"{'yes' if digest == old_digest else 'NO'}")
+        (after, digest), (unset, _), (before, old_digest), (before_set, _) = (best[v, name] for v in versions)
+        rows.append(f"{name} | {before:.0f} | {after:.0f} | **{after / before:.2f}** | {before_set:.0f} | "
+                    f"{unset:.0f} | {after / before_set:.2f} | {'yes' if digest == old_digest else 'NO'}")
     write_tables(args.readme, "loader",
                  f"{line}, load average at the end {os.getloadavg()[0]:.1f}; {len(stores)} train stores of --size "
                  f"{args.size} px fragments, {args.tile_size} px tiles at stride {args.stride}, {args.tiles} random "
                  f"tiles a cell, best of {args.rounds} rounds; before: lib/ of {before_commit}; "
                  f"{time.time() - started:.0f} s in all.",
-                 ("model input (augmented training tiles) | before: tiles per CPU s | after | after, malloc default "
-                  "(no worker set-up) | after / before | same tiles", rows))
+                 ("model input (augmented training tiles) | before: tiles per CPU s | after | after / before | "
+                  "before, malloc settings | after, malloc default | after / before, both with the malloc settings | "
+                  "same tiles", rows))
 
 
 if __name__ == "__main__":

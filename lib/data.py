@@ -25,6 +25,7 @@ from lib.maps import PackedMap
 from lib.store import Store, mask_coverage
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_BELOW, KEEP_FREE = 32 * 2**20, 64 * 2**20  # bytes: keep_freed_memory's settings
 
 
 def random_geometry(tile_size, scale=(0.9, 1.1), degrees=10, affine_p=0.5):
@@ -193,16 +194,16 @@ def loader_worker_init(_):
     keep_freed_memory()
 
 
-def keep_freed_memory(mmap_below=32 * 2**20, keep=64 * 2**20):
-    """Make glibc's malloc serve arrays below `mmap_below` bytes from its heap and keep up to `keep` bytes of it
+def keep_freed_memory():
+    """Make glibc's malloc serve arrays below MMAP_BELOW bytes from its heap and keep up to KEEP_FREE bytes of it
     free, in this process. By default it maps arrays above 128 kB afresh and hands them back to the kernel when
     freed, so every tile's temporaries (0.2 to 2.5 MB each) come back as new pages, zeroed one page fault at a time;
     on a virtual machine those faults can cost more than the tile's arithmetic (bench/README.md, "## loader").
     Nothing happens where the C library has no mallopt (not glibc)."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, mmap_below)
-        mallopt(M_TRIM_THRESHOLD, keep)
+        mallopt(M_MMAP_THRESHOLD, MMAP_BELOW)
+        mallopt(M_TRIM_THRESHOLD, KEEP_FREE)
 
 
 def photometric(images, brightness=0.1, contrast=0.2, noise=0.03):
