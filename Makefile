@@ -125,6 +125,9 @@ bench-submit: setup
 bench-gpu: setup
 	$(PY) bench/bench_gpu.py
 
+bench-loader: setup
+	$(PY) bench/bench_loader.py
+
 # Scroll scale: submit.py's peak RSS on 20 000 x 10 000 and 40 000 x 20 000 px segments, 1 vs 2 Ray workers, prepare
 # from zarr over HTTP vs local TIFF (heavy: tens of minutes; not part of `make bench`).
 bench-scale: setup

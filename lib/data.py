@@ -8,10 +8,14 @@ are TileDataset arguments, all off by default. All randomness comes from torch's
 seeds per worker from the main seed, so a run is deterministic given --seed.
 
 Augmentation is split where it is cheapest: the geometric part (flips, rot90, rotation + scale) per
-tile in the loader, the same cv2.warpAffine on image and label; the photometric part (brightness,
+tile in the loader, one map of which pixel goes where (geometry_pixels) for image and label, resampled with
+the read so that only the pixels kept are flattened and normalised; the photometric part (brightness,
 contrast, Gaussian noise) on the whole batch after it reaches the device (`photometric`): drawing the
-noise per tile was the loader's largest cost (bench/README.md, "## gpu", "feeding the GPU").
+noise per tile was the loader's largest cost (bench/README.md, "## gpu", "feeding the GPU"; the loader's
+costs now: "## loader").
 """
+import ctypes
+
 import cv2
 import numpy as np
 import torch
@@ -19,6 +23,9 @@ import torch
 from lib.inputs import CENTRE_SLICES, MIDDLE_TRIPLET, SURFACE_TRIPLETS, InputReader, InputSpec
 from lib.maps import PackedMap
 from lib.store import Store, mask_coverage
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_BELOW, KEEP_FREE = 32 * 2**20, 64 * 2**20  # bytes: keep_freed_memory's settings
 
 
 def random_geometry(tile_size, scale=(0.9, 1.1), degrees=10, affine_p=0.5):
@@ -34,24 +41,37 @@ def random_geometry(tile_size, scale=(0.9, 1.1), degrees=10, affine_p=0.5):
     return flip_y < 0.5, flip_x < 0.5, turns, matrix
 
 
-def apply_geometry(image, label, geometry):
-    """(C, T, T) float32 image and (T, T) label moved alike by `geometry` (random_geometry), both resampled by
-    nearest neighbour (torchvision's RandomAffine default, and half the cost of bilinear), 0 outside. Returns
-    contiguous arrays.
+def geometry_pixels(size, geometry):
+    """(size, size) int32: the pixel of a (size, size) tile (its flat index) that each pixel of the tile moved by
+    `geometry` (random_geometry) shows, -1 where none (0 there). Nearest neighbour (torchvision's RandomAffine
+    default, and half the cost of bilinear): the warp moves the pixels' numbers exactly as it would move any
+    channel, so one warp (cv2.warpAffine) of the numbers serves every channel and the label; flips and turns are
+    index permutations.
 
-    The warp comes first, then the flips and turns (exact index permutations): the angle's distribution is
-    symmetric, so this order gives the same distribution as flips first."""
+    The warp comes first, then the flips and turns: the angle's distribution is symmetric, so this order gives the
+    same distribution as flips first."""
     flip_y, flip_x, turns, matrix = geometry
+    numbers = np.arange(1, size * size + 1, dtype=np.float32).reshape(size, size)  # exact in float32; 0: outside
     if matrix is not None:
-        size = (image.shape[2], image.shape[1])
-        image = np.stack([cv2.warpAffine(channel, matrix, size, flags=cv2.INTER_NEAREST) for channel in image])
-        label = cv2.warpAffine(label, matrix, size, flags=cv2.INTER_NEAREST)
+        numbers = cv2.warpAffine(numbers, matrix, (size, size), flags=cv2.INTER_NEAREST)
     if flip_y:
-        image, label = image[:, ::-1], label[::-1]
+        numbers = numbers[::-1]
     if flip_x:
-        image, label = image[:, :, ::-1], label[:, ::-1]
-    image, label = np.rot90(image, turns, (1, 2)), np.rot90(label, turns)
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+        numbers = numbers[:, ::-1]
+    return np.rot90(numbers, turns).astype(np.int32) - 1
+
+
+def take_pixels(image, pixels):
+    """(..., size, size) `image` (..., H, W) at `pixels` (geometry_pixels: flat indices), 0 where -1; contiguous."""
+    out = image.reshape(image.shape[:-2] + (-1,)).take(np.maximum(pixels, 0), axis=-1)
+    np.copyto(out, 0, where=pixels < 0)
+    return out
+
+
+def apply_geometry(image, label, geometry):
+    """(C, T, T) image and (T, T) label moved alike by `geometry` (random_geometry), 0 outside (geometry_pixels)."""
+    pixels = geometry_pixels(image.shape[-1], geometry)
+    return take_pixels(image, pixels), take_pixels(label, pixels)
 
 
 class TileDataset(torch.utils.data.Dataset):
@@ -115,19 +135,31 @@ class TileDataset(torch.utils.data.Dataset):
         slices = [z + shift for z in slices]
         return slices[::-1] if torch.rand(()) < self.z_reverse else slices
 
-    def read_item(self, i):
+    def read_item(self, i, slices=None, pixels=None):
+        """(image, label) of item i: `slices` (default: choose_slices), `pixels` (geometry_pixels) as read's."""
         index, y, x = self.items[i]
-        image = self.readers[index].read(y, x, self.tile_size, self.choose_slices(), self.spec.centre_on)
-        return image, self.labels[index].window(y, x, self.tile_size)
+        slices = self.choose_slices() if slices is None else slices
+        image = self.readers[index].read(y, x, self.tile_size, slices, self.spec.centre_on, pixels)
+        label = self.labels[index].window(y, x, self.tile_size)
+        return image, label if pixels is None else take_pixels(label, pixels)
 
     def __getitem__(self, i):
-        image, label = self.read_item(i)
-        if self.augment and torch.rand(()) < self.cutmix:
-            image, label = paste_box(image, label, *self.read_item(int(torch.randint(0, len(self.items), ()))))
-        if self.augment and torch.rand(()) < self.cutout:
-            image = coarse_dropout(image)
-        if self.augment:
-            image, label = apply_geometry(image, label, random_geometry(self.tile_size))
+        if not self.augment:
+            image, label = self.read_item(i)
+        else:  # the random draws in a fixed order: slices, cutmix, cutout, geometry
+            slices, image, label = self.choose_slices(), None, None
+            if torch.rand(()) < self.cutmix:
+                image, label = paste_box(*self.read_item(i, slices),
+                                         *self.read_item(int(torch.randint(0, len(self.items), ()))))
+            if torch.rand(()) < self.cutout:
+                if image is None:
+                    image, label = self.read_item(i, slices)
+                image = coarse_dropout(image)
+            geometry = random_geometry(self.tile_size)
+            if image is None:  # the usual case: the geometry resampled with the read, before the image is built
+                image, label = self.read_item(i, slices, geometry_pixels(self.tile_size, geometry))
+            else:
+                image, label = apply_geometry(image, label, geometry)
         return torch.from_numpy(image), torch.from_numpy(label[None].astype(np.float32))
 
 
@@ -157,8 +189,21 @@ def coarse_dropout(image, holes=2):
 
 def loader_worker_init(_):
     """In each DataLoader worker: OpenCV on one thread (torch already is), so that workers do not oversubscribe
-    the cores with OpenCV's own thread pools."""
+    the cores with OpenCV's own thread pools; freed memory kept for reuse (keep_freed_memory)."""
     cv2.setNumThreads(1)
+    keep_freed_memory()
+
+
+def keep_freed_memory():
+    """Make glibc's malloc serve arrays below MMAP_BELOW bytes from its heap and keep up to KEEP_FREE bytes of it
+    free, in this process. By default it maps arrays above 128 kB afresh and hands them back to the kernel when
+    freed, so every tile's temporaries (0.2 to 2.5 MB each) come back as new pages, zeroed one page fault at a time;
+    on a virtual machine those faults can cost more than the tile's arithmetic (bench/README.md, "## loader").
+    Nothing happens where the C library has no mallopt (not glibc)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_BELOW)
+        mallopt(M_TRIM_THRESHOLD, KEEP_FREE)
 
 
 def photometric(images, brightness=0.1, contrast=0.2, noise=0.03):

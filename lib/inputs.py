@@ -122,9 +122,10 @@ def unsure_share(store, tile_size, stride):
 
 
 def normalise(volume, intensity_range):
-    """uint16 -> float32 with the fragment's robust (1st, 99th percentile) range mapped to 0..1."""
+    """uint16 -> float32 with the fragment's robust (1st, 99th percentile) range mapped to 0..1 (a float32 volume
+    in place)."""
     low, high = intensity_range
-    out = volume.astype(np.float32)
+    out = volume.astype(np.float32, copy=False)
     out -= low  # in place: one float32 array per call, not four
     out *= 1 / max(high - low, 1.0)
     return np.clip(out, -0.5, 1.5, out=out)
@@ -149,49 +150,97 @@ class InputReader:
         y += store.row_offset  # a view of some rows of the store (lib.bands.RowWindow) reads the whole store's maps
         if tile_confidence(store.read_dataset("surface_confidence", covered_cells(y, x, size))) < MIN_CONFIDENCE:
             return None
-        return pixel_window(lambda cells: store.read_dataset("surface", cells), store.h5["surface"].shape, y, x, size)
+        return pixel_window(lambda cells: store.read_dataset("surface", cells), store.dataset("surface").shape, y, x, size)
 
-    def read(self, y, x, size, slices, centre_on="nominal"):
-        """(len(slices), size, size) float32 input at (y, x). Slices outside the store's are its nearest slice."""
+    def read(self, y, x, size, slices, centre_on="nominal", pixels=None):
+        """(len(slices), size, size) float32 input at (y, x). Slices outside the store's are its nearest slice.
+
+        `pixels` ((size, size) int, optional): the tile's pixels (flat indices) to return in their place, 0 where
+        -1: a geometric augmentation (lib.data.geometry_pixels) resampled with the read instead of after it, so that
+        only the pixels kept are flattened and normalised. The centring is the tile's own either way."""
         store = self.store
         depths = self.tile_depths(y, x, size) if centre_on == "tile" else None
         shift = self.shift if centre_on == "fragment" or (centre_on == "tile" and depths is None) else 0
         wanted = np.clip(np.asarray(slices) + shift, store.z_start, store.z_stop - 1)
         read_slices = list(store.slices) if depths is not None else sorted(set(wanted.tolist()))
-        tile = store.read_tile(y, x, size, size, read_slices)
+        volume = store.read_tile(y, x, size, size, read_slices)
         outside = self.mask.window(y, x, size) == 0
         if outside.any():
-            tile[:, outside] = self.medians[[z - store.z_start for z in read_slices]][:, None]
-        if depths is not None:  # on the raw values: only the slices asked for become float32
-            tile = flatten(tile, store.z_start, depths, slices)
-        else:
-            tile = tile[[read_slices.index(z) for z in wanted.tolist()]]
-        tile = normalise(tile, self.intensity_range)
-        # every 4th pixel each way is plenty for a median and 16x cheaper than all of them
-        tile += 0.5 - np.median(tile[:, ::4, ::4].reshape(len(tile), -1), axis=1)[:, None, None]
+            np.copyto(volume, self.medians[[z - store.z_start for z in read_slices]][:, None, None], where=outside)
+        if depths is None and wanted.tolist() != read_slices:  # repeated (clamped) or reversed slices
+            volume = volume[[read_slices.index(z) for z in wanted.tolist()]]
+        # the centring: each slice's median over every 4th pixel each way (plenty, and 16x cheaper than all of them)
+        if pixels is None:
+            tile = normalise(volume if depths is None else flatten(volume, store.z_start, depths, slices),
+                             self.intensity_range)
+            sample = tile[:, ::4, ::4]
+        else:  # the tile's own pixels for the centring, those kept for the tile
+            every_4th = np.arange(0, size, 4)[:, None] * size + np.arange(0, size, 4)
+            sample = normalise(_at(volume, store.z_start, depths, slices, every_4th), self.intensity_range)
+            tile = normalise(_at(volume, store.z_start, depths, slices, np.maximum(pixels, 0)), self.intensity_range)
+        tile += 0.5 - channel_median(sample)
+        if pixels is not None:
+            tile.reshape(len(tile), -1)[:, np.flatnonzero(pixels < 0)] = 0
         return tile
 
 
-def flatten(volume, z_start, depths, slices):
-    """(len(slices), H, W) float32: slice z of the nominal frame (NOMINAL_SURFACE the surface) sampled in a
-    (Z, H, W) volume of the slices z_start.. at each pixel's `depths` + (z - NOMINAL_SURFACE), linearly between
-    slices, clamped to the volume.
+def _at(volume, z_start, depths, slices, pixels):
+    """(len(slices),) + pixels.shape: the read's slices at `pixels` (flat indices into a plane): flattened onto
+    `depths`, or as they are in `volume` (its slices already the ones asked for) where depths is None."""
+    if depths is None:
+        return volume.reshape(len(volume), -1).take(pixels, axis=1)
+    return flatten(volume, z_start, depths, slices, pixels)
+
+
+def flatten(volume, z_start, depths, slices, pixels=None):
+    """(len(slices),) + shape float32: slice z of the nominal frame (NOMINAL_SURFACE the surface) sampled in a
+    (Z, H, W) volume of the slices z_start.. at each pixel's `depths` ((H, W)) + (z - NOMINAL_SURFACE), linearly
+    between slices, clamped to the volume; at `pixels` (flat indices into a plane, of any shape) or at every pixel
+    (shape (H, W)).
 
     The slices' offsets from the surface are whole numbers, so every output slice shares one fraction between
-    slices: one floor and one gather a slice, and the volume padded with its edge slices clamps for free."""
+    slices: one gather per layer the slices fall between (each shared by the slices on either side of it), all
+    with one index (each layer's from its own first voxel), then one interpolation."""
+    plane, last = volume[0].size, len(volume) - 1
+    shape = depths.shape if pixels is None else np.shape(pixels)
+    if pixels is None:
+        pixels, depths = np.arange(plane), depths.reshape(-1)
+    else:
+        pixels = np.asarray(pixels, np.intp).reshape(-1)
+        depths = depths.reshape(-1)[pixels]
     offsets = np.asarray(slices, np.intp) - (NOMINAL_SURFACE + z_start)
     base = np.floor(depths)
     fraction = (depths - base).astype(np.float32)
     base = base.astype(np.intp)
-    below = max(0, -(int(base.min()) + int(offsets.min())))
-    above = max(0, int(base.max()) + int(offsets.max()) + 2 - len(volume))
-    padded = np.pad(volume, ((below, above), (0, 0), (0, 0)), mode="edge") if below or above else volume
-    plane = volume[0].size
-    index = (base + below) * plane + np.arange(plane).reshape(depths.shape)
-    index = index[None] + (offsets * plane)[:, None, None]
-    flat = padded.reshape(-1)
-    low, high = flat.take(index).astype(np.float32), flat.take(index + plane).astype(np.float32)
-    high -= low
-    high *= fraction
-    low += high
-    return low
+    lowest, highest = int(base.min()), int(base.max())
+    start = (base - lowest) * plane + pixels
+    flat = volume.reshape(-1)
+    layers = np.arange(offsets.min(), offsets.max() + 2)  # the layer below each slice, and the one above
+    values = np.empty((len(layers), len(pixels)), volume.dtype)
+    for row, k in zip(values, layers.tolist()):
+        if lowest + k >= 0 and highest + k <= last:  # every pixel's layer inside the volume
+            np.take(flat[(lowest + k) * plane:], start, out=row, mode="clip")  # clip: straight into `row`
+        else:
+            np.take(flat, np.clip(base + k, 0, last) * plane + pixels, out=row, mode="clip")
+    values = values.astype(np.float32)
+    below = offsets - layers[0]
+    if np.array_equal(below, np.arange(below[0], below[0] + len(below))):  # consecutive: views, no copies
+        low, high = values[below[0]: below[-1] + 1], values[below[0] + 1: below[-1] + 2]
+    else:
+        low, high = values[below], values[below + 1]
+    out = np.subtract(high, low)
+    out *= fraction
+    out += low
+    return out.reshape((len(offsets),) + shape)
+
+
+def channel_median(values):
+    """(C, 1, 1) float32: the median of each channel of (C, ...) `values`: the same values as np.median, from a
+    partition at one place and the largest value below it (np.median partitions at two places, which costs more)."""
+    values = values.reshape(len(values), -1)
+    middle = values.shape[1] // 2
+    part = np.partition(values, middle, axis=1)
+    median = part[:, middle]
+    if values.shape[1] % 2 == 0:  # np.median's mean of the two middle values, in float32 as it computes it
+        median = (part[:, :middle].max(axis=1) + median) / np.float32(2)
+    return median[:, None, None]

@@ -439,9 +439,10 @@ class Store:
         self.row_offset = 0  # the rows a view of the store starts at (lib.bands.RowWindow), for the surface maps
         self._h5 = None
         self._pid = None
+        self._datasets = {}
 
     def __getstate__(self):  # never pickle an open handle
-        return {**self.__dict__, "_h5": None, "_pid": None}
+        return {**self.__dict__, "_h5": None, "_pid": None, "_datasets": {}}
 
     @property
     def h5(self):
@@ -451,17 +452,26 @@ class Store:
             except OSError as err:  # replaced or damaged since __init__
                 raise _store_error(self.path, None, err) from None
             self._pid = os.getpid()
+            self._datasets = {}
         return self._h5
+
+    def dataset(self, name):
+        """The open h5py dataset `name`, looked up once per handle: a lookup costs more than a tile's surface read."""
+        h5 = self.h5
+        if name not in self._datasets:
+            self._datasets[name] = h5[name]
+        return self._datasets[name]
 
     def close(self):
         if self._h5 is not None and self._pid == os.getpid():
             self._h5.close()
         self._h5 = self._pid = None
+        self._datasets = {}
 
     def read_dataset(self, name, selection=()):
         """`dataset[selection]`, checked against the chunks' checksums: a StoreError naming it on failure."""
         try:
-            return self.h5[name][selection]
+            return self.dataset(name)[selection]
         except OSError as err:
             raise _store_error(self.path, name, err) from None
 
@@ -502,9 +512,10 @@ class Store:
             raise ValueError(f"{self.path}: slices {slices} are outside the kept range {self.z_start}:{self.z_stop}")
         z_index = [z - self.z_start for z in slices]
         z0, z1 = min(z_index), max(z_index) + 1
-        volume = self.h5["volume"]
-        out = np.zeros((len(slices), height, width), volume.dtype)
+        volume = self.dataset("volume")
         window = _clip_window(y, x, height, width, self.shape)
+        whole = window is not None and window[1] == (slice(0, height), slice(0, width))  # no zeros to fill in
+        out = (np.empty if whole else np.zeros)((len(slices), height, width), volume.dtype)
         if window is None:
             return out
         (ys, xs), (oy, ox) = window

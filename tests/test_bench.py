@@ -17,6 +17,7 @@ TINY = {  # script: (its tiny settings, the markers it writes)
     "bench_submit.py": (["--sizes", "96"], ["submit"]),
     "bench_scale.py": (["--sizes", "640x600", "--ray-size", "none", "--prepare-size", "256x256", "--zarr-chunks",
                         "16,128,128"], ["scale"]),
+    "bench_loader.py": (["--size", "256", "--tiles", "4", "--rounds", "1"], ["loader"]),
     "bench_gpu.py": (["--device", "cpu", "--size", "128", "--steps", "1", "--loader-workers", "1", "--packing", "1",
                       "--infer-batches", "4", "--rounds", "1"], ["gpu (CPU mode)"]),
     "bench_models.py": (["--levels", "easy", "--geometries", "thin", "--size", "128", "--seed", "3", "--work", "work",
