@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from lib.config import TrainConfig
-from lib.data import TileDataset, loader_worker_init, photometric
+from lib.data import TileDataset, keep_freed_memory, loader_worker_init, photometric
 from lib.folds import Fold
 from lib.infer import predict_fragment
 from lib.losses import build_loss
@@ -86,6 +86,8 @@ def fold_loaders(config, job, held_out, device):
                             cutout=config.cutout, cutmix=config.cutmix, max_depth_shift=config.depth_jitter)
     val_set = TileDataset([held_out], config.tile_size, config.tile_size, spec, augment=False,
                           only_rows={held_out: fold.rows} if fold.rows else None)
+    if job.workers == 0:  # the tiles are read in this process: it gets what loader_worker_init gives a worker
+        keep_freed_memory()
     loader = train_loader(train_set, config.batch_size, config.max_tiles or len(train_set), job.workers, device)
     return loader, torch.utils.data.DataLoader(val_set, batch_size=config.batch_size)
 
