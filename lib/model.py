@@ -168,4 +168,13 @@ def load_model_file(path, device="cpu"):
     export = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code
     model = build_from_config(export["config"])
     model.load_state_dict(export.pop("state_dict"))
-    return model.to(device, memory_format=torch.channels_last).eval(), export
+    return channels_last(model.to(device)).eval(), export
+
+
+def channels_last(model):
+    """`model` with its 2-D convolutions' weights channels_last (in place). Not Module.to(memory_format=...): that
+    fails on the 5-D weights of a stem3d model's Conv3d, which keep their layout."""
+    for parameter in model.parameters():
+        if parameter.dim() == 4:
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+    return model

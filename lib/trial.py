@@ -19,7 +19,7 @@ from lib.infer import predict_fragment
 from lib.losses import build_loss
 from lib.maps import save_preview, save_probability_map
 from lib.metrics import best_threshold
-from lib.model import build_model, model_config, parse_member, save_model_file
+from lib.model import build_model, channels_last, model_config, parse_member, save_model_file
 from lib.outputs import torch_save_atomically
 from lib.runs import RunDir, TrialResult, file_sha256
 from lib.store import Store
@@ -55,7 +55,7 @@ def run_trial(config: TrainConfig, job: TrialJob, report=lambda metrics: None, n
     loader, val_loader = fold_loaders(config, job, held_out, device)
     model = build_model(parse_member(job.backbone, config.family)[1], spec.channels, config.weights,
                         list(config.decoder_channels), spec.family)
-    model = model.to(device, memory_format=torch.channels_last if device == "cuda" else torch.contiguous_format)
+    model = channels_last(model.to(device)) if device == "cuda" else model.to(device)
     step = TrainStep(model, config.lr, config.epochs * len(loader), resolve_precision(config.precision, device),
                      compile=config.compile)
     ema = weight_average(model, step.optimizer, config.ema)

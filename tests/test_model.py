@@ -93,3 +93,20 @@ def test_the_3d_stem_family_reads_any_depth_and_rebuilds_from_its_config():
     assert torch.equal(logits_of(rebuilt, x), logits_of(source, x)) and logits_of(source, x).shape == (2, 1, 64, 64)
     # the stem pools over depth: moving the ink to another slice moves nothing the U-Net sees by much
     assert sum(p.numel() for p in source.stem.parameters()) < 2000
+
+
+@pytest.mark.parametrize("family", ["stack", "stem3d", "triplets"])
+def test_every_family_loads_from_its_model_file_and_predicts_the_same(family, tmp_path):
+    """A model file of each family loads (weights made channels_last where they are 2-D: a stem3d model's Conv3d
+    weights are 5-D) and gives the logits of the model that was saved."""
+    from lib.model import load_model_file, save_model_file
+
+    torch.manual_seed(5)
+    spec = InputSpec(family, depth=8)
+    decoder = (16, 8, 8, 8, 8)
+    model = build_model("tu-mobilenetv3_small_050", spec.channels, decoder_channels=decoder, family=family).eval()
+    path = tmp_path / "fold-1.pt"
+    save_model_file(path, model, spec, config=model_config("tu-mobilenetv3_small_050", spec, decoder), tile_size=64)
+    loaded, export = load_model_file(path)
+    x = torch.randn(2, spec.channels, 64, 64)
+    assert export["tile_size"] == 64 and torch.allclose(logits_of(loaded, x), logits_of(model, x), atol=1e-5)
