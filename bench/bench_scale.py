@@ -1,11 +1,14 @@
-"""Benchmark scroll-scale prediction and zarr input (`make bench-scale`); writes bench/README.md's table "scale".
+"""Benchmark scroll-scale prediction and zarr input (`make bench-scale`); writes bench/README.md's tables "scale-rss",
+"scale-ray" and "scale-prepare", the three parts below (--parts: some of them alone; the others' tables stay).
 
-1. Peak RSS (VmHWM) of submit.main, in a fresh process, on synthetic 8-bit segments of each --sizes (H x W) whose
-   mask covers the same 512 x 512 px (so the same compute): it must not grow with the segment's area.
-2. submit.py --workers 1 and 2 (a local Ray of that many one-CPU workers, one torch thread each) on one segment of
-   --ray-size, in --band-rows bands: wall seconds and the speed-up.
-3. prepare.py on the same layers as local TIFF files and as an OME-Zarr served over HTTP by `python -m
-   http.server` (another process, on this machine): MB/s of kept volume, each in a fresh process, and the ratio.
+rss:     peak RSS (VmHWM) of submit.main, in a fresh process, on synthetic 8-bit segments of each --sizes (H x W)
+         whose mask covers the same 512 x 512 px (so the same compute): it must not grow with the segment's area.
+ray:     submit.py --workers 1 and 2 (a local Ray of that many one-CPU workers, one torch thread each) on one segment
+         of --ray-size, in --band-rows bands: wall seconds of the whole call and the speed-up. A call pays a fixed
+         cost besides its bands (starting Ray, each worker's imports and model, the finishing pass): 8 bands, where
+         real segments (10 to 80 kpx tall) have tens to hundreds, keep it from hiding how the bands scale.
+prepare: prepare.py on the same layers as local TIFF files and as an OME-Zarr served over HTTP by `python -m
+         http.server` (another process, on this machine): MB/s of kept volume, each in a fresh process, and the ratio.
 """
 import socket
 import subprocess
@@ -27,8 +30,12 @@ from lib.fragments import Fragment
 from lib.model import load_model_file
 from lib.store import write_store
 
-SETTINGS = dict(sizes="20000x10000,40000x20000", ray_size="4096x2048", band_rows=1024, prepare_size="4096x4096",
-                zarr_chunks="16,512,512")  # --ray-size none: no Ray table (the tiny run of tests/test_bench.py)
+SETTINGS = dict(parts="rss,ray,prepare", sizes="20000x10000,40000x20000", ray_size="8192x2048", band_rows=1024,
+                prepare_size="4096x4096", zarr_chunks="16,512,512")
+PARTS = ("rss", "ray", "prepare")  # each writes its table between its own markers, <!-- scale-PART -->
+RSS_HEAD = "segment (8-bit, 512 x 512 px mask) | Mpx | peak RSS MiB | before MiB | growth MiB | seconds | store"
+RAY_HEAD = "segment | Ray workers | seconds | speed-up | output equals the single-process run"
+PREPARE_HEAD = "prepare.py source | layers | volume MB | MB/s | vs local TIFF | peak RSS MiB"
 BACKBONE = "tu-mobilenetv3_small_050"
 TILE, STRIDE = 64, 32  # the demo preset's tiles, what CPU runs use
 MASK_SIDE = 512  # px: the papyrus square of the RSS segments
@@ -155,20 +162,26 @@ def prepare_rows(work, size, chunks):
 
 def main():
     args = parser(__doc__, SETTINGS).parse_args()
-    line, started = stamp(), time.time()
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS):
+        sys.exit(f"error: --parts {args.parts}: each part must be one of {', '.join(PARTS)}")
+    model = f"{BACKBONE}, {TILE} px tiles, stride {STRIDE}, no TTA, one torch thread a process."
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         run = work / "run"
-        model_file = write_tiny_run(run, BACKBONE, TILE, STRIDE)
-        rss = rss_rows(work, run, model_file, args.sizes)
-        speed = [] if args.ray_size == "none" else ray_rows(work, run, model_file, args.ray_size, args.band_rows)
-        inputs = prepare_rows(work, args.prepare_size, args.zarr_chunks)
-    tables = [("segment (8-bit, 512 x 512 px mask) | Mpx | peak RSS MiB | before MiB | growth MiB | seconds | store",
-               rss),
-              ("segment | Ray workers | seconds | speed-up | output equals the single-process run", speed),
-              ("prepare.py source | layers | volume MB | MB/s | vs local TIFF | peak RSS MiB", inputs)]
-    write_tables(args.readme, "scale", f"{line}; {time.time() - started:.0f} s in all. {BACKBONE}, {TILE} px tiles, "
-                 f"stride {STRIDE}, no TTA, one torch thread a process.", *[t for t in tables if t[1]])
+        model_file = write_tiny_run(run, BACKBONE, TILE, STRIDE) if {"rss", "ray"} & set(parts) else None
+        for part in PARTS:
+            if part not in parts:
+                continue
+            line, started = stamp(), time.time()
+            if part == "rss":
+                head, rows = RSS_HEAD, rss_rows(work, run, model_file, args.sizes)
+            elif part == "ray":
+                head, rows = RAY_HEAD, ray_rows(work, run, model_file, args.ray_size, args.band_rows)
+            else:
+                head, rows = PREPARE_HEAD, prepare_rows(work, args.prepare_size, args.zarr_chunks)
+            write_tables(args.readme, f"scale-{part}", f"{line}; {time.time() - started:.0f} s."
+                         f"{'' if part == 'prepare' else ' ' + model}", (head, rows))
 
 
 if __name__ == "__main__":
