@@ -10,7 +10,9 @@
 zarr opens local paths and http(s):// URLs itself (remote ones through fsspec, whose HTTP file system runs on
 aiohttp); nothing here lists a folder, so a plain static HTTP server will do. A band of rows is one zarr read of
 the kept layers' span: zarr fetches and decodes the chunks it touches concurrently, and a chunk spanning all layers
-is fetched once a band, not once a layer. Every problem is a FragmentError whose one line names the source.
+is fetched once a band, not once a layer; the read goes on to the end of the chunk row the band ends in, and the
+next band starts from the rows kept, so a chunk is fetched once, not once for each band it straddles. Every problem
+is a FragmentError whose one line names the source.
 """
 import io
 import os
@@ -123,6 +125,7 @@ class ZarrSegment(Fragment):
         self.volume = open_volume(self.url)
         self.shape, self.dtype = tuple(self.volume.shape[1:]), np.dtype(self.volume.dtype)
         self._profile_rows = None  # (rows, (Z, len(rows), W) array): read_rows' cache
+        self._tail = None  # (z0, z1, y0, rows): the rows from y0 that the last read_layers read past its end
         self._maps = {kind: self._beside(kind, required=kind == "mask") for kind in ("mask", "inklabels")}
         self.split = split or ("train" if self.has_labels else "test")
 
@@ -168,22 +171,44 @@ class ZarrSegment(Fragment):
         return read_map(self.labels_path)
 
     def read_layers(self, layers, y0, y1, out=None):
-        """Rows [y0, y1) of the source `layers` as (len(layers), y1 - y0, W): one zarr read of their span, decoded
+        """Rows [y0, y1) of the source `layers` as (len(layers), y1 - y0, W), from their span of layers: decoded
         straight into `out` when the layers run up or down without gaps (the usual windows, reversed or not)."""
         z0, z1 = min(layers), max(layers) + 1
         if out is None:
             out = np.empty((len(layers), y1 - y0, self.shape[1]), self.dtype)
         step = 1 if list(layers) == list(range(z0, z1)) else -1 if list(layers) == list(range(z1 - 1, z0 - 1, -1)) \
             else 0
+        if step:
+            self._read_span(z0, z1, y0, y1, out[::step])
+        else:
+            span = np.empty((z1 - z0, y1 - y0, self.shape[1]), self.dtype)
+            self._read_span(z0, z1, y0, y1, span)
+            out[...] = span[[z - z0 for z in layers]]
+        return out
+
+    def _read_span(self, z0, z1, y0, y1, out):
+        """Rows [y0, y1) of layers z0..z1 - 1 into `out`, reading whole chunk rows: zarr fetches and decodes every
+        chunk a read touches, so the rows from y1 to the end of its chunk row are read with it and kept, and the
+        next call, which usually starts at y1 (bands in order), takes them from there: each chunk is fetched once
+        however the bands fall across the source's chunks (memory: at most a chunk row of the span)."""
+        if self._tail is not None and self._tail[:3] == (z0, z1, y0):
+            rows = self._tail[3]
+            kept = min(y1 - y0, rows.shape[1])
+            out[:, :kept] = rows[:, :kept]
+            self._tail = (z0, z1, y0 + kept, rows[:, kept:]) if kept < rows.shape[1] else None
+            y0, out = y0 + kept, out[:, kept:]
+            if y0 == y1:
+                return
+        chunk_rows = self.volume.chunks[1]
+        end = min(self.shape[0], -(-y1 // chunk_rows) * chunk_rows)
+        block = out if end == y1 else np.empty((z1 - z0, end - y0, self.shape[1]), self.dtype)
         try:
-            if step:
-                self.volume.get_basic_selection((slice(z0, z1), slice(y0, y1)),
-                                                out=NDBuffer.from_numpy_array(out[::step]))
-            else:
-                out[...] = self.volume[z0:z1, y0:y1][[z - z0 for z in layers]]
+            self.volume.get_basic_selection((slice(z0, z1), slice(y0, end)), out=NDBuffer.from_numpy_array(block))
         except (OSError, ValueError, RuntimeError) as err:
             raise FragmentError(f"{self.url}: unreadable rows {y0}:{y1} ({type(err).__name__}: {err})") from None
-        return out
+        if end > y1:
+            out[...] = block[:, : y1 - y0]
+            self._tail = (z0, z1, y1, block[:, y1 - y0:].copy())
 
     def read_band(self, z, y0, y1, out=None):
         return self.read_layers([z], y0, y1, None if out is None else out[None])[0]
