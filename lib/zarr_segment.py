@@ -28,6 +28,8 @@ from lib.fragments import Fragment, FragmentError
 
 MAP_SUFFIXES = (".png", ".tif", ".tiff", ".zarr")
 SOURCE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+FETCHES = 4  # chunks a read fetches and decodes at a time (zarr's async.concurrency; its default, 10, ran slower:
+# each chunk's bytes pass through Python on zarr's one event loop thread; bench/README.md, "## scale")
 
 
 def is_zarr_source(text):
@@ -203,7 +205,8 @@ class ZarrSegment(Fragment):
         end = min(self.shape[0], -(-y1 // chunk_rows) * chunk_rows)
         block = out if end == y1 else np.empty((z1 - z0, end - y0, self.shape[1]), self.dtype)
         try:
-            self.volume.get_basic_selection((slice(z0, z1), slice(y0, end)), out=NDBuffer.from_numpy_array(block))
+            with zarr.config.set({"async.concurrency": FETCHES}):
+                self.volume.get_basic_selection((slice(z0, z1), slice(y0, end)), out=NDBuffer.from_numpy_array(block))
         except (OSError, ValueError, RuntimeError) as err:
             raise FragmentError(f"{self.url}: unreadable rows {y0}:{y1} ({type(err).__name__}: {err})") from None
         if end > y1:
@@ -219,7 +222,8 @@ class ZarrSegment(Fragment):
         key = tuple(int(r) for r in rows)
         if self._profile_rows is None or self._profile_rows[0] != key:
             try:
-                block = self.volume.get_orthogonal_selection((slice(None), list(key), slice(None)))
+                with zarr.config.set({"async.concurrency": FETCHES}):
+                    block = self.volume.get_orthogonal_selection((slice(None), list(key), slice(None)))
             except (OSError, ValueError, RuntimeError) as err:
                 raise FragmentError(f"{self.url}: unreadable rows ({type(err).__name__}: {err})") from None
             self._profile_rows = (key, block)
