@@ -5,11 +5,14 @@ rss:     peak RSS (VmHWM) of submit.main, in a fresh process, on synthetic 8-bit
          whose mask covers the same 512 x 512 px (so the same compute): it must not grow with the segment's area.
 ray:     submit.py --workers 1 and 2 (a local Ray of that many one-CPU workers, one torch thread each) on one segment
          of --ray-size, in --band-rows bands: wall seconds of the whole call and the speed-up. A call pays a fixed
-         cost besides its bands (starting Ray, each worker's imports and model, the finishing pass): 8 bands, where
+         cost besides its bands (starting Ray, each worker's imports and model, the finishing pass): 12 bands, where
          real segments (10 to 80 kpx tall) have tens to hundreds, keep it from hiding how the bands scale.
 prepare: prepare.py on the same layers as local TIFF files and as an OME-Zarr served over HTTP by `python -m
          http.server` (another process, on this machine): MB/s of kept volume, each in a fresh process, and the ratio.
 """
+import contextlib
+import io
+import re
 import socket
 import subprocess
 import sys
@@ -30,11 +33,12 @@ from lib.fragments import Fragment
 from lib.model import load_model_file
 from lib.store import write_store
 
-SETTINGS = dict(parts="rss,ray,prepare", sizes="20000x10000,40000x20000", ray_size="8192x2048", band_rows=1024,
+SETTINGS = dict(parts="rss,ray,prepare", sizes="20000x10000,40000x20000", ray_size="12288x2048", band_rows=1024,
                 prepare_size="4096x4096", zarr_chunks="16,512,512")
 PARTS = ("rss", "ray", "prepare")  # each writes its table between its own markers, <!-- scale-PART -->
 RSS_HEAD = "segment (8-bit, 512 x 512 px mask) | Mpx | peak RSS MiB | before MiB | growth MiB | seconds | store"
-RAY_HEAD = "segment | Ray workers | seconds | speed-up | output equals the single-process run"
+RAY_HEAD = ("segment | Ray workers | seconds | a band, s (mean) | besides the bands, s | speed-up | "
+            "output equals the single-process run")
 PREPARE_HEAD = "prepare.py source | layers | volume MB | MB/s | vs local TIFF | peak RSS MiB"
 BACKBONE = "tu-mobilenetv3_small_050"
 TILE, STRIDE = 64, 32  # the demo preset's tiles, what CPU runs use
@@ -76,12 +80,15 @@ class SquareSegment:
 
 
 def child_submit(run, model_file, stores, extra):
+    """(peak RSS, RSS before predicting, seconds, [seconds of each band, as submit.py prints them])."""
     torch.set_num_threads(1)  # memory does not depend on it; two threads contend with other work on 2 cores
     load_model_file(model_file)
-    before, started = maxrss_mb(), time.perf_counter()
-    submit.main(["--run", str(run), "--stores", str(stores), "--no-tta", "--no-triplets", "--threads", "1",
-                 "--force", *extra])
-    return maxrss_mb(), before, time.perf_counter() - started
+    before, started, printed = maxrss_mb(), time.perf_counter(), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        submit.main(["--run", str(run), "--stores", str(stores), "--no-tta", "--no-triplets", "--threads", "1",
+                     "--force", *extra])
+    bands = [float(s) for s in re.findall(r"band \d+/\d+ .* predicted in (\d+) s", printed.getvalue())]
+    return maxrss_mb(), before, time.perf_counter() - started, bands
 
 
 def rss_rows(work, run, model_file, sizes):
@@ -93,7 +100,7 @@ def rss_rows(work, run, model_file, sizes):
         summary = write_store(SquareSegment(work, height, width), stores / "test" / "seg.h5", tile_size=TILE,
                               stride=STRIDE, progress=False)
         seconds = time.perf_counter() - started
-        peak, before, predict = in_fresh_process(child_submit, run, model_file, stores, ["--zarr"])
+        peak, before, predict, _ = in_fresh_process(child_submit, run, model_file, stores, ["--zarr"])
         rows.append(f"{height} x {width} | {height * width / 1e6:.0f} | {peak:.0f} | {before:.0f} | {peak - before:.0f} | "
                     f"{predict:.0f} | {summary['bytes'] / 2**20:.0f} MiB, {seconds:.0f} s")
     return rows
@@ -105,15 +112,17 @@ def ray_rows(work, run, model_file, size, band_rows):
     write_fragment(data / "test" / "frag", height, width, 40, labels=False)
     write_store(Fragment.open(data, "test", "frag"), stores / "test" / "frag.h5", tile_size=TILE, stride=STRIDE,
                 progress=False)
-    seconds = {workers: in_fresh_process(child_submit, run, model_file, stores,
-                                         ["--workers", str(workers), "--band-rows", str(band_rows), "--zarr"])[2]
+    timings = {workers: in_fresh_process(child_submit, run, model_file, stores,
+                                         ["--workers", str(workers), "--band-rows", str(band_rows), "--zarr"])[2:]
                for workers in (1, 2)}
     outputs = [zarr.open_array(run / "predictions" / "frag_prediction.zarr")[...]]  # the last run's, to compare
     in_fresh_process(child_submit, run, model_file, stores, ["--band-rows", str(band_rows), "--zarr"])
     same = np.array_equal(outputs[0], zarr.open_array(run / "predictions" / "frag_prediction.zarr")[...])
-    bands = -(-height // (-(-band_rows // 512) * 512))
-    return [f"{height} x {width}, {bands} bands | {workers} | {seconds[workers]:.1f} | "
-            f"{seconds[1] / seconds[workers]:.2f} | {'yes' if same else 'NO'}" for workers in (1, 2)]
+    rows = []
+    for workers, (seconds, bands) in timings.items():
+        rows.append(f"{height} x {width}, {len(bands)} bands | {workers} | {seconds:.1f} | {np.mean(bands):.1f} | "
+                    f"{seconds - sum(bands) / workers:.1f} | {timings[1][0] / seconds:.2f} | {'yes' if same else 'NO'}")
+    return rows
 
 
 def free_port():
