@@ -189,29 +189,33 @@ class ZarrSegment(Fragment):
         return out
 
     def _read_span(self, z0, z1, y0, y1, out):
-        """Rows [y0, y1) of layers z0..z1 - 1 into `out`, reading whole chunk rows: zarr fetches and decodes every
-        chunk a read touches, so the rows from y1 to the end of its chunk row are read with it and kept, and the
-        next call, which usually starts at y1 (bands in order), takes them from there: each chunk is fetched once
-        however the bands fall across the source's chunks (memory: at most a chunk row of the span)."""
+        """Rows [y0, y1) of layers z0..z1 - 1 into `out`. zarr fetches and decodes every chunk a read touches, so
+        the chunk row that y1 cuts is read whole, into a buffer of its own, and the rows of it past y1 are kept: the
+        next call, which usually starts at y1 (bands in order), takes them from there. So each chunk is fetched
+        once however the bands fall across the source's chunk rows; memory: one chunk row of the span."""
         if self._tail is not None and self._tail[:3] == (z0, z1, y0):
             rows = self._tail[3]
             kept = min(y1 - y0, rows.shape[1])
             out[:, :kept] = rows[:, :kept]
             self._tail = (z0, z1, y0 + kept, rows[:, kept:]) if kept < rows.shape[1] else None
             y0, out = y0 + kept, out[:, kept:]
-            if y0 == y1:
-                return
         chunk_rows = self.volume.chunks[1]
-        end = min(self.shape[0], -(-y1 // chunk_rows) * chunk_rows)
-        block = out if end == y1 else np.empty((z1 - z0, end - y0, self.shape[1]), self.dtype)
+        cut = max(y0, y1 // chunk_rows * chunk_rows)  # where the chunk row holding y1 starts (y1 itself: none)
+        if cut > y0:
+            self._select(z0, z1, y0, cut, out[:, : cut - y0])
+        if cut < y1:
+            end = min(self.shape[0], (cut // chunk_rows + 1) * chunk_rows)
+            last = self._select(z0, z1, cut, end, np.empty((z1 - z0, end - cut, self.shape[1]), self.dtype))
+            out[:, cut - y0:] = last[:, : y1 - cut]
+            self._tail = (z0, z1, y1, last[:, y1 - cut:]) if end > y1 else None
+
+    def _select(self, z0, z1, y0, y1, out):
         try:
             with zarr.config.set({"async.concurrency": FETCHES}):
-                self.volume.get_basic_selection((slice(z0, z1), slice(y0, end)), out=NDBuffer.from_numpy_array(block))
+                self.volume.get_basic_selection((slice(z0, z1), slice(y0, y1)), out=NDBuffer.from_numpy_array(out))
         except (OSError, ValueError, RuntimeError) as err:
             raise FragmentError(f"{self.url}: unreadable rows {y0}:{y1} ({type(err).__name__}: {err})") from None
-        if end > y1:
-            out[...] = block[:, : y1 - y0]
-            self._tail = (z0, z1, y1, block[:, y1 - y0:].copy())
+        return out
 
     def read_band(self, z, y0, y1, out=None):
         return self.read_layers([z], y0, y1, None if out is None else out[None])[0]

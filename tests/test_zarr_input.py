@@ -177,3 +177,5 @@ def test_bands_across_chunk_rows_fetch_each_chunk_once(tmp_path, monkeypatch):
             np.testing.assert_array_equal(segment.read_layers(layers, y0, min(70, y0 + 12)), volume[layers, y0: y0 + 12])
         chunks = [key for key in fetched if key.startswith("c/")]
         assert sorted(chunks) == sorted(set(chunks)) and len(chunks) == 2 * 5 * 2, layers  # z chunks x rows x columns
+        for y0, y1 in ((3, 9), (20, 60), (50, 70)):  # inside a chunk row, across several, to the end; out of order
+            np.testing.assert_array_equal(segment.read_layers(layers, y0, y1), volume[layers, y0:y1])
