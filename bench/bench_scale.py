@@ -1,12 +1,21 @@
-"""Benchmark scroll-scale prediction and zarr input (`make bench-scale`); writes bench/README.md's table "scale".
+"""Benchmark scroll-scale prediction and zarr input (`make bench-scale`); writes bench/README.md's tables "scale-rss",
+"scale-ray" and "scale-prepare", the three parts below (--parts: some of them alone; the others' tables stay).
 
-1. Peak RSS (VmHWM) of submit.main, in a fresh process, on synthetic 8-bit segments of each --sizes (H x W) whose
-   mask covers the same 512 x 512 px (so the same compute): it must not grow with the segment's area.
-2. submit.py --workers 1 and 2 (a local Ray of that many one-CPU workers, one torch thread each) on one segment of
-   --ray-size, in --band-rows bands: wall seconds and the speed-up.
-3. prepare.py on the same layers as local TIFF files and as an OME-Zarr served over HTTP by `python -m
-   http.server` (another process, on this machine): MB/s of kept volume, each in a fresh process, and the ratio.
+rss:     peak RSS (VmHWM) of submit.main, in a fresh process, on synthetic 8-bit segments of each --sizes (H x W)
+         whose mask covers the same 512 x 512 px (so the same compute): it must not grow with the segment's area.
+ray:     submit.py --workers 1 and 2 (a local Ray of that many one-CPU workers, one torch thread each) on one segment
+         of --ray-size, in --band-rows bands: wall seconds of the whole call, a band's, the rest (starting Ray,
+         each worker's imports and models, the finishing pass: a fixed cost a call) and the speed-up. 12 bands by
+         default, where real segments (10 to 80 kpx tall) have tens to hundreds: the fixed cost weighs on a tiny
+         segment only.
+prepare: prepare.py on the same layers as local TIFF files and as an OME-Zarr served over HTTP by `python -m
+         http.server` (another process, on this machine): MB/s of kept volume, each in a fresh process, the best of
+         PREPARE_ROUNDS, and the ratio.
 """
+import contextlib
+import io
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import tifffile
 import torch
@@ -27,8 +35,14 @@ from lib.fragments import Fragment
 from lib.model import load_model_file
 from lib.store import write_store
 
-SETTINGS = dict(sizes="20000x10000,40000x20000", ray_size="4096x2048", band_rows=1024, prepare_size="4096x4096",
-                zarr_chunks="16,512,512")  # --ray-size none: no Ray table (the tiny run of tests/test_bench.py)
+SETTINGS = dict(parts="rss,ray,prepare", sizes="20000x10000,40000x20000", ray_size="12288x2048", band_rows=1024,
+                prepare_size="4096x4096", zarr_chunks="16,512,512")
+PARTS = ("rss", "ray", "prepare")  # each writes its table between its own markers, <!-- scale-PART -->
+RSS_HEAD = "segment (8-bit, 512 x 512 px mask) | Mpx | peak RSS MiB | before MiB | growth MiB | seconds | store"
+RAY_HEAD = ("segment | Ray workers | seconds | a band, s (mean) | besides the bands, s | speed-up | "
+            "output equals the single-process run")
+PREPARE_HEAD = "prepare.py source | layers | volume MB | MB/s | vs local TIFF | peak RSS MiB"
+PREPARE_ROUNDS = 2  # each source is prepared this often, alternately; its best rate is the one shown
 BACKBONE = "tu-mobilenetv3_small_050"
 TILE, STRIDE = 64, 32  # the demo preset's tiles, what CPU runs use
 MASK_SIDE = 512  # px: the papyrus square of the RSS segments
@@ -69,12 +83,15 @@ class SquareSegment:
 
 
 def child_submit(run, model_file, stores, extra):
+    """(peak RSS, RSS before predicting, seconds, [seconds of each band, as submit.py prints them])."""
     torch.set_num_threads(1)  # memory does not depend on it; two threads contend with other work on 2 cores
     load_model_file(model_file)
-    before, started = maxrss_mb(), time.perf_counter()
-    submit.main(["--run", str(run), "--stores", str(stores), "--no-tta", "--no-triplets", "--threads", "1",
-                 "--force", *extra])
-    return maxrss_mb(), before, time.perf_counter() - started
+    before, started, printed = maxrss_mb(), time.perf_counter(), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        submit.main(["--run", str(run), "--stores", str(stores), "--no-tta", "--no-triplets", "--threads", "1",
+                     "--force", *extra])
+    bands = [float(s) for s in re.findall(r"band \d+/\d+ .* predicted in (\d+) s", printed.getvalue())]
+    return maxrss_mb(), before, time.perf_counter() - started, bands
 
 
 def rss_rows(work, run, model_file, sizes):
@@ -86,7 +103,7 @@ def rss_rows(work, run, model_file, sizes):
         summary = write_store(SquareSegment(work, height, width), stores / "test" / "seg.h5", tile_size=TILE,
                               stride=STRIDE, progress=False)
         seconds = time.perf_counter() - started
-        peak, before, predict = in_fresh_process(child_submit, run, model_file, stores, ["--zarr"])
+        peak, before, predict, _ = in_fresh_process(child_submit, run, model_file, stores, ["--zarr"])
         rows.append(f"{height} x {width} | {height * width / 1e6:.0f} | {peak:.0f} | {before:.0f} | {peak - before:.0f} | "
                     f"{predict:.0f} | {summary['bytes'] / 2**20:.0f} MiB, {seconds:.0f} s")
     return rows
@@ -98,15 +115,17 @@ def ray_rows(work, run, model_file, size, band_rows):
     write_fragment(data / "test" / "frag", height, width, 40, labels=False)
     write_store(Fragment.open(data, "test", "frag"), stores / "test" / "frag.h5", tile_size=TILE, stride=STRIDE,
                 progress=False)
-    seconds = {workers: in_fresh_process(child_submit, run, model_file, stores,
-                                         ["--workers", str(workers), "--band-rows", str(band_rows), "--zarr"])[2]
+    timings = {workers: in_fresh_process(child_submit, run, model_file, stores,
+                                         ["--workers", str(workers), "--band-rows", str(band_rows), "--zarr"])[2:]
                for workers in (1, 2)}
     outputs = [zarr.open_array(run / "predictions" / "frag_prediction.zarr")[...]]  # the last run's, to compare
     in_fresh_process(child_submit, run, model_file, stores, ["--band-rows", str(band_rows), "--zarr"])
     same = np.array_equal(outputs[0], zarr.open_array(run / "predictions" / "frag_prediction.zarr")[...])
-    bands = -(-height // (-(-band_rows // 512) * 512))
-    return [f"{height} x {width}, {bands} bands | {workers} | {seconds[workers]:.1f} | "
-            f"{seconds[1] / seconds[workers]:.2f} | {'yes' if same else 'NO'}" for workers in (1, 2)]
+    rows = []
+    for workers, (seconds, bands) in timings.items():
+        rows.append(f"{height} x {width}, {len(bands)} bands | {workers} | {seconds:.1f} | {np.mean(bands):.1f} | "
+                    f"{seconds - sum(bands) / workers:.1f} | {timings[1][0] / seconds:.2f} | {'yes' if same else 'NO'}")
+    return rows
 
 
 def free_port():
@@ -134,7 +153,7 @@ def prepare_rows(work, size, chunks):
                                 chunks=tuple(int(c) for c in chunks.split(",")))
     for z, path in enumerate(slices):
         volume[z] = tifffile.imread(path)
-    cv2.imwrite(str(served / "frag_mask.png"), cv2.imread(str(tiffs / "test" / "frag" / "mask.png")))
+    shutil.copy(tiffs / "test" / "frag" / "mask.png", served / "frag_mask.png")  # the same file: grey, as read there
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
                                str(served)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -142,9 +161,10 @@ def prepare_rows(work, size, chunks):
         time.sleep(1)
         mb = 16 * height * width * 2 / 1e6
         rates = {}
-        for name, data in (("local TIFF", tiffs), ("OME-Zarr over HTTP", f"http://127.0.0.1:{port}/frag.zarr")):
-            seconds, rss = in_fresh_process(child_prepare, data, work / f"prep-out-{len(rates)}")
-            rates[name] = (mb / seconds, rss)
+        for _ in range(PREPARE_ROUNDS):  # alternating, so that a burst of other work on the machine hits both
+            for name, data in (("local TIFF", tiffs), ("OME-Zarr over HTTP", f"http://127.0.0.1:{port}/frag.zarr")):
+                seconds, rss = in_fresh_process(child_prepare, data, work / f"prep-out-{name[:5]}")
+                rates[name] = max(rates.get(name, (0, 0)), (mb / seconds, rss))
     finally:
         server.terminate()
         server.wait()
@@ -155,20 +175,26 @@ def prepare_rows(work, size, chunks):
 
 def main():
     args = parser(__doc__, SETTINGS).parse_args()
-    line, started = stamp(), time.time()
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS):
+        sys.exit(f"error: --parts {args.parts}: each part must be one of {', '.join(PARTS)}")
+    model = f"{BACKBONE}, {TILE} px tiles, stride {STRIDE}, no TTA, one torch thread a process."
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         run = work / "run"
-        model_file = write_tiny_run(run, BACKBONE, TILE, STRIDE)
-        rss = rss_rows(work, run, model_file, args.sizes)
-        speed = [] if args.ray_size == "none" else ray_rows(work, run, model_file, args.ray_size, args.band_rows)
-        inputs = prepare_rows(work, args.prepare_size, args.zarr_chunks)
-    tables = [("segment (8-bit, 512 x 512 px mask) | Mpx | peak RSS MiB | before MiB | growth MiB | seconds | store",
-               rss),
-              ("segment | Ray workers | seconds | speed-up | output equals the single-process run", speed),
-              ("prepare.py source | layers | volume MB | MB/s | vs local TIFF | peak RSS MiB", inputs)]
-    write_tables(args.readme, "scale", f"{line}; {time.time() - started:.0f} s in all. {BACKBONE}, {TILE} px tiles, "
-                 f"stride {STRIDE}, no TTA, one torch thread a process.", *[t for t in tables if t[1]])
+        model_file = write_tiny_run(run, BACKBONE, TILE, STRIDE) if {"rss", "ray"} & set(parts) else None
+        for part in PARTS:
+            if part not in parts:
+                continue
+            line, started = stamp(), time.time()
+            if part == "rss":
+                head, rows = RSS_HEAD, rss_rows(work, run, model_file, args.sizes)
+            elif part == "ray":
+                head, rows = RAY_HEAD, ray_rows(work, run, model_file, args.ray_size, args.band_rows)
+            else:
+                head, rows = PREPARE_HEAD, prepare_rows(work, args.prepare_size, args.zarr_chunks)
+            write_tables(args.readme, f"scale-{part}", f"{line}; {time.time() - started:.0f} s."
+                         f"{'' if part == 'prepare' else ' ' + model}", (head, rows))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ from lib.fragments import FragmentError
 
 NOMINAL_SURFACE = 32  # the surface slice in the frame models see (the Kaggle fragments' nominal surface)
 PROFILE_ROWS = 64  # rows sampled per slice for the intensity profile
+PROFILE_STRIPS = 4  # in this many strips of consecutive rows: a chunked source (zarr) fetches whole chunk rows of
+# every layer, so rows spread one by one over the fragment would fetch its whole volume; a strip is an aligned block
+# (its first row a multiple of its height), inside one chunk row of any source whose chunk height it divides
 
 
 def depth_order(num_slices, reverse):
@@ -25,12 +28,23 @@ def depth_order(num_slices, reverse):
     return order[::-1] if reverse else order
 
 
+def profile_rows(mask, rows=PROFILE_ROWS, strips=PROFILE_STRIPS):
+    """The rows the profile samples: `strips` aligned blocks of rows // strips rows, chosen among the blocks holding
+    papyrus at the middles of `strips` equal shares of them (not at the mask's rim; fewer when fewer hold papyrus)."""
+    height = max(1, rows // strips)
+    starts = np.arange(0, len(mask), height)
+    with_papyrus = starts[np.maximum.reduceat(mask.any(1), starts)]
+    if len(with_papyrus) == 0:
+        return np.zeros(0, np.int64)
+    middles = ((np.arange(strips) + 0.5) * len(with_papyrus) / strips).astype(int)
+    return np.concatenate([np.arange(y, min(len(mask), y + height)) for y in np.unique(with_papyrus[middles])])
+
+
 def intensity_profile(fragment, reverse=False, rows=PROFILE_ROWS):
-    """(num_slices,) float64: the mean in-mask intensity of every slice, in stored order, from `rows` evenly
-    spaced rows (the rows with most mask pixels when the mask is small: only rows holding papyrus count)."""
+    """(num_slices,) float64: the mean in-mask intensity of every slice, in stored order, from `rows` rows in strips
+    spread over the rows holding papyrus (profile_rows)."""
     mask = fragment.read_mask().astype(bool)
-    rows_with_mask = np.flatnonzero(mask.any(1))
-    sample = rows_with_mask[np.linspace(0, len(rows_with_mask) - 1, min(rows, len(rows_with_mask))).astype(int)]
+    sample = profile_rows(mask, rows)
     inside = mask[sample]
     means = [fragment.read_rows(z, sample)[inside].mean(dtype=np.float64) for z in range(fragment.num_slices)]
     return np.asarray(means)[depth_order(fragment.num_slices, reverse)]

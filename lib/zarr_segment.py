@@ -10,7 +10,9 @@
 zarr opens local paths and http(s):// URLs itself (remote ones through fsspec, whose HTTP file system runs on
 aiohttp); nothing here lists a folder, so a plain static HTTP server will do. A band of rows is one zarr read of
 the kept layers' span: zarr fetches and decodes the chunks it touches concurrently, and a chunk spanning all layers
-is fetched once a band, not once a layer. Every problem is a FragmentError whose one line names the source.
+is fetched once a band, not once a layer; the read goes on to the end of the chunk row the band ends in, and the
+next band starts from the rows kept, so a chunk is fetched once, not once for each band it straddles. Every problem
+is a FragmentError whose one line names the source.
 """
 import io
 import os
@@ -26,6 +28,8 @@ from lib.fragments import Fragment, FragmentError
 
 MAP_SUFFIXES = (".png", ".tif", ".tiff", ".zarr")
 SOURCE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+FETCHES = 4  # chunks a read fetches and decodes at a time (zarr's async.concurrency; its default, 10, ran slower:
+# each chunk's bytes pass through Python on zarr's one event loop thread; bench/README.md, "## scale")
 
 
 def is_zarr_source(text):
@@ -123,6 +127,7 @@ class ZarrSegment(Fragment):
         self.volume = open_volume(self.url)
         self.shape, self.dtype = tuple(self.volume.shape[1:]), np.dtype(self.volume.dtype)
         self._profile_rows = None  # (rows, (Z, len(rows), W) array): read_rows' cache
+        self._tail = None  # (z0, z1, y0, rows): the rows from y0 that the last read_layers read past its end
         self._maps = {kind: self._beside(kind, required=kind == "mask") for kind in ("mask", "inklabels")}
         self.split = split or ("train" if self.has_labels else "test")
 
@@ -168,19 +173,46 @@ class ZarrSegment(Fragment):
         return read_map(self.labels_path)
 
     def read_layers(self, layers, y0, y1, out=None):
-        """Rows [y0, y1) of the source `layers` as (len(layers), y1 - y0, W): one zarr read of their span, decoded
+        """Rows [y0, y1) of the source `layers` as (len(layers), y1 - y0, W), from their span of layers: decoded
         straight into `out` when the layers run up or down without gaps (the usual windows, reversed or not)."""
         z0, z1 = min(layers), max(layers) + 1
         if out is None:
             out = np.empty((len(layers), y1 - y0, self.shape[1]), self.dtype)
         step = 1 if list(layers) == list(range(z0, z1)) else -1 if list(layers) == list(range(z1 - 1, z0 - 1, -1)) \
             else 0
+        if step:
+            self._read_span(z0, z1, y0, y1, out[::step])
+        else:
+            span = np.empty((z1 - z0, y1 - y0, self.shape[1]), self.dtype)
+            self._read_span(z0, z1, y0, y1, span)
+            out[...] = span[[z - z0 for z in layers]]
+        return out
+
+    def _read_span(self, z0, z1, y0, y1, out):
+        """Rows [y0, y1) of layers z0..z1 - 1 into `out`. zarr fetches and decodes every chunk a read touches, so
+        the chunk row that y1 cuts is read whole, into a buffer of its own, and the rows of it past y1 are kept: the
+        next call, which usually starts at y1 (bands in order), takes them from there. So each chunk is fetched
+        once however the bands fall across the source's chunk rows; memory: one chunk row of the span."""
+        if self._tail is not None and self._tail[:3] == (z0, z1, y0):
+            rows = self._tail[3]
+            kept = min(y1 - y0, rows.shape[1])
+            out[:, :kept] = rows[:, :kept]
+            self._tail = (z0, z1, y0 + kept, rows[:, kept:]) if kept < rows.shape[1] else None
+            y0, out = y0 + kept, out[:, kept:]
+        chunk_rows = self.volume.chunks[1]
+        cut = max(y0, y1 // chunk_rows * chunk_rows)  # where the chunk row holding y1 starts (y1 itself: none)
+        if cut > y0:
+            self._select(z0, z1, y0, cut, out[:, : cut - y0])
+        if cut < y1:
+            end = min(self.shape[0], (cut // chunk_rows + 1) * chunk_rows)
+            last = self._select(z0, z1, cut, end, np.empty((z1 - z0, end - cut, self.shape[1]), self.dtype))
+            out[:, cut - y0:] = last[:, : y1 - cut]
+            self._tail = (z0, z1, y1, last[:, y1 - cut:]) if end > y1 else None
+
+    def _select(self, z0, z1, y0, y1, out):
         try:
-            if step:
-                self.volume.get_basic_selection((slice(z0, z1), slice(y0, y1)),
-                                                out=NDBuffer.from_numpy_array(out[::step]))
-            else:
-                out[...] = self.volume[z0:z1, y0:y1][[z - z0 for z in layers]]
+            with zarr.config.set({"async.concurrency": FETCHES}):
+                self.volume.get_basic_selection((slice(z0, z1), slice(y0, y1)), out=NDBuffer.from_numpy_array(out))
         except (OSError, ValueError, RuntimeError) as err:
             raise FragmentError(f"{self.url}: unreadable rows {y0}:{y1} ({type(err).__name__}: {err})") from None
         return out
@@ -194,7 +226,8 @@ class ZarrSegment(Fragment):
         key = tuple(int(r) for r in rows)
         if self._profile_rows is None or self._profile_rows[0] != key:
             try:
-                block = self.volume.get_orthogonal_selection((slice(None), list(key), slice(None)))
+                with zarr.config.set({"async.concurrency": FETCHES}):
+                    block = self.volume.get_orthogonal_selection((slice(None), list(key), slice(None)))
             except (OSError, ValueError, RuntimeError) as err:
                 raise FragmentError(f"{self.url}: unreadable rows ({type(err).__name__}: {err})") from None
             self._profile_rows = (key, block)

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {  # script: (its tiny settings, the markers it writes)
     "bench_prepare.py": (["--sizes", "256x256", "--tiles", "20"], ["prepare"]),
     "bench_submit.py": (["--sizes", "96"], ["submit"]),
-    "bench_scale.py": (["--sizes", "640x600", "--ray-size", "none", "--prepare-size", "256x256", "--zarr-chunks",
-                        "16,128,128"], ["scale"]),
+    "bench_scale.py": (["--parts", "rss,prepare", "--sizes", "640x600", "--prepare-size", "256x256",
+                        "--zarr-chunks", "16,128,128"], ["scale-rss", "scale-prepare"]),
     "bench_loader.py": (["--size", "256", "--tiles", "4", "--rounds", "1"], ["loader"]),
     "bench_gpu.py": (["--device", "cpu", "--size", "128", "--steps", "1", "--loader-workers", "1", "--packing", "1",
                       "--infer-batches", "4", "--rounds", "1"], ["gpu (CPU mode)"]),

@@ -155,3 +155,27 @@ def test_bad_zarr_sources_fail_in_one_line(tmp_path, server):
         error = run_prepare("--data", f"{url}/{name}.zarr", "--out", tmp_path / "stores")
         assert error.startswith("error: ") and message in error and "\n" not in error, (name, error)
     assert not (tmp_path / "stores").exists() or not list((tmp_path / "stores").glob("*/*.h5"))
+
+
+def test_bands_across_chunk_rows_fetch_each_chunk_once(tmp_path, monkeypatch):
+    """Bands of 12 rows over chunks of 16: every band equals the volume's rows, in every layer order, and each chunk
+    is fetched once however the bands fall across the chunk rows (the rows read past a band serve the next)."""
+    volume = segment_volume(np.uint16, shape=(12, 70, 52), seed=3)
+    zarr.create_array(tmp_path / "s3.zarr", shape=volume.shape, dtype=volume.dtype, chunks=(4, 16, 32))[...] = volume
+    write_maps(tmp_path, "s3", volume.shape[1:])
+    fetched = []
+    get = zarr.storage.LocalStore.get
+
+    async def counting_get(self, key, *args, **kwargs):
+        fetched.append(key)
+        return await get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
+    for layers in ([3, 4, 5, 6, 7], [7, 6, 5, 4, 3], [1, 5, 2]):
+        segment, fetched[:] = ZarrSegment(tmp_path / "s3.zarr"), []
+        for y0 in range(0, 70, 12):
+            np.testing.assert_array_equal(segment.read_layers(layers, y0, min(70, y0 + 12)), volume[layers, y0: y0 + 12])
+        chunks = [key for key in fetched if key.startswith("c/")]
+        assert sorted(chunks) == sorted(set(chunks)) and len(chunks) == 2 * 5 * 2, layers  # z chunks x rows x columns
+        for y0, y1 in ((3, 9), (20, 60), (50, 70)):  # inside a chunk row, across several, to the end; out of order
+            np.testing.assert_array_equal(segment.read_layers(layers, y0, y1), volume[layers, y0:y1])
