@@ -1,7 +1,7 @@
 """Benchmark scroll-scale prediction and zarr input (`make bench-scale`); writes bench/README.md's tables "scale-rss",
 "scale-ray" and "scale-prepare", the three parts below (--parts: some of them alone; the others' tables stay).
 
-rss:     peak RSS (VmHWM) of submit.main, in a fresh process, on synthetic 8-bit segments of each --sizes (H x W)
+rss:     peak RSS (VmHWM) of submit.py, run in a fresh process, on synthetic 8-bit segments of each --sizes (H x W)
          whose mask covers the same 512 x 512 px (so the same compute): it must not grow with the segment's area.
 ray:     submit.py --workers 1 and 2 (a local Ray of that many one-CPU workers, one torch thread each) on one segment
          of --ray-size, in --band-rows bands: wall seconds of the whole call, a band's, the rest (starting Ray,
@@ -28,9 +28,8 @@ import tifffile
 import torch
 import zarr
 
-from bench_common import in_fresh_process, maxrss_mb, parser, stamp, write_fragment, write_tables, write_tiny_run
-import prepare
-import submit
+from bench_common import (in_fresh_process, maxrss_mb, parser, run_script, stamp, write_fragment, write_tables,
+                          write_tiny_run)
 from lib.fragments import Fragment
 from lib.model import load_model_file
 from lib.store import write_store
@@ -88,8 +87,8 @@ def child_submit(run, model_file, stores, extra):
     load_model_file(model_file)
     before, started, printed = maxrss_mb(), time.perf_counter(), io.StringIO()
     with contextlib.redirect_stdout(printed):
-        submit.main(["--run", str(run), "--stores", str(stores), "--no-tta", "--no-triplets", "--threads", "1",
-                     "--force", *extra])
+        run_script("submit.py", ["--run", run, "--stores", stores, "--no-tta", "--no-triplets", "--threads", "1",
+                                 "--force", *extra])
     bands = [float(s) for s in re.findall(r"band \d+/\d+ .* predicted in (\d+) s", printed.getvalue())]
     return maxrss_mb(), before, time.perf_counter() - started, bands
 
@@ -136,8 +135,8 @@ def free_port():
 
 def child_prepare(data, out):
     started = time.perf_counter()
-    prepare.main(["--data", str(data), "--out", str(out), "--z-range", "24:40", "--force", "--tile-size", "224",
-                  "--stride", "56"])
+    run_script("prepare.py", ["--data", data, "--out", out, "--z-range", "24:40", "--force", "--tile-size", "224",
+                              "--stride", "56"])
     return time.perf_counter() - started, maxrss_mb()
 
 
