@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -446,7 +447,10 @@ submit.main(sys.argv[1:])
 
 @pytest.mark.e2e
 def test_ctrl_c_in_submit_is_one_line_and_keeps_the_old_output(tiny, tmp_path):
-    out = tmp_path / "sub.csv"
+    # a private copy of the run: what other tests leave in the shared one (stamps, scratch) is not this test's
+    tiny = {**tiny, "run": Path(shutil.copytree(tiny["run"], tmp_path / "run"))}
+    out = tmp_path / "out" / "sub.csv"
+    out.parent.mkdir()
     out.write_bytes(OLD_CSV)
     proc = subprocess.Popen([PYTHON, "-c", SLOW_SUBMIT.format(root=str(ROOT)), *map(str, submit_argv(tiny, out))],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -461,7 +465,7 @@ def test_ctrl_c_in_submit_is_one_line_and_keeps_the_old_output(tiny, tmp_path):
     assert proc.returncode == 1
     assert prediction_lines(err) == ["error: interrupted; nothing written after the last line above, earlier outputs "
                                      "untouched"], err
-    assert out.read_bytes() == OLD_CSV and sorted(p.name for p in tmp_path.iterdir()) == ["sub.csv"]
+    assert out.read_bytes() == OLD_CSV and sorted(p.name for p in out.parent.iterdir()) == ["sub.csv"]
     assert not (tiny["run"] / ".lock").exists()
 
 
