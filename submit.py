@@ -36,8 +36,8 @@ or percentile: the top q % of the fragment's in-mask pixels), the mask, and opti
 
 Memory does not grow with a fragment's size: it is predicted in bands of rows (lib/bands.py), each band's
 probability sum goes to a scratch zarr (WORK/.scratch), and every output is written from it band by band
-(lib/writers.py); only --min-component holds the whole binary mask (1 byte a pixel). The bands run in this process,
-or as Ray tasks with --workers N or --gpus N (a local Ray of N one-CPU or one-GPU workers) or --address
+(lib/writers.py; --min-component in two passes, holding a label and an area per ink component). The bands run in
+this process, or as Ray tasks with --workers N or --gpus N (a local Ray of N one-CPU or one-GPU workers) or --address
 auto|HOST:PORT (a cluster; on CUDA each band task takes a GPU): a band whose worker dies is
 retried, each band's end is printed, and the result equals this process's exactly when torch has the same number
 of CPU threads (--threads) in both (lib/distributed.py). Bands are marked done as they are written: a run that

@@ -48,7 +48,7 @@ def best_rate(args, work, calls):
 
 def loader(args, workers, augment=True):
     dataset = TileDataset(sorted(Path(args.stores, "train").glob("*.h5")), args.tile_size, args.stride, SPEC,
-                          augment=augment, max_depth_shift=DEFAULTS.depth_jitter)
+                          augment=augment, max_depth_shift=DEFAULTS.depth_jitter, on_device=args.device == "cuda")
     return train_loader(dataset, args.batch_size, args.batch_size * args.steps, workers, args.device)
 
 

@@ -2,7 +2,8 @@
 "scale-ray" and "scale-prepare", the three parts below (--parts: some of them alone; the others' tables stay).
 
 rss:     peak RSS (VmHWM) of submit.py, run in a fresh process, on synthetic 8-bit segments of each --sizes (H x W)
-         whose mask covers the same 512 x 512 px (so the same compute): it must not grow with the segment's area.
+         whose mask covers the same 512 x 512 px (so the same compute): it must not grow with the segment's area;
+         also with --min-component (which once held the whole binary mask).
 ray:     submit.py --workers 1 and 2 (a local Ray of that many one-CPU workers, one torch thread each) on one segment
          of --ray-size, in --band-rows bands: wall seconds of the whole call, a band's, the rest (starting Ray,
          each worker's imports and models, the finishing pass: a fixed cost a call) and the speed-up. 12 bands by
@@ -37,7 +38,9 @@ from lib.store import write_store
 SETTINGS = dict(parts="rss,ray,prepare", sizes="20000x10000,40000x20000", ray_size="12288x2048", band_rows=1024,
                 prepare_size="4096x4096", zarr_chunks="16,512,512")
 PARTS = ("rss", "ray", "prepare")  # each writes its table between its own markers, <!-- scale-PART -->
-RSS_HEAD = "segment (8-bit, 512 x 512 px mask) | Mpx | peak RSS MiB | before MiB | growth MiB | seconds | store"
+MIN_COMPONENT = 16  # px: the rss part's second run, with --min-component
+RSS_HEAD = ("segment (8-bit, 512 x 512 px mask) | Mpx | peak RSS MiB | before MiB | growth MiB | seconds | "
+            f"peak RSS MiB with --min-component {MIN_COMPONENT} | store")
 RAY_HEAD = ("segment | Ray workers | seconds | a band, s (mean) | besides the bands, s | speed-up | "
             "output equals the single-process run")
 PREPARE_HEAD = "prepare.py source | layers | volume MB | MB/s | vs local TIFF | peak RSS MiB"
@@ -103,8 +106,9 @@ def rss_rows(work, run, model_file, sizes):
                               stride=STRIDE, progress=False)
         seconds = time.perf_counter() - started
         peak, before, predict, _ = in_fresh_process(child_submit, run, model_file, stores, ["--zarr"])
+        filtered = in_fresh_process(child_submit, run, model_file, stores, ["--min-component", MIN_COMPONENT])[0]
         rows.append(f"{height} x {width} | {height * width / 1e6:.0f} | {peak:.0f} | {before:.0f} | {peak - before:.0f} | "
-                    f"{predict:.0f} | {summary['bytes'] / 2**20:.0f} MiB, {seconds:.0f} s")
+                    f"{predict:.0f} | {filtered:.0f} | {summary['bytes'] / 2**20:.0f} MiB, {seconds:.0f} s")
     return rows
 
 

@@ -7,12 +7,14 @@ little off where the surface was found. Optional tricks of the top Kaggle soluti
 are TileDataset arguments, all off by default. All randomness comes from torch's generator, which the DataLoader
 seeds per worker from the main seed, so a run is deterministic given --seed.
 
-Augmentation is split where it is cheapest: the geometric part (flips, rot90, rotation + scale) per
-tile in the loader, one map of which pixel goes where (geometry_pixels) for image and label, resampled with
-the read so that only the pixels kept are flattened and normalised; the photometric part (brightness,
-contrast, Gaussian noise) on the whole batch after it reaches the device (`photometric`): drawing the
-noise per tile was the loader's largest cost (bench/README.md, "## gpu", "feeding the GPU"; the loader's
-costs now: "## loader").
+The work is split where it is cheapest. Training on a CPU, the loader makes each tile (InputReader.read, numpy:
+the geometric augmentation, one map of which pixel goes where (geometry_pixels), resampled with the read so that
+only the pixels kept are flattened and normalised). Training on a GPU (`on_device`), a loader item is only what
+the store holds for the tile (InputReader.read_raw: the layers as stored, the surface under each pixel) and its
+random draws, and `model_batch` makes the model's inputs of the whole batch on the GPU (lib.inputs.finish_batch,
+then the geometry): flattening was the loader's largest cost, which would starve a GPU, while torch's gathers on a
+CPU are slower than numpy's (bench/README.md, "## loader"). Either way the tricks' boxes and the photometric part
+(brightness, contrast, Gaussian noise, `photometric`) are applied to the batch on its device.
 """
 import ctypes
 
@@ -20,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from lib.inputs import CENTRE_SLICES, MIDDLE_TRIPLET, SURFACE_TRIPLETS, InputReader, InputSpec
+from lib.inputs import CENTRE_SLICES, MIDDLE_TRIPLET, SURFACE_TRIPLETS, InputReader, InputSpec, finish_batch
 from lib.maps import PackedMap
 from lib.store import Store, mask_coverage
 
@@ -68,36 +70,44 @@ def take_pixels(image, pixels):
     return out
 
 
-def apply_geometry(image, label, geometry):
-    """(C, T, T) image and (T, T) label moved alike by `geometry` (random_geometry), 0 outside (geometry_pixels)."""
-    pixels = geometry_pixels(image.shape[-1], geometry)
-    return take_pixels(image, pixels), take_pixels(label, pixels)
+def take_batch_pixels(images, pixels):
+    """take_pixels of a batch, in torch: (B, C, T, T) `images` at (B, T, T) `pixels`."""
+    index = pixels.long().clamp_(min=0).flatten(1)[:, None].expand(-1, images.shape[1], -1)
+    return images.flatten(2).gather(2, index).view(images.shape).masked_fill_((pixels < 0)[:, None], 0)
 
 
 class TileDataset(torch.utils.data.Dataset):
     """Tiles of train stores with their labels, for training (augment=True) or validation.
 
-    Items are (image (C, T, T) float32, label (1, T, T) float32), C the `spec`'s channels. augment=True moves image
-    and label alike (random_geometry); the photometric augmentation is left to the batch (`photometric`). Tiles less
-    than `min_mask_fraction` inside the mask are skipped. Stores are opened lazily in whichever process reads them.
-    The labels are held in memory bit-packed (PackedMap).
+    Items are dicts of arrays, which `model_batch` makes (B, C, T, T) float32 images and (B, 1, T, T) float32 labels
+    of, C the `spec`'s channels: with `on_device` (training on a GPU) the tile's InputReader.read_raw, its "label"
+    and its geometry ("pixels", geometry_pixels), made the model's inputs on the device; else its "image" made here
+    (InputReader.read, the geometry resampled with the read) and its "label", moved alike. Where the tricks are
+    on, "cutmix" and "cutout" boxes come with them.
+    Tiles less than `min_mask_fraction` inside the mask are skipped. Stores are opened lazily in whichever process
+    reads them. The labels are held in memory bit-packed (PackedMap).
     """
 
     def __init__(self, store_paths, tile_size, stride, spec=InputSpec(), augment=True, max_depth_shift=1,
-                 min_mask_fraction=0.25, skip_rows=None, only_rows=None, z_reverse=0.0, cutout=0.0, cutmix=0.0):
+                 min_mask_fraction=0.25, skip_rows=None, only_rows=None, z_reverse=0.0, cutout=0.0, cutmix=0.0,
+                 on_device=False):
         """`skip_rows` / `only_rows`: {store_path: (y0, y1)}: drop tiles overlapping those rows (a held-out
         band), or keep only tiles whose centre row lies in them (validating on that band).
         Training tricks of the top Kaggle solutions, each the probability that a tile gets it (augment only):
         `z_reverse` reverses the order of the slices, `cutout` blanks up to 2 rectangles of the image
-        (coarse dropout), `cutmix` pastes a rectangle of another random tile, image and label."""
+        (coarse dropout), `cutmix` pastes a rectangle of the next tile of the batch, image and label (both after
+        the geometry, on the batch)."""
         skip_rows, only_rows = skip_rows or {}, only_rows or {}
         self.stores = [Store(p) for p in store_paths]
         self.tile_size, self.spec = tile_size, spec
-        self.augment = augment
+        self.augment, self.on_device = augment, on_device
         self.max_depth_shift = max_depth_shift
         self.z_reverse, self.cutout, self.cutmix = z_reverse, cutout, cutmix
         self.readers = [InputReader(s) for s in self.stores]
         self.labels = [PackedMap(s.read_map("labels")) for s in self.stores]
+        # tiles batch together: every store's layers as many as the deepest's, as wide as the widest's
+        self.layer_count = max(len(s.slices) for s in self.stores)
+        self.layer_dtype = max((s.dataset("volume").dtype for s in self.stores), key=lambda d: d.itemsize)
         items = []
         for index, (path, store) in enumerate(zip(store_paths, self.stores)):
             positions = store.tiles(tile_size, stride)
@@ -135,32 +145,56 @@ class TileDataset(torch.utils.data.Dataset):
         slices = [z + shift for z in slices]
         return slices[::-1] if torch.rand(()) < self.z_reverse else slices
 
-    def read_item(self, i, slices=None, pixels=None):
-        """(image, label) of item i: `slices` (default: choose_slices), `pixels` (geometry_pixels) as read's."""
-        index, y, x = self.items[i]
-        slices = self.choose_slices() if slices is None else slices
-        image = self.readers[index].read(y, x, self.tile_size, slices, self.spec.centre_on, pixels)
-        label = self.labels[index].window(y, x, self.tile_size)
-        return image, label if pixels is None else take_pixels(label, pixels)
-
     def __getitem__(self, i):
-        if not self.augment:
-            image, label = self.read_item(i)
-        else:  # the random draws in a fixed order: slices, cutmix, cutout, geometry
-            slices, image, label = self.choose_slices(), None, None
-            if torch.rand(()) < self.cutmix:
-                image, label = paste_box(*self.read_item(i, slices),
-                                         *self.read_item(int(torch.randint(0, len(self.items), ()))))
+        index, y, x = self.items[i]
+        size, slices, pixels, item = self.tile_size, self.choose_slices(), None, {}
+        if self.augment:  # the random draws in a fixed order: slices (above), cutmix, cutout, geometry
+            cutmix = random_box(size, 0.25, 0.75) if torch.rand(()) < self.cutmix else (-1,) * 4
+            cutout = np.full((2, 4), -1, np.int64)
             if torch.rand(()) < self.cutout:
-                if image is None:
-                    image, label = self.read_item(i, slices)
-                image = coarse_dropout(image)
-            geometry = random_geometry(self.tile_size)
-            if image is None:  # the usual case: the geometry resampled with the read, before the image is built
-                image, label = self.read_item(i, slices, geometry_pixels(self.tile_size, geometry))
-            else:
-                image, label = apply_geometry(image, label, geometry)
-        return torch.from_numpy(image), torch.from_numpy(label[None].astype(np.float32))
+                for hole in range(int(torch.randint(1, len(cutout) + 1, ()))):
+                    cutout[hole] = random_box(size, 0.1, 0.25)
+            item.update({"cutmix": np.array(cutmix, np.int64)} if self.cutmix else {})
+            item.update({"cutout": cutout} if self.cutout else {})
+            pixels = geometry_pixels(size, random_geometry(size))
+        label, reader = self.labels[index].window(y, x, size), self.readers[index]
+        if self.on_device:
+            item.update(reader.read_raw(y, x, size, slices, self.spec.centre_on), label=label)
+            item["layers"] = self.fit_layers(item["layers"])
+            item.update({"pixels": pixels} if pixels is not None else {})
+        else:
+            item.update(image=reader.read(y, x, size, slices, self.spec.centre_on, pixels),
+                        label=label if pixels is None else take_pixels(label, pixels))
+        return item
+
+    def fit_layers(self, layers):
+        """A store's `layers` as many and as wide as the dataset's (layer_count, layer_dtype), so that its tiles
+        batch with the others': the last layer repeated (what finish's clamping reads there anyway), widened."""
+        if len(layers) < self.layer_count:
+            layers = np.concatenate([layers, np.repeat(layers[-1:], self.layer_count - len(layers), axis=0)])
+        return layers.astype(self.layer_dtype, copy=False)
+
+
+def model_batch(batch, device):
+    """(images (B, C, T, T) float32, labels (B, 1, T, T) float32) on `device` from a batch of TileDataset items:
+    raw reads made the model's inputs there (lib.inputs.finish_batch) and moved by their geometry; then cutmix and
+    cutout, as the items drew them; the images channels_last on a GPU (what its convolutions run fastest on). The
+    photometric augmentation is the caller's (training only)."""
+    batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+    labels = batch["label"][:, None].float()
+    if "layers" in batch:
+        images = finish_batch(batch["layers"], batch["depths"], batch["offsets"], batch["scale"])
+        if "pixels" in batch:
+            images, labels = take_batch_pixels(images, batch["pixels"]), take_batch_pixels(labels, batch["pixels"])
+    else:
+        images = batch["image"]
+    if "cutmix" in batch:
+        paste_boxes(images, labels, batch["cutmix"])
+    if "cutout" in batch:
+        blank_boxes(images, batch["cutout"])
+    if images.is_cuda:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
 
 
 def random_box(size, low, high):
@@ -170,21 +204,23 @@ def random_box(size, low, high):
     return y0, y0 + h, x0, x0 + w
 
 
-def paste_box(image, label, other_image, other_label):
-    """CutMix for segmentation: a random rectangle (1/4 to 3/4 of the side) of another tile, image and label."""
-    y0, y1, x0, x1 = random_box(image.shape[-1], 0.25, 0.75)
-    image, label = image.copy(), label.copy()
-    image[:, y0:y1, x0:x1], label[y0:y1, x0:x1] = other_image[:, y0:y1, x0:x1], other_label[y0:y1, x0:x1]
-    return image, label
+def paste_boxes(images, labels, boxes):
+    """CutMix for segmentation, in place: where a tile has a box ((B, 4) y0, y1, x0, x1; -1s for none), that
+    rectangle of the next tile in the batch (the last tile's: the first's), image and label, as they were."""
+    others, other_labels = images.roll(-1, 0), labels.roll(-1, 0)
+    for k, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+        if y0 >= 0:
+            images[k, :, y0:y1, x0:x1] = others[k, :, y0:y1, x0:x1]
+            labels[k, :, y0:y1, x0:x1] = other_labels[k, :, y0:y1, x0:x1]
 
 
-def coarse_dropout(image, holes=2):
-    """Cutout: up to `holes` rectangles (1/10 to 1/4 of the side) set to the tile's mean; the label is kept."""
-    image = image.copy()
-    for _ in range(int(torch.randint(1, holes + 1, ()))):
-        y0, y1, x0, x1 = random_box(image.shape[-1], 0.1, 0.25)
-        image[:, y0:y1, x0:x1] = image.mean()
-    return image
+def blank_boxes(images, boxes):
+    """Cutout, in place: each tile's rectangles ((B, holes, 4); -1s for none) set to the tile's mean."""
+    means = images.mean(dim=(1, 2, 3)).tolist()
+    for k, tile_boxes in enumerate(boxes.tolist()):
+        for y0, y1, x0, x1 in tile_boxes:
+            if y0 >= 0:
+                images[k, :, y0:y1, x0:x1] = means[k]
 
 
 def loader_worker_init(_):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.inputs import InputReader, InputSpec
+from lib.inputs import InputReader, InputSpec, finish_batch
 
 
 def member_views(specs, tta):
@@ -59,9 +59,11 @@ def merge_tta(probs, num_tiles, views, rotations, combine="mean"):
     return per_view.amax(dim=1) if combine == "max" else per_view.mean(dim=1)
 
 
-def read_batches(reader, positions, tile_size, batch_size, slices, readers=2, pin=False, centre_on="nominal"):
+def read_batches(reader, positions, tile_size, batch_size, slices, readers=2, pin=False, centre_on="nominal",
+                 raw=False):
     """Yield (positions, (B, len(slices), T, T) float32 tensor of `reader`'s (an InputReader) tiles) batch by batch,
-    in order.
+    in order; with `raw`, a dict of tensors of the tiles' raw reads instead (InputReader.read_raw, batched), which
+    lib.inputs.finish_batch makes those tiles of on the model's device.
 
     `readers` threads read ahead (at most 2 x readers batches in flight, so memory stays a few batches);
     0 reads in the calling thread. h5py releases the GIL while HDF5 reads, so reading overlaps the model's work,
@@ -70,6 +72,10 @@ def read_batches(reader, positions, tile_size, batch_size, slices, readers=2, pi
     `centre_on`: as InputReader.read's.
     """
     def read(batch):
+        if raw:
+            tiles = torch.utils.data.default_collate([reader.read_raw(y, x, tile_size, slices, centre_on)
+                                                      for y, x in batch])
+            return {name: tensor.pin_memory() for name, tensor in tiles.items()} if pin else tiles
         tiles = np.stack([reader.read(y, x, tile_size, slices, centre_on) for y, x in batch])
         return torch.from_numpy(tiles).pin_memory() if pin else torch.from_numpy(tiles)
 
@@ -96,7 +102,7 @@ def as_members(models, spec):
 
 @torch.inference_mode()
 def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, spec=InputSpec(), device="cpu",
-                     progress=False, readers=2, out=None, scale=1.0):
+                     progress=False, readers=2, out=None, scale=1.0, on_device=None):
     """Probability map (H, W) float32 of one store, 0 outside its mask; with `out` ((H, W) float32), adds
     `scale` x the map into it instead (an ensemble's running sum) and returns it. `out` may also be a row sink:
     any object with add(y0, rows) that takes the finished rows y0.. ((n, W) float32, already x scale) in increasing
@@ -107,7 +113,8 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
     model's map), each batch of tiles read once and run through every model with its own views.
     `tta`: rot90 x 4 and, for stack models, the depth shifts (InputSpec.views). batch_size counts tiles.
     `readers`: threads reading tiles ahead (read_batches). Tiles are blended in a band of rows (BlendBand), so
-    the memory beyond `out` is a few tile rows, not a second map.
+    the memory beyond `out` is a few tile rows, not a second map. `on_device`: the threads only read, and the
+    model's inputs are made on the device (lib.inputs.finish_batch); default: on a GPU (on a CPU numpy is faster).
     """
     device = torch.device(device)
     members = as_members(models, spec)
@@ -122,6 +129,7 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
     for model, _, _ in members:
         model.eval()
     on_gpu = device.type == "cuda"
+    on_device = on_gpu if on_device is None else on_device
     autocast = torch.autocast(device.type) if on_gpu else contextlib.nullcontext()
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
 
@@ -136,8 +144,12 @@ def predict_fragment(models, store, tile_size, stride, batch_size=16, tta=True, 
     bar = tqdm(total=len(positions), unit="tile", desc=f"predict {store.fragment_id}", disable=not progress)
     with bar:
         centre_on = members[0][2].read_mode()
-        for batch, tiles in read_batches(reader, positions, tile_size, batch_size, slices, readers, on_gpu, centre_on):
-            tiles = tiles.to(device, non_blocking=True)
+        for batch, tiles in read_batches(reader, positions, tile_size, batch_size, slices, readers, on_gpu, centre_on,
+                                         on_device):
+            if on_device:
+                tiles = finish_batch(**{name: tensor.to(device, non_blocking=True) for name, tensor in tiles.items()})
+            else:
+                tiles = tiles.to(device, non_blocking=True)
             merged = torch.zeros((len(batch), tile_size, tile_size), device=device)
             for (model, weight, _), (own_views, combine) in zip(members, views):
                 inputs = tta_inputs(tiles, own_views, rotations).contiguous(memory_format=memory_format)

@@ -129,7 +129,65 @@ def binarise(prob, mask, mode: str, value: float) -> np.ndarray:
 
 def remove_small_components(binary, min_pixels):
     """A 0/1 uint8 mask without its 8-connected components of fewer than `min_pixels` pixels."""
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(np.asarray(binary, np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_pixels
-    keep[0] = False  # label 0 is the background
-    return keep[labels].astype(np.uint8)
+    components = BandComponents()
+    components.add(binary)
+    components.count_areas(min_pixels)
+    return components.keep(binary, 0)
+
+
+class BandComponents:
+    """The 8-connected components of a binary mask seen a band of rows at a time, top to bottom, and which are
+    smaller than a size across all bands; memory: a label and an area per component, and one row of labels.
+
+    First pass: `add` each band (labels it with OpenCV, joins its labels to those of the band above where they
+    touch: a union-find). Then `count_areas` once, and a second pass: `keep` each band again (the same bands, the
+    same rows), which labels it again and keeps the pixels of the components of at least the size."""
+
+    def __init__(self):
+        self.area = np.zeros(1, np.int64)  # by component label; 0 is the background
+        self.parent = np.zeros(1, np.int64)
+        self.firsts = []  # each band's first label (its labels are first + OpenCV's, which start at 1)
+        self.row = None  # the last band's last row of labels
+        self.kept = None
+
+    @staticmethod
+    def label(band):
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(np.asarray(band, np.uint8), connectivity=8)
+        return labels, stats[1:, cv2.CC_STAT_AREA]
+
+    def add(self, band):
+        labels, areas = self.label(band)
+        first = len(self.area) - 1
+        self.firsts.append(first)
+        self.area = np.concatenate([self.area, areas])
+        self.parent = np.concatenate([self.parent, np.arange(first + 1, len(self.area))])
+        top = np.where(labels[0] > 0, labels[0] + first, 0)
+        if self.row is not None:  # 8-connected across the boundary: straight down and diagonally
+            pairs = np.concatenate([np.stack([self.row[a], top[b]], 1) for a, b in (
+                (np.s_[:], np.s_[:]), (np.s_[1:], np.s_[:-1]), (np.s_[:-1], np.s_[1:]))])
+            for above, below in np.unique(pairs[(pairs > 0).all(1)], axis=0).tolist():
+                self.union(above, below)
+        self.row = np.where(labels[-1] > 0, labels[-1] + first, 0)
+
+    def root(self, label):
+        while self.parent[label] != label:
+            self.parent[label] = label = self.parent[self.parent[label]]
+        return label
+
+    def union(self, a, b):
+        a, b = self.root(a), self.root(b)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+    def count_areas(self, min_pixels):
+        """After the first pass: which labels belong to components of at least `min_pixels` pixels in all."""
+        roots = self.parent
+        while not np.array_equal(roots, roots[roots]):
+            roots = roots[roots]
+        self.kept = np.bincount(roots, weights=self.area)[roots] >= min_pixels
+        self.kept[0] = False
+
+    def keep(self, band, index):
+        """Band number `index` of the first pass (the same band), 0/1 uint8, without the small components' pixels."""
+        labels, _ = self.label(band)
+        return np.where(labels > 0, self.kept[labels + self.firsts[index]], False).astype(np.uint8)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from lib.config import TrainConfig
-from lib.data import TileDataset, keep_freed_memory, loader_worker_init, photometric
+from lib.data import TileDataset, keep_freed_memory, loader_worker_init, model_batch, photometric
 from lib.folds import Fold
 from lib.infer import predict_fragment
 from lib.losses import build_loss
@@ -80,12 +80,13 @@ def fold_loaders(config, job, held_out, device):
     """(training loader over every fold but the job's, with augmentation; validation loader over its fold's tiles)."""
     fold, spec, stores = job.fold, config.input_spec(job.family), held_out.parent
     train_paths = [str(stores / f"{i}.h5") for i in job.train_ids if i != fold.fragment_id or fold.rows]
-    held_out = str(held_out)
+    held_out, on_device = str(held_out), torch.device(device).type != "cpu"  # see lib/data.py: who makes the tiles
     train_set = TileDataset(train_paths, config.tile_size, config.stride, spec, augment=True,
                             skip_rows={held_out: fold.rows} if fold.rows else None, z_reverse=config.z_reverse,
-                            cutout=config.cutout, cutmix=config.cutmix, max_depth_shift=config.depth_jitter)
+                            cutout=config.cutout, cutmix=config.cutmix, max_depth_shift=config.depth_jitter,
+                            on_device=on_device)
     val_set = TileDataset([held_out], config.tile_size, config.tile_size, spec, augment=False,
-                          only_rows={held_out: fold.rows} if fold.rows else None)
+                          only_rows={held_out: fold.rows} if fold.rows else None, on_device=on_device)
     if job.workers == 0:  # the tiles are read in this process: it gets what loader_worker_init gives a worker
         keep_freed_memory()
     loader = train_loader(train_set, config.batch_size, config.max_tiles or len(train_set), job.workers, device)
@@ -201,19 +202,14 @@ class TrainStep:
         self.scaler.load_state_dict(state["scaler"])
 
 
-def to_device(images, labels, device):
-    """A batch onto the device, images channels_last on GPU (what the convolutions there run fastest on)."""
-    memory_format = torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
-    return images.to(device, non_blocking=True, memory_format=memory_format), labels.to(device, non_blocking=True)
-
-
 def train_epoch(step, loader, loss_fn, device):
-    """One pass over `loader`: the photometric augmentation on the device, then a TrainStep per batch.
+    """One pass over `loader`: each batch made the model's inputs on the device (model_batch), the photometric
+    augmentation there, then a TrainStep.
     Returns (mean loss, tiles); the losses are summed on the device, so the GPU is never waited on mid-epoch."""
     step.model.train()
     total, tiles = torch.zeros((), device=device), 0
-    for images, labels in loader:
-        images, labels = to_device(images, labels, device)
+    for batch in loader:
+        images, labels = model_batch(batch, device)
         total += step(photometric(images), labels, loss_fn) * len(images)
         tiles += len(images)
     return total.item() / max(tiles, 1), tiles
@@ -223,8 +219,8 @@ def train_epoch(step, loader, loss_fn, device):
 def evaluate_loss(model, loader, loss_fn, device, autocast):
     model.eval()
     total, tiles = 0.0, 0
-    for images, labels in loader:
-        images, labels = to_device(images, labels, device)
+    for batch in loader:
+        images, labels = model_batch(batch, device)
         with autocast():
             logits = model(images)
         total += loss_fn(logits.float(), labels).item() * len(images)

@@ -14,8 +14,9 @@ it back band by band and writes every output from it:
 The threshold is absolute, or a percentile of the in-mask probabilities: the exact order statistic that
 lib.metrics.percentile_cutoff picks from the whole map, found here in two passes over the bands (a histogram of the
 floats' upper 16 bits, then of the lower 16 bits inside the upper bin that holds it). Every file is written under
-a temporary name and renamed when complete. Only --min-component needs the whole binary mask (1 byte a pixel):
-connected components do not split into bands.
+a temporary name and renamed when complete. --min-component (connected components do not split into bands) takes
+two passes, the first finding the components' areas across bands (lib.metrics.BandComponents), the second writing
+the mask without the small ones: it holds a label and an area a component, not the mask.
 """
 import contextlib
 import os
@@ -34,7 +35,7 @@ import zarr
 
 from lib.bands import OUTPUT_CHUNK, plan_bands, read_mask_rows
 from lib.maps import save_preview
-from lib.metrics import confusion_counts, remove_small_components, top_count
+from lib.metrics import BandComponents, confusion_counts, top_count
 from lib.rle import RleBuilder
 
 TIFF_TILE = 256  # px: the BigTIFF's tiles (OUTPUT_CHUNK is a whole number of them)
@@ -291,7 +292,7 @@ def finish_fragment(scratch, store, threshold, writers, rle=False, preview=None,
     result = {"ink": 0, "mask": 0, "counts": None if truth is None else np.zeros(3, np.int64)}
     builder = RleBuilder(width) if rle else None
     shrink = PreviewBuilder(height, width) if preview else None
-    whole = np.zeros((height, width), np.uint8) if min_component > 0 else None
+    components = BandComponents() if min_component > 0 else None
 
     def use_pred(y0, prob, pred):
         result["ink"] += int(np.count_nonzero(pred))
@@ -308,16 +309,17 @@ def finish_fragment(scratch, store, threshold, writers, rle=False, preview=None,
         for writer in writers:
             writer.write(y0, prob if isinstance(writer, ProbabilityH5Writer) else to_8bit(prob))
         pred = ((prob >= cutoff) & inside).astype(np.uint8)
-        if whole is None:
+        if components is None:
             use_pred(y0, prob, pred)
         else:
-            whole[y0:y1] = pred
+            components.add(pred)
     for writer in writers:
         writer.close()
-    if whole is not None:
-        whole = remove_small_components(whole, min_component)
-        for y0, y1 in bands:
-            use_pred(y0, scratch.read(y0, y1) if shrink is not None else None, whole[y0:y1])
+    if components is not None:
+        components.count_areas(min_component)
+        for index, (y0, y1) in enumerate(bands):
+            prob, inside = read_band(y0, y1)
+            use_pred(y0, prob, components.keep(((prob >= cutoff) & inside).astype(np.uint8), index))
     if shrink is not None:
         shrink.save(preview)
     result["rle"] = builder.text() if builder is not None else None

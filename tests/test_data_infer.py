@@ -5,7 +5,7 @@ import tifffile
 import torch
 import cv2
 
-from lib.data import TileDataset, coarse_dropout, photometric
+from lib.data import TileDataset, blank_boxes, model_batch, paste_boxes, photometric
 from lib.folds import Fold, equal_area_bands, make_folds
 from lib.fragments import Fragment
 from lib.infer import blend_weights, member_views, merge_tta, predict_fragment
@@ -21,6 +21,17 @@ MEAN = InputSpec("triplets", centre_on="nominal", triplets="mean")
 STACK = InputSpec("stack", depth=6, centre_on="nominal")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def tiles(dataset, indices):
+    """(images (B, C, T, T), labels (B, 1, T, T)) of a TileDataset's items, made the model's inputs on the CPU."""
+    return model_batch(torch.utils.data.default_collate([dataset[i] for i in indices]), "cpu")
+
+
+def tile(dataset, i):
+    """(image (C, T, T), label (1, T, T)) of one item (tiles)."""
+    images, labels = tiles(dataset, [i])
+    return images[0], labels[0]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +65,7 @@ def test_augmented_tiles_stay_aligned_with_labels(label_store):
     assert len(dataset) > 10
     agree = total = 0
     for i in range(len(dataset)):
-        image, label = dataset[i]
+        image, label = tile(dataset, i)
         assert image.shape == (3, 64, 64) and label.shape == (1, 64, 64)
         assert image.dtype == torch.float32 and set(label.unique().tolist()) <= {0.0, 1.0}
         bright = image.mean(0) > 1.0  # the papyrus centres on 0.5, ink voxels sit about 1 above it
@@ -81,7 +92,7 @@ def test_flattened_training_slices_are_the_surface_triplets(label_store):
     torch.manual_seed(1)
     firsts = {dataset.choose_slices()[0] for _ in range(100)}
     assert firsts == {CENTRE_SLICES[t[0]] for t in SURFACE_TRIPLETS}
-    image, label = dataset[0]
+    image, label = tile(dataset, 0)
     assert image.shape == (3, 64, 64) and label.shape == (1, 64, 64) and torch.isfinite(image).all()
     with pytest.raises(ValueError, match="centre_on 'surface'"):
         InputSpec("triplets", centre_on="surface")
@@ -93,7 +104,7 @@ def test_stack_tiles_are_the_window_moved_by_the_depth_jitter(label_store):
     torch.manual_seed(0)
     windows = {tuple(dataset.choose_slices()) for _ in range(100)}
     assert windows == {tuple(range(29 + s, 35 + s)) for s in (-1, 0, 1)}
-    image, label = dataset[0]
+    image, label = tile(dataset, 0)
     assert image.shape == (6, 64, 64) and label.shape == (1, 64, 64)
     assert TileDataset([path], 64, 32, spec=STACK, augment=False).choose_slices() == list(range(29, 35))
 
@@ -226,6 +237,8 @@ def test_an_ensemble_in_one_pass_equals_the_weighted_sum_of_its_models(label_sto
     together = predict_fragment(members, store, 64, 32, batch_size=2, tta=True)
     apart = [predict_fragment(m, store, 64, 32, batch_size=5, tta=True, spec=spec, readers=0) for m, _, spec in members]
     np.testing.assert_allclose(together, 0.25 * apart[0] + 0.25 * apart[1] + 0.5 * apart[2], atol=1e-5)
+    # the inputs made on the model's device from raw reads (a GPU's way) are the same
+    np.testing.assert_array_equal(predict_fragment(members, store, 64, 32, batch_size=2, on_device=True), together)
     with pytest.raises(ValueError, match="different ways"):
         predict_fragment([(first, 0.5, MEAN), (third, 0.5, InputSpec("stack", 6, "tile"))], store, 64, 32)
 
@@ -247,11 +260,11 @@ def test_augmentation_is_deterministic_given_the_seed(label_store):
     draws = []
     for _ in range(2):
         torch.manual_seed(3)
-        draws.append([dataset[i] for i in range(6)])
+        draws.append([tile(dataset, i) for i in range(6)])
     for (image_a, label_a), (image_b, label_b) in zip(*draws):
         assert torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
     torch.manual_seed(4)
-    assert not all(torch.equal(dataset[i][0], image) for i, (image, _) in enumerate(draws[0]))
+    assert not all(torch.equal(tile(dataset, i)[0], image) for i, (image, _) in enumerate(draws[0]))
 
 
 def test_tricks_z_reversal_cutmix_and_cutout(label_store):
@@ -260,19 +273,26 @@ def test_tricks_z_reversal_cutmix_and_cutout(label_store):
     reversed_ = TileDataset([path], 64, 32, MEAN, augment=True, z_reverse=1.0)
     slices = reversed_.choose_slices()
     assert slices == sorted(slices, reverse=True) and slices[0] - slices[2] == 2
-    # cutmix pastes image and label together: they stay aligned
+    # cutmix pastes image and label together, from the next tile of the batch: they stay aligned
     mixed = TileDataset([path], 64, 32, MEAN, augment=True, cutmix=1.0)
-    agree = 0.0
-    for i in range(len(mixed)):
-        image, label = mixed[i]
-        agree += ((image.mean(0) > 0.5) == (label[0] > 0)).float().mean().item()
-    assert agree / len(mixed) > 0.97
+    images, labels = tiles(mixed, range(len(mixed)))
+    assert ((images.mean(1) > 0.5) == (labels[:, 0] > 0)).float().mean() > 0.97
+    images, labels = torch.rand(3, 2, 16, 16), torch.rand(3, 1, 16, 16)
+    mixed_images, mixed_labels = images.clone(), labels.clone()
+    paste_boxes(mixed_images, mixed_labels, torch.tensor([[2, 6, 3, 9], [-1, -1, -1, -1], [0, 16, 0, 4]]))
+    for got, was in ((mixed_images, images), (mixed_labels, labels)):
+        assert torch.equal(got[0, :, 2:6, 3:9], was[1, :, 2:6, 3:9]) and torch.equal(got[1], was[1])
+        assert torch.equal(got[2, :, :, :4], was[0, :, :, :4]) and torch.equal(got[2, :, :, 4:], was[2, :, :, 4:])
+        assert (got[0] != was[0]).sum() == was.shape[1] * 24
     # cutout blanks boxes of the image (the label is left alone)
-    image = np.random.default_rng(0).random((3, 64, 64), dtype=np.float32)
-    cut = coarse_dropout(image)
-    blanked = (cut != image).any(0)
-    assert 0.01 < blanked.mean() < 0.15  # 1-2 boxes of 1/10 to 1/4 of the side
-    assert np.allclose(cut[:, blanked], image.mean()) and np.array_equal(cut[:, ~blanked], image[:, ~blanked])
+    images = torch.rand(2, 3, 64, 64)
+    boxes = torch.tensor([[[5, 15, 20, 30], [-1, -1, -1, -1]], [[0, 8, 0, 12], [30, 40, 30, 46]]])
+    cut = images.clone()
+    blank_boxes(cut, boxes)
+    for k, count in enumerate([100, 96 + 160]):
+        blanked = (cut[k] != images[k]).any(0)
+        assert blanked.sum() == count
+        assert torch.allclose(cut[k][:, blanked], images[k].mean()) and torch.equal(cut[k][:, ~blanked], images[k][:, ~blanked])
 
 
 def test_merge_tta_mean_and_max_over_triplets():

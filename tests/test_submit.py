@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,7 @@ from lib.model import load_model_file
 from lib.runs import file_sha256
 from lib.infer import predict_fragment
 from lib.maps import load_probability_map
-from lib.metrics import remove_small_components
+from lib.metrics import BandComponents, remove_small_components
 from lib.rle import rle_decode
 from lib.store import Store
 from lib.synth import TEST_IDS
@@ -156,6 +157,34 @@ def test_min_component_removes_small_blobs(tiny):
     assert np.array_equal(remove_small_components(binary, 1), binary)
     rows = run_submit(tiny, "--no-tta", "--no-triplets", "--min-component", str(10**9))
     assert [rle for _, rle in rows] == ["", ""]
+
+
+def whole_mask_reference(binary, min_pixels):
+    """remove_small_components as OpenCV does it on the whole mask at once."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_pixels
+    keep[0] = False
+    return keep[labels].astype(np.uint8)
+
+
+@pytest.mark.parametrize("band_rows", [1, 2, 3, 7, 64])
+def test_components_found_band_by_band_are_those_of_the_whole_mask(band_rows):
+    """submit.py's --min-component sees the mask a band at a time (lib.metrics.BandComponents): the same pixels
+    kept as on the whole mask, for components that cross many bands, join only below, or touch diagonally."""
+    rng = np.random.default_rng(band_rows)
+    masks = [(rng.random((40, 50)) < p).astype(np.uint8) for p in (0.2, 0.45, 0.6)]
+    snake = np.zeros((40, 50), np.uint8)
+    snake[2:38, 5], snake[2:38, 20], snake[37, 5:21] = 1, 1, 1  # a U: its arms join in the last rows only
+    snake[10, 30], snake[11, 31], snake[12, 32] = 1, 1, 1  # a diagonal: 8-connected across every boundary
+    for binary in masks + [snake]:
+        for min_pixels in (1, 3, 20, 80):
+            components, bands = BandComponents(), [(y, min(y + band_rows, 40)) for y in range(0, 40, band_rows)]
+            for y0, y1 in bands:
+                components.add(binary[y0:y1])
+            components.count_areas(min_pixels)
+            kept = np.concatenate([components.keep(binary[y0:y1], i) for i, (y0, y1) in enumerate(bands)])
+            np.testing.assert_array_equal(kept, whole_mask_reference(binary, min_pixels))
+    assert kept[:, 5].sum() == 36 and kept[10:13, 30:33].sum() == 0  # the U kept at 80 px, the diagonal dropped
 
 
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
