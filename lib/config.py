@@ -112,12 +112,12 @@ class TrainConfig:
             depth_jitter=(self.depth_jitter if self.depth_jitter is not None else
                           1 if self.family != "triplets" else 0 if flattened else 2))
         try:
-            backbones = tuple(":".join(parse_member(name, self.family)) for name in self.backbones)
-            for family in {parse_member(name, self.family)[0] for name in backbones}:
+            members = [parse_member(name, self.family) for name in self.backbones]
+            for family in {family for family, _ in members}:
                 config.input_spec(family)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        return replace(config, backbones=backbones)
+        return replace(config, backbones=tuple(":".join(member) for member in members))
 
     def input_spec(self, family):
         """The InputSpec of a `family` model trained with this config."""

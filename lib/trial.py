@@ -41,7 +41,7 @@ class TrialJob:
 
     @property
     def family(self):
-        return self.backbone.split(":")[0]
+        return parse_member(self.backbone, None)[0]
 
 
 def run_trial(config: TrainConfig, job: TrialJob, report=lambda metrics: None, node_id=None):
