@@ -432,7 +432,10 @@ def test_sample_with_other_ids_names_them(tiny, tmp_path):
 
 
 SLOW_SUBMIT = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as a terminal's foreground process gets it: a shell without job control starts background commands (and
+# so this test, when the suite runs in one) with SIGINT ignored, which Python then keeps
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {root!r})
 import submit
 predict = submit.predict_group
@@ -447,8 +450,7 @@ submit.main(sys.argv[1:])
 
 @pytest.mark.e2e
 def test_ctrl_c_in_submit_is_one_line_and_keeps_the_old_output(tiny, tmp_path):
-    # a private copy of the run: what other tests leave in the shared one (stamps, scratch) is not this test's
-    tiny = {**tiny, "run": Path(shutil.copytree(tiny["run"], tmp_path / "run"))}
+    tiny = {**tiny, "run": Path(shutil.copytree(tiny["run"], tmp_path / "run"))}  # the lock below is this run's
     out = tmp_path / "out" / "sub.csv"
     out.parent.mkdir()
     out.write_bytes(OLD_CSV)
