@@ -292,6 +292,8 @@ def flatten_batch(layers, depths, offsets):
     fraction = (depths - base)[:, None]
     below = base.long()[:, None] + offsets[:, :, None, None]
     last = layers.shape[1] - 1
+    if layers.dtype == torch.uint16:  # through int16: torch's uint16 has few operations, on a GPU fewer still
+        layers = layers.view(torch.int16).int().bitwise_and_(0xFFFF)
     volume = layers.float()
     low = volume.gather(1, below.clamp(0, last))
     tile = volume.gather(1, below.add_(1).clamp_(0, last))
