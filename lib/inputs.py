@@ -157,6 +157,21 @@ class InputReader:
             return None
         return pixel_window(lambda cells: store.read_dataset("surface", cells), store.dataset("surface").shape, y, x, size)
 
+    def placement(self, y, x, size, centre_on):
+        """Where a tile's slices are read: (its surface map, 0) where it is flattened (centre_on "tile", and the map
+        sure enough); else (None, the whole slices to move them by: the fragment's surface shift for "fragment" and
+        for an unsure "tile", 0 for "nominal")."""
+        depths = self.tile_depths(y, x, size) if centre_on == "tile" else None
+        return depths, 0 if centre_on == "nominal" or depths is not None else self.shift
+
+    def read_filled(self, y, x, size, slices):
+        """The store's `slices` at (y, x) as stored, each filled outside the mask with its in-mask median."""
+        volume = self.store.read_tile(y, x, size, size, slices)
+        outside = self.mask.window(y, x, size) == 0
+        if outside.any():
+            np.copyto(volume, self.medians[[z - self.store.z_start for z in slices]][:, None, None], where=outside)
+        return volume
+
     def read_raw(self, y, x, size, slices, centre_on="nominal"):
         """What `finish_batch` makes the (len(slices), size, size) input at (y, x) of (the one `read` makes), as
         numpy arrays:
@@ -167,15 +182,10 @@ class InputReader:
         "offsets" (len(slices),) int64: each slice's layer from there; "scale" (2,) float32: the fragment's
         intensity range as (low, 1 / (high - low)). Slices outside the store's are its nearest slice."""
         store = self.store
-        depths = self.tile_depths(y, x, size) if centre_on == "tile" else None
+        depths, shift = self.placement(y, x, size, centre_on)
         if depths is None:
-            shift = 0 if centre_on == "nominal" else self.shift
             depths = np.full((size, size), NOMINAL_SURFACE + shift, np.float32)
-        layers = store.read_tile(y, x, size, size, list(store.slices))
-        outside = self.mask.window(y, x, size) == 0
-        if outside.any():
-            np.copyto(layers, self.medians[:, None, None], where=outside)
-        return {"layers": layers, "depths": depths, "scale": self.scale,
+        return {"layers": self.read_filled(y, x, size, list(store.slices)), "depths": depths, "scale": self.scale,
                 "offsets": np.asarray(slices, np.int64) - (NOMINAL_SURFACE + store.z_start)}
 
     def read(self, y, x, size, slices, centre_on="nominal", pixels=None):
@@ -185,14 +195,10 @@ class InputReader:
         -1: a geometric augmentation (lib.data.geometry_pixels) resampled with the read instead of after it, so that
         only the pixels kept are flattened and normalised. The centring is the tile's own either way."""
         store = self.store
-        depths = self.tile_depths(y, x, size) if centre_on == "tile" else None
-        shift = self.shift if centre_on == "fragment" or (centre_on == "tile" and depths is None) else 0
+        depths, shift = self.placement(y, x, size, centre_on)
         wanted = np.clip(np.asarray(slices) + shift, store.z_start, store.z_stop - 1)
         read_slices = list(store.slices) if depths is not None else sorted(set(wanted.tolist()))
-        volume = store.read_tile(y, x, size, size, read_slices)
-        outside = self.mask.window(y, x, size) == 0
-        if outside.any():
-            np.copyto(volume, self.medians[[z - store.z_start for z in read_slices]][:, None, None], where=outside)
+        volume = self.read_filled(y, x, size, read_slices)
         if depths is None and wanted.tolist() != read_slices:  # repeated (clamped) or reversed slices
             volume = volume[[read_slices.index(z) for z in wanted.tolist()]]
         # the centring: each slice's median over every 4th pixel each way (plenty, and 16x cheaper than all of them)

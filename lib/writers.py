@@ -289,6 +289,9 @@ def finish_fragment(scratch, store, threshold, writers, rle=False, preview=None,
         cutoff = percentile_cutoff_in_bands(read_band, bands, value)
     else:
         raise ValueError(f"unknown threshold mode {mode!r}")
+    def binary(prob, inside):
+        return ((prob >= cutoff) & inside).astype(np.uint8)
+
     result = {"ink": 0, "mask": 0, "counts": None if truth is None else np.zeros(3, np.int64)}
     builder = RleBuilder(width) if rle else None
     shrink = PreviewBuilder(height, width) if preview else None
@@ -308,7 +311,7 @@ def finish_fragment(scratch, store, threshold, writers, rle=False, preview=None,
         result["mask"] += int(np.count_nonzero(inside))
         for writer in writers:
             writer.write(y0, prob if isinstance(writer, ProbabilityH5Writer) else to_8bit(prob))
-        pred = ((prob >= cutoff) & inside).astype(np.uint8)
+        pred = binary(prob, inside)
         if components is None:
             use_pred(y0, prob, pred)
         else:
@@ -319,7 +322,7 @@ def finish_fragment(scratch, store, threshold, writers, rle=False, preview=None,
         components.count_areas(min_component)
         for index, (y0, y1) in enumerate(bands):
             prob, inside = read_band(y0, y1)
-            use_pred(y0, prob, components.keep(((prob >= cutoff) & inside).astype(np.uint8), index))
+            use_pred(y0, prob, components.keep(binary(prob, inside), index))
     if shrink is not None:
         shrink.save(preview)
     result["rle"] = builder.text() if builder is not None else None
